@@ -1,0 +1,1 @@
+"""Per-model key tables: functions from a model config to a list of convert.keymap.Rule."""

@@ -1,0 +1,133 @@
+"""Load any registered model from a converted jaxvid checkpoint or its original HF folder.
+
+Weights go into an abstract model (`nnx.eval_shape` -> `nnx.split` -> fill -> `nnx.merge`), so no
+random init of billions of parameters happens and no second copy is kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert.apply import load_flat
+from convert.checkpoint import CheckpointReader, is_checkpoint
+from convert.keymap import Rule
+from convert.safetensors_io import SafetensorsReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """How to build and fill one model class: 'module:attr' strings, imported lazily."""
+
+    config: str  # class with from_hf_config(dict) -> frozen config (fields dtype, param_dtype)
+    model: str  # NNX module class, constructed as Model(cfg, *, rngs)
+    rules: str  # function cfg -> list[Rule]
+    ignore: tuple[str, ...] = ()  # regexes of source keys that carry no parameter (buffers)
+
+
+def _resolve(ref: str) -> Any:
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path}: no config.json; expected a model folder (diffusers/transformers component or jaxvid checkpoint)")
+    return json.loads(cfg_file.read_text())
+
+
+def class_name_of(config: dict[str, Any]) -> str:
+    """The model class named by a config.json: diffusers' `_class_name` or transformers' `architectures`."""
+    if "_class_name" in config:
+        return config["_class_name"]
+    if config.get("architectures"):
+        return config["architectures"][0]
+    raise ValueError("config.json names no model class (no '_class_name' or 'architectures')")
+
+
+def entry_for(class_name: str) -> ModelEntry:
+    from jaxvid.models.registry import MODELS
+
+    if class_name not in MODELS:
+        raise ValueError(f"unknown model class {class_name!r}; jaxvid supports {sorted(MODELS)}")
+    return MODELS[class_name]
+
+
+def abstract_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, jax.ShapeDtypeStruct], Any, nnx.State]:
+    """Split an (abstract) model into graphdef, flat '.'-joined Param specs, the flat state and the rest."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    flat = nnx.to_flat_state(params)
+    specs = {".".join(str(p) for p in path): v.get_value() for path, v in flat}
+    return graphdef, specs, flat, rest
+
+
+def fill_model(
+    model_cls: Callable[..., nnx.Module],
+    cfg: Any,
+    rules: Iterable[Rule],
+    source: Any,
+    *,
+    ignore: Iterable[str] = (),
+    what: str = "checkpoint",
+) -> nnx.Module:
+    """Build `model_cls(cfg)` abstractly and fill every Param from `source` through `rules`."""
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    graphdef, specs, flat, rest = abstract_params(abstract)
+    arrays = load_flat(rules, source, specs, ignore=ignore, what=what)
+    filled = [(path, v.replace(jnp.asarray(arrays[".".join(str(p) for p in path)]))) for path, v in flat]
+    return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
+
+
+def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None) -> Any:
+    cfg = _resolve(entry.config).from_hf_config(hf_config)
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    return cfg
+
+
+def load_model(path: str | os.PathLike, *, dtype: Any | None = None, expect: Iterable[str] | None = None) -> nnx.Module:
+    """Load a model from a jaxvid checkpoint or a diffusers/transformers folder (config.json + safetensors).
+
+    `dtype` (e.g. jnp.bfloat16) sets both parameter and compute dtype; None keeps the config's.
+    `expect` restricts the accepted model classes (clear error otherwise).
+    """
+    path = Path(path)
+    hf_config = read_config(path)
+    if is_checkpoint(path):
+        source = CheckpointReader(path)
+        class_name = source.class_name
+    else:
+        source = SafetensorsReader(path)
+        class_name = class_name_of(hf_config)
+    if expect is not None and class_name not in set(expect):
+        raise ValueError(f"{path} holds a {class_name}; expected one of {sorted(expect)}")
+    entry = entry_for(class_name)
+    cfg = config_for(entry, hf_config, dtype)
+    if isinstance(source, CheckpointReader):
+        rules = [Rule(k, k) for k in source.keys()]  # converted: keys are target names already
+        ignore: tuple[str, ...] = ()
+    else:
+        rules, ignore = _resolve(entry.rules)(cfg), entry.ignore
+    model = fill_model(_resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path))
+    log.info("loaded %s from %s", class_name, path)
+    return model
+
+
+def count_params(model: nnx.Module) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -1,0 +1,37 @@
+"""Every model class jaxvid can load, by the class name its config.json gives."""
+from __future__ import annotations
+
+from jaxvid.models.loading import ModelEntry
+
+MODELS: dict[str, ModelEntry] = {
+    "CogVideoXTransformer3DModel": ModelEntry(
+        config="jaxvid.models.cogvideox:CogVideoXConfig",
+        model="jaxvid.models.cogvideox:CogVideoXTransformer3D",
+        rules="convert.keymaps.cogvideox:transformer_rules",
+    ),
+    "LongCatVideoTransformer3DModel": ModelEntry(
+        config="jaxvid.models.longcat:LongCatConfig",
+        model="jaxvid.models.longcat:LongCatVideoTransformer3D",
+        rules="convert.keymaps.longcat:transformer_rules",
+    ),
+    "T5EncoderModel": ModelEntry(
+        config="jaxvid.models.t5:T5Config",
+        model="jaxvid.models.t5:T5Encoder",
+        rules="convert.keymaps.t5:encoder_rules",
+    ),
+    "UMT5EncoderModel": ModelEntry(
+        config="jaxvid.models.t5:T5Config",
+        model="jaxvid.models.t5:T5Encoder",
+        rules="convert.keymaps.t5:encoder_rules",
+    ),
+    "AutoencoderKLCogVideoX": ModelEntry(
+        config="jaxvid.models.vae_cogvideox:CogVideoXVAEConfig",
+        model="jaxvid.models.vae_cogvideox:AutoencoderKLCogVideoX",
+        rules="convert.keymaps.vae_cogvideox:vae_rules",
+    ),
+    "AutoencoderKLWan": ModelEntry(
+        config="jaxvid.models.vae_wan:WanVAEConfig",
+        model="jaxvid.models.vae_wan:AutoencoderKLWan",
+        rules="convert.keymaps.vae_wan:vae_rules",
+    ),
+}

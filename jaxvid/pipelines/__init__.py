@@ -1,0 +1,1 @@
+"""Generation pipelines: load components, encode text, denoise in one jit, decode."""

@@ -1,0 +1,77 @@
+"""Frames <-> arrays and video export (mp4 through imageio-ffmpeg, gif as the fallback)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8_frames(video: np.ndarray) -> np.ndarray:
+    """Float video in [-1, 1], [F, H, W, 3] -> uint8 [F, H, W, 3] (rounded as torchvision/diffusers do)."""
+    video = np.asarray(video, dtype=np.float32)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"video: expected [F, H, W, 3], got shape {video.shape}")
+    return np.clip(np.round((video + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] not in (1, 3):
+        raise ValueError(f"frames: expected uint8 [F, H, W, 3], got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames: expected dtype uint8, got {frames.dtype} (use to_uint8_frames)")
+    return frames
+
+
+def save(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Path:
+    """Write uint8 frames [F, H, W, 3] to `path` (.mp4 via ffmpeg, .gif otherwise).
+
+    If an mp4 cannot be written (no ffmpeg backend), a .gif beside it is written instead and its
+    path returned, with a warning.
+    """
+    import imageio.v2 as imageio
+
+    frames = _check_frames(frames)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".mp4":
+        # yuv420p needs even sizes: pad odd ones by one edge row/column rather than rescaling.
+        ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
+        even = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else frames
+        try:
+            with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as w:
+                for f in even:
+                    w.append_data(f)
+            if path.stat().st_size == 0:
+                raise RuntimeError("ffmpeg wrote an empty file")
+            return path
+        except (ImportError, RuntimeError, OSError) as e:
+            gif = path.with_suffix(".gif")
+            log.warning("mp4 export failed (%s); writing %s instead", e, gif)
+            path = gif
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"path: unsupported video extension {path.suffix!r}; use .mp4 or .gif")
+    imageio.mimsave(path, list(frames), duration=1000 / fps, loop=0)
+    return path
+
+
+def load(path: str | os.PathLike) -> np.ndarray:
+    """Read a video or gif into uint8 [F, H, W, 3]."""
+    import imageio.v2 as imageio
+
+    frames = np.stack([np.asarray(f)[..., :3] for f in imageio.mimread(path, memtest=False)])
+    return frames.astype(np.uint8)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as uint8 [H, W, 3]."""
+    import imageio.v2 as imageio
+
+    img = np.asarray(imageio.imread(path))
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    return img[..., :3].astype(np.uint8)

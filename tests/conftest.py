@@ -1,0 +1,54 @@
+"""Shared pytest fixtures: paths to ../shared/fixtures and GPU detection."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fixtures_root() -> Path:
+    # CI clones the repo beside a read-only copy of shared/, so ../shared/fixtures is the contract.
+    override = os.environ.get("JAXVID_FIXTURES")
+    return Path(override) if override else REPO_ROOT.parent / "shared" / "fixtures"
+
+
+def has_gpu() -> bool:
+    import jax
+
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def has_hopper() -> bool:
+    import jax
+
+    if not has_gpu():
+        return False
+    kind = jax.devices("gpu")[0].device_kind.lower()
+    return "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind
+
+
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    root = _fixtures_root()
+    if not root.is_dir():
+        pytest.fail(f"fixtures not found at {root}; set JAXVID_FIXTURES or place shared/ beside the repo")
+    return root
+
+
+def pytest_collection_modifyitems(config, items):
+    # GPU tests skip (with a reason) on machines without a Hopper GPU, e.g. CI.
+    gpu_items = [it for it in items if it.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    if not has_hopper():
+        skip = pytest.mark.skip(reason="needs an NVIDIA Hopper GPU (run on the device machine)")
+        for it in gpu_items:
+            it.add_marker(skip)
