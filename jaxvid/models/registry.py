@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from jaxvid.models.loading import ModelEntry
 
+# transformers may save the tied input embedding under both names; `shared.weight` is the one used.
+_T5_TIED_EMBEDDING = (r"encoder\.embed_tokens\.weight",)
+
 MODELS: dict[str, ModelEntry] = {
     "CogVideoXTransformer3DModel": ModelEntry(
         config="jaxvid.models.cogvideox:CogVideoXConfig",
@@ -18,11 +21,13 @@ MODELS: dict[str, ModelEntry] = {
         config="jaxvid.models.t5:T5Config",
         model="jaxvid.models.t5:T5Encoder",
         rules="convert.keymaps.t5:encoder_rules",
+        ignore=_T5_TIED_EMBEDDING,
     ),
     "UMT5EncoderModel": ModelEntry(
         config="jaxvid.models.t5:T5Config",
         model="jaxvid.models.t5:T5Encoder",
         rules="convert.keymaps.t5:encoder_rules",
+        ignore=_T5_TIED_EMBEDDING,
     ),
     "AutoencoderKLCogVideoX": ModelEntry(
         config="jaxvid.models.vae_cogvideox:CogVideoXVAEConfig",
