@@ -1,0 +1,235 @@
+"""One denoising step of the real-size transformers on a GPU, jaxvid vs the PyTorch reference.
+
+    python bench/step.py                       # every case, table on stdout
+    python bench/step.py --cases cogvideox-2b --json step.json
+
+Random bf16 weights (N(0, 0.02^2)), random inputs. Each measurement runs in its own subprocess so
+JAX and PyTorch never share the GPU's memory. Printed per row: compile time (first call, JAX),
+median ms per step over --repeats timed calls after a warm-up, peak device memory, and the ratio
+to the PyTorch reference (diffusers 0.42.1 for CogVideoX, measured in the same run when diffusers
+is importable; LongCat's upstream numbers from ../shared/reference, same H100 kind).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("bench.step")
+
+
+@dataclass(frozen=True)
+class StepCase:
+    name: str
+    model: str  # "cogvideox-2b" | "cogvideox-5b" | "longcat"
+    batch: int
+    latent: tuple[int, int, int]  # (frames, height, width) of the latent video
+    text_tokens: int
+    attention: str  # "dense" | "radial" | "bsa"
+    reference_ms: float | None = None  # upstream PyTorch number from ../shared/reference
+
+
+# Real sizes: CogVideoX 49 frames at 480x720 -> latent 13 x 60 x 90, CFG batch 2; LongCat 93 frames.
+CASES: tuple[StepCase, ...] = (
+    StepCase("cogvideox-2b dense", "cogvideox-2b", 2, (13, 60, 90), 226, "dense", 633.0),
+    StepCase("cogvideox-2b radial", "cogvideox-2b", 2, (13, 60, 90), 226, "radial", 633.0),
+    StepCase("cogvideox-5b dense", "cogvideox-5b", 2, (13, 60, 90), 226, "dense", 1825.0),
+    StepCase("cogvideox-5b radial", "cogvideox-5b", 2, (13, 60, 90), 226, "radial", 1825.0),
+    StepCase("longcat 480p dense", "longcat", 1, (24, 60, 104), 512, "dense", 4766.0),
+    StepCase("longcat 720p dense", "longcat", 1, (24, 88, 160), 512, "dense", 15458.0),
+    StepCase("longcat 720p bsa0.9375", "longcat", 1, (24, 88, 160), 512, "bsa", 7773.0),
+)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# ---- JAX workers ------------------------------------------------------------------------------
+
+def _jax_case(case: StepCase, repeats: int, smoke: bool = False) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.random_weights import random_model
+
+    bf16 = jnp.bfloat16
+    key = jax.random.key(1)
+    f, h, w = case.latent
+    if case.model.startswith("cogvideox"):
+        from jaxvid.attention.plan import AttentionPlan, Radial
+        from jaxvid.models.cogvideox import CogVideoXConfig, CogVideoXTransformer3D
+
+        preset = CogVideoXConfig.cogvideox_2b if case.model == "cogvideox-2b" else CogVideoXConfig.cogvideox_5b
+        cfg = preset(dtype=bf16, param_dtype=bf16)
+        if smoke:  # tiny shapes, same code path: for checking this script on a CPU
+            cfg = CogVideoXConfig.tiny(dtype=bf16, param_dtype=bf16, use_rotary_positional_embeddings=cfg.use_rotary_positional_embeddings)
+            f, h, w = 3, 8, 8
+            case = dataclasses.replace(case, text_tokens=cfg.max_text_seq_length)
+        model = random_model(CogVideoXTransformer3D, cfg)
+        plan = AttentionPlan(sparse=Radial(decay_factor=1.0, block_size=128)) if case.attention == "radial" else None
+        x = jax.random.normal(key, (case.batch, f, cfg.in_channels, h, w), bf16)
+        enc = jax.random.normal(key, (case.batch, case.text_tokens, cfg.text_embed_dim), bf16)
+        t = jnp.full((case.batch,), 500, jnp.int32)
+        args = (x, enc, t)
+
+        def call(m, x, enc, t):
+            return m(x, enc, t, attention=plan)
+    else:
+        from jaxvid.models.longcat import LongCatConfig, LongCatVideoTransformer3D
+
+        cfg = LongCatConfig.longcat_video(dtype=bf16, param_dtype=bf16, enable_bsa=case.attention == "bsa")
+        if smoke:
+            cfg = LongCatConfig.tiny(dtype=bf16, param_dtype=bf16, enable_bsa=cfg.enable_bsa,
+                                     bsa_params=dataclasses.replace(cfg.bsa_params, sparsity=0.5, chunk_3d_shape_q=(2, 2, 2), chunk_3d_shape_k=(2, 2, 2)))
+            f, h, w = 4, 8, 8
+        model = random_model(LongCatVideoTransformer3D, cfg)
+        x = jax.random.normal(key, (case.batch, cfg.in_channels, f, h, w), bf16)
+        enc = jax.random.normal(key, (case.batch, 1, case.text_tokens, cfg.caption_channels), bf16)
+        mask = jnp.ones((case.batch, case.text_tokens), jnp.int32)
+        t = jnp.full((case.batch,), 500.0, jnp.float32)
+        args = (x, t, enc, mask)
+
+        def call(m, x, t, enc, mask):
+            return m(x, t, enc, mask)
+
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda state, *a: call(nnx.merge(graphdef, state), *a))
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(state, *args))
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(step(state, *args))
+    ms = _median_ms(lambda: jax.block_until_ready(step(state, *args)), repeats)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"impl": "jaxvid", "ms": ms, "compile_s": compile_s, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+
+
+# ---- PyTorch worker (diffusers CogVideoX) -------------------------------------------------------
+
+def _torch_case(case: StepCase, repeats: int) -> dict:
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jaxvid.models.cogvideox import CogVideoXConfig
+
+    preset = CogVideoXConfig.cogvideox_2b if case.model == "cogvideox-2b" else CogVideoXConfig.cogvideox_5b
+    hf = {k: v for k, v in preset().to_hf_config().items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = CogVideoXTransformer3DModel(**hf).to(torch.bfloat16).eval()
+    f, h, w = case.latent
+    dev, bf16 = "cuda", torch.bfloat16
+    x = torch.randn(case.batch, f, hf["in_channels"], h, w, device=dev, dtype=bf16)
+    enc = torch.randn(case.batch, case.text_tokens, hf["text_embed_dim"], device=dev, dtype=bf16)
+    t = torch.full((case.batch,), 500, device=dev, dtype=torch.int64)
+    rope = None
+    if hf.get("use_rotary_positional_embeddings"):
+        p = hf["patch_size"]
+        # 480x720 is the base grid (sample_height/width), so the crop region is the whole grid.
+        rope = get_3d_rotary_pos_embed(hf["attention_head_dim"], ((0, 0), (h // p, w // p)), (h // p, w // p), f, device=dev)
+
+    def run():
+        with torch.no_grad():
+            model(hidden_states=x, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope, return_dict=False)
+        torch.cuda.synchronize()
+
+    run()
+    torch.cuda.reset_peak_memory_stats()
+    ms = _median_ms(run, repeats)
+    return {"impl": "diffusers", "ms": ms, "compile_s": None, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+def _run_worker(kind: str, case: StepCase, repeats: int, timeout: int, smoke: bool = False) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--cases", case.name, "--repeats", str(repeats)]
+    cmd += ["--smoke"] if smoke else []
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"impl": kind, "error": f"timeout after {timeout}s"}
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    lines = (out.stderr or out.stdout).strip().splitlines()
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines[-1:]
+    return {"impl": kind, "error": errors[-1][-300:] if errors else f"exit {out.returncode}"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated case names or model prefixes")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--no-torch", action="store_true", help="skip the diffusers reference")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per measurement subprocess")
+    ap.add_argument("--smoke", action="store_true", help="tiny configs and shapes (check the script on a CPU)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    wanted = [s.strip() for s in args.cases.split(",") if s.strip()]
+    cases = [c for c in CASES if c.name in wanted or any(c.name.startswith(w) for w in wanted)]
+    if not cases:
+        ap.error(f"--cases: no case matches {wanted}; known: {[c.name for c in CASES]}")
+
+    if args.worker:
+        case = cases[0]
+        res = _jax_case(case, args.repeats, args.smoke) if args.worker == "jax" else _torch_case(case, args.repeats)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows = []
+    torch_done: dict[str, dict] = {}
+    for case in cases:
+        res = _run_worker("jax", case, args.repeats, args.timeout, args.smoke)
+        ref = None
+        if case.model.startswith("cogvideox") and not args.no_torch and not args.smoke:
+            if case.model not in torch_done:
+                torch_done[case.model] = _run_worker("torch", case, args.repeats, args.timeout)
+            ref = torch_done[case.model]
+        rows.append({"case": case.name, "jaxvid": res, "torch_same_run": ref, "reference_ms": case.reference_ms})
+        log.info("%s: %s", case.name, res)
+
+    hdr = f"{'case':26s} {'jaxvid ms':>10s} {'compile s':>9s} {'peak GiB':>8s} {'torch ms':>9s} {'torch GiB':>9s} {'x torch':>7s} {'ref ms':>7s} {'x ref':>6s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        j, t = r["jaxvid"], r["torch_same_run"] or {}
+        if "error" in j:
+            print(f"{r['case']:26s} ERROR {j['error']}")
+            continue
+        tm = t.get("ms")
+        x_t = f"{tm / j['ms']:.2f}" if tm else "-"
+        x_r = f"{r['reference_ms'] / j['ms']:.2f}" if r["reference_ms"] else "-"
+        tms = f"{tm:9.1f}" if tm else f"{'-':>9s}"
+        tgib = f"{t.get('peak_gib', 0):9.1f}" if tm else f"{'-':>9s}"
+        print(
+            f"{r['case']:26s} {j['ms']:10.1f} {j['compile_s']:9.1f} {j['peak_gib']:8.1f} {tms} {tgib} {x_t:>7s} "
+            f"{(r['reference_ms'] or 0):7.0f} {x_r:>6s}"
+        )
+        if t.get("error"):
+            print(f"{'':26s} torch error: {t['error']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
