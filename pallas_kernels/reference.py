@@ -9,6 +9,7 @@ Everything here runs anywhere (CPU CI); it is O(Sq x Sk) in memory, so use it on
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -142,11 +143,18 @@ def block_sparse_attention_reference(
     check_block_sparse_args(q, k, v, kv_indices, kv_counts, block_q, block_kv)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if kv_len is None:
+        kv_len = k.shape[1]
+    return _reference(q, k, v, jnp.asarray(kv_indices, jnp.int32), jnp.asarray(kv_counts, jnp.int32),
+                      jnp.asarray(kv_len, jnp.int32), block_q=block_q, block_kv=block_kv, scale=float(scale))
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale"))
+def _reference(q, k, v, kv_indices, kv_counts, kv_len, *, block_q: int, block_kv: int, scale: float):
     n_k = k.shape[1] // block_kv
-    block_mask = indices_to_block_mask(jnp.asarray(kv_indices), jnp.asarray(kv_counts), n_k)  # [b, h, nq, nk]
+    block_mask = indices_to_block_mask(kv_indices, kv_counts, n_k)  # [b, h, nq, nk]
     token_mask = jnp.repeat(jnp.repeat(block_mask, block_q, axis=-2), block_kv, axis=-1)  # [b, h, Sq, Sk]
-    if kv_len is not None:
-        token_mask = token_mask & (jnp.arange(k.shape[1]) < kv_len)
+    token_mask = token_mask & (jnp.arange(k.shape[1]) < kv_len)
     qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
     logits = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=jax.lax.Precision.HIGHEST) * scale
     logits = jnp.where(token_mask, logits, -jnp.inf)

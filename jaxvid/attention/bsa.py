@@ -176,10 +176,12 @@ def bsa_attention(
     chunk_3d_shape_q: Sequence[int] = (4, 4, 4),
     chunk_3d_shape_k: Sequence[int] = (4, 4, 4),
     implementation: str | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """LongCat's `flash_attn_bsa_3d` in our layout: q [B, Sq, H, D], k/v [B, Sk, H, D] -> [B, Sq, H, D].
 
-    Tokens in (T, H, W) order with T*H*W = S (latent_shape_*); softmax scale 1/sqrt(D). A query
+    Tokens in (T, H, W) order with T*H*W = S (latent_shape_*); softmax `scale` defaults to
+    1/sqrt(D) as upstream (the CDF gating always uses 1/sqrt(D), as upstream). A query
     chunk whose CDF selection is empty outputs zeros. `implementation` goes to the kernel dispatcher.
     """
     lat_q, lat_k, ch_q, ch_k = _validate(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold,
@@ -193,5 +195,6 @@ def bsa_attention(
         sparsity=None if sparsity is None else float(sparsity),
         cdf_threshold=None if cdf_threshold is None else float(cdf_threshold))
     out = block_sparse_attention(q_c, k_c, v_c, kv_indices, kv_counts, block_q=cs_q, block_kv=cs_k,
-                                 scale=1.0 / q.shape[-1] ** 0.5, implementation=implementation)
+                                 scale=1.0 / q.shape[-1] ** 0.5 if scale is None else scale,
+                                 implementation=implementation)
     return from_chunk_order(out, lat_q, ch_q)

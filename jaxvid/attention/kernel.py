@@ -36,8 +36,5 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_indices,
         fn = _local(implementation)
         return fn(q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv, scale=scale,
                   kv_len=kv_len)
-    if implementation == "reference":
-        return _local(implementation)(q, k, v, kv_indices, kv_counts, block_q=block_q,
-                                      block_kv=block_kv, scale=scale, kv_len=kv_len)
     return api_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv,
                                       scale=scale, kv_len=kv_len, implementation=implementation)

@@ -29,9 +29,15 @@ import functools
 import logging
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["MODEL_TYPES", "radial_block_mask", "radial_window_width", "mask_density"]
+from jaxvid.attention.kernel import block_sparse_attention
+from jaxvid.attention.scene import scene_block_mask
+from pallas_kernels.reference import block_mask_to_indices
+
+__all__ = ["MODEL_TYPES", "radial_block_mask", "radial_window_width", "mask_density", "radial_kv_tables",
+           "radial_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +167,83 @@ def radial_block_mask(
 def mask_density(block_mask: np.ndarray) -> float:
     """Fraction of True blocks (1 - sparsity)."""
     return float(np.mean(block_mask))
+
+
+@functools.lru_cache(maxsize=64)
+def radial_kv_tables(
+    num_frames: int,
+    tokens_per_frame: int,
+    *,
+    block_size: int = 128,
+    decay_factor: float = 1.0,
+    model_type: str = "cogvideox",
+    text_tokens: int = 0,
+    scene_boundaries: tuple[int, ...] | None = None,
+    scene_adjacency: tuple[tuple[bool, ...], ...] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel index tables of the radial (AND scene) mask, shared over batch and heads.
+
+    Returns read-only kv_indices int32 [1, 1, n_blocks, max_blocks] and kv_counts int32
+    [1, 1, n_blocks] for the [video; text] token order of `radial_block_mask`.
+    """
+    mask = radial_block_mask(num_frames, tokens_per_frame, block_size=block_size, decay_factor=decay_factor,
+                             model_type=model_type, text_tokens=text_tokens)
+    if scene_boundaries is not None:
+        mask = mask & scene_block_mask(num_frames, tokens_per_frame, scene_boundaries, scene_adjacency,
+                                       block_size=block_size, text_tokens=text_tokens)
+        logger.info("radial AND scene mask: density %.4f", mask.mean())
+    indices, counts = block_mask_to_indices(np.asarray(mask))
+    indices, counts = indices[None, None], counts[None, None]
+    indices.setflags(write=False)
+    counts.setflags(write=False)
+    return indices, counts
+
+
+def radial_attention(
+    q,
+    k,
+    v,
+    *,
+    num_frames: int,
+    tokens_per_frame: int,
+    text_tokens: int = 0,
+    text_first: bool = False,
+    block_size: int = 128,
+    decay_factor: float = 1.0,
+    model_type: str = "cogvideox",
+    scene_boundaries: tuple[int, ...] | None = None,
+    scene_adjacency: tuple[tuple[bool, ...], ...] | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+):
+    """Self-attention under the static radial mask. q, k, v: [B, S, H, D] -> [B, S, H, D].
+
+    S = num_frames * tokens_per_frame + text_tokens. With `text_first` (CogVideoX: text before
+    video) the sequence is rotated to [video; text] and back, so upstream's mask applies as is
+    (attention is permutation-equivariant). S is padded to the block size; padded keys are masked.
+    """
+    seq_len = num_frames * tokens_per_frame + text_tokens
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4 or x.shape[1] != seq_len:
+            raise ValueError(
+                f"radial_attention: {name}.shape={x.shape}; expected [B, {seq_len}, H, D] "
+                f"({num_frames} frames x {tokens_per_frame} tokens + {text_tokens} text)")
+    kv_indices, kv_counts = radial_kv_tables(
+        num_frames, tokens_per_frame, block_size=block_size, decay_factor=decay_factor,
+        model_type=model_type, text_tokens=text_tokens, scene_boundaries=scene_boundaries,
+        scene_adjacency=scene_adjacency)
+    padded = kv_counts.shape[-1] * block_size
+
+    def to_kernel_order(x):
+        if text_first and text_tokens:
+            x = jnp.concatenate([x[:, text_tokens:], x[:, :text_tokens]], axis=1)
+        return jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0), (0, 0)))
+
+    out = block_sparse_attention(
+        to_kernel_order(q), to_kernel_order(k), to_kernel_order(v), jnp.asarray(kv_indices),
+        jnp.asarray(kv_counts), block_q=block_size, block_kv=block_size, scale=scale,
+        kv_len=seq_len if padded != seq_len else None, implementation=implementation)
+    out = out[:, :seq_len]
+    if text_first and text_tokens:
+        out = jnp.concatenate([out[:, -text_tokens:], out[:, :-text_tokens]], axis=1)
+    return out
