@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxvid.attention.kernel import block_sparse_attention
+from pallas_kernels.api import block_sparse_attention
 
 __all__ = ["bsa_attention", "select_blocks", "to_chunk_order", "from_chunk_order", "topk_count"]
 

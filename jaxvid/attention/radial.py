@@ -32,7 +32,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvid.attention.kernel import block_sparse_attention
+from pallas_kernels.api import block_sparse_attention
 from jaxvid.attention.scene import scene_block_mask
 from pallas_kernels.reference import block_mask_to_indices
 
