@@ -1,0 +1,184 @@
+"""Block-sparse attention kernel vs cuDNN dense attention on real model shapes (one GPU).
+
+    python bench/attention.py                                  # every case in bench/specs.py
+    python bench/attention.py --cases longcat720p-bsa0.9375-4x4x4 --json attn.json
+    python bench/attention.py --cases cogvx2b-dense --sweep    # every TuningConfig that fits
+
+Per case and part: median ms over --repeats timed calls after a warm-up, useful TFLOP/s
+(4 * B * H * S^2 * D * density / t, S the padded length the kernel runs on) and that rate over
+cuDNN dense's (`jax.nn.dot_product_attention(implementation="cudnn")`, same shapes, same run).
+Parts: "kernel" (the block-sparse kernel on ready index tables), and for BSA also "select"
+(chunk permutation + pooling + scores + top-k) and "e2e" (permute q/k/v, select, kernel, permute
+the output back). Random bf16 inputs; "dense" cases also check the kernel against cuDNN.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.specs import SPECS, AttentionSpec, spec_by_name  # noqa: E402
+
+log = logging.getLogger("bench.attention")
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    part: str
+    ms: float
+    density: float
+    tflops: float
+    vs_cudnn_rate: float | None
+    note: str = ""
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def make_qkv(spec: AttentionSpec, seed: int = 0):
+    shape = (spec.batch, spec.padded_seq, spec.heads, spec.head_dim)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return tuple(jax.random.normal(k, shape, jnp.bfloat16) for k in keys)
+
+
+def static_tables(spec: AttentionSpec):
+    """(kv_indices, kv_counts, density) for radial and dense specs (shared by batch and heads)."""
+    from pallas_kernels.reference import block_mask_to_indices
+
+    n = spec.padded_seq // spec.block
+    if spec.pattern == "dense":
+        mask = np.ones((n, n), bool)
+    else:
+        from jaxvid.attention.radial import radial_block_mask
+        mask = np.asarray(radial_block_mask(spec.radial_frames, spec.tokens_per_frame,
+                                            block_size=spec.block, text_tokens=spec.text_tokens))
+        if mask.shape != (n, n):
+            raise ValueError(f"{spec.name}: radial mask {mask.shape} != ({n}, {n})")
+    indices, counts = block_mask_to_indices(mask[None, None])
+    return jnp.asarray(indices), jnp.asarray(counts), float(mask.mean())
+
+
+def flops(spec: AttentionSpec, density: float) -> float:
+    return 4.0 * spec.batch * spec.heads * spec.padded_seq ** 2 * spec.head_dim * density
+
+
+def bench_case(spec: AttentionSpec, *, impl: str, repeats: int, cudnn_cache: dict, sweep: bool) -> list[Row]:
+    from pallas_kernels.api import block_sparse_attention
+    from pallas_kernels.heuristics import tuning_space
+
+    q, k, v = make_qkv(spec)
+    key = (spec.batch, spec.padded_seq, spec.heads, spec.head_dim)
+    if key not in cudnn_cache:
+        dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+        cudnn_cache[key] = median_ms(dense, q, k, v, repeats=repeats)
+    cudnn_ms = cudnn_cache[key]
+    cudnn_rate = flops(spec, 1.0) / cudnn_ms / 1e9
+    rows = [Row(spec.name, "cudnn-dense", cudnn_ms, 1.0, cudnn_rate, 1.0)]
+
+    def row(part, ms, density, note=""):
+        rate = flops(spec, density) / ms / 1e9
+        return Row(spec.name, part, ms, density, rate, rate / cudnn_rate, note)
+
+    kv_len = spec.seq if spec.padded_seq != spec.seq else None
+    if spec.pattern == "bsa":
+        from jaxvid.attention.bsa import bsa_attention, select_blocks
+
+        sel_kwargs = dict(sparsity=spec.sparsity, chunk_3d_shape_q=spec.chunk, chunk_3d_shape_k=spec.chunk)
+        select = jax.jit(lambda q, k: select_blocks(q, k, spec.latent, spec.latent, **sel_kwargs))
+        indices, counts = select(q, k)
+        density = float(jnp.mean(counts)) / (spec.padded_seq // spec.block)
+        rows.append(row("select", median_ms(select, q, k, repeats=repeats), density))
+        e2e = jax.jit(lambda q, k, v: bsa_attention(q, k, v, spec.latent, spec.latent,
+                                                    implementation=impl, **sel_kwargs))
+        rows.append(row("e2e", median_ms(e2e, q, k, v, repeats=repeats), density))
+    else:
+        indices, counts, density = static_tables(spec)
+
+    configs = [None]
+    if sweep and impl == "mosaic":
+        configs += tuning_space(head_dim=spec.head_dim, block_q=spec.block, block_kv=spec.block)
+    for cfg in configs:
+        kernel = jax.jit(lambda q, k, v, i, c, cfg=cfg: block_sparse_attention(
+            q, k, v, i, c, block_q=spec.block, block_kv=spec.block, kv_len=kv_len,
+            implementation=impl, config=cfg))
+        try:
+            ms = median_ms(kernel, q, k, v, indices, counts, repeats=repeats)
+        except Exception as err:  # a sweep reports configs that fail to compile and goes on
+            if cfg is None:
+                raise
+            rows.append(Row(spec.name, "kernel", float("nan"), density, 0.0, None, f"{cfg}: {err!r:.80}"))
+            continue
+        note = "" if cfg is None else f"num_slots={cfg.num_slots} sched={cfg.use_schedule_barrier} tile={cfg.kv_tile}"
+        rows.append(row("kernel", ms, density, note))
+        if cfg is None and spec.pattern == "dense":
+            rows[-1].note = _check_against_cudnn(kernel, spec, q, k, v, indices, counts, kv_len)
+    return rows
+
+
+def _check_against_cudnn(kernel, spec, q, k, v, indices, counts, kv_len) -> str:
+    out = kernel(q, k, v, indices, counts).astype(jnp.float32)
+    lengths = jnp.full((spec.batch,), kv_len or spec.padded_seq, jnp.int32)
+    ref = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", query_seq_lengths=None,
+                                       key_value_seq_lengths=lengths).astype(jnp.float32)
+    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    return f"rel L2 vs cuDNN {rel:.1e}, NaN {int(jnp.isnan(out).sum())}"
+
+
+def format_table(rows: list[Row], device: str) -> str:
+    lines = [f"device: {device}, jax {jax.__version__}",
+             f"| {'case':<30} | {'part':<11} | {'ms':>8} | {'density':>7} | {'TFLOP/s':>7} | {'vs cuDNN':>8} | note"]
+    lines.append("|" + "-" * 32 + "|" + "-" * 13 + "|" + "-" * 10 + "|" + "-" * 9 + "|" + "-" * 9 + "|" + "-" * 10 + "|------")
+    for r in rows:
+        ratio = "" if r.vs_cudnn_rate is None else f"{r.vs_cudnn_rate:.2f}"
+        lines.append(f"| {r.case:<30} | {r.part:<11} | {r.ms:8.2f} | {r.density:7.3f} | {r.tflops:7.0f} | "
+                     f"{ratio:>8} | {r.note}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", default=None, help="spec names (default: all)")
+    parser.add_argument("--implementation", default="mosaic")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sweep", action="store_true", help="also time every TuningConfig that fits")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    specs = SPECS if not args.cases else tuple(spec_by_name(n) for n in args.cases)
+    device = jax.devices()[0].device_kind
+    rows: list[Row] = []
+    cache: dict = {}
+    for spec in specs:
+        log.info("case %s", spec.name)
+        rows += bench_case(spec, impl=args.implementation, repeats=args.repeats, cudnn_cache=cache,
+                           sweep=args.sweep)
+        log.info("%s", format_table(rows[-3:], device))
+    print(format_table(rows, device))
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "jax": jax.__version__,
+                                         "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
