@@ -115,6 +115,19 @@ def check_rules(
     return rules
 
 
+def dominant_float_dtype(source: Any) -> np.dtype | None:
+    """The floating dtype holding most of a source's bytes (None if it has no float tensors).
+
+    `source` needs `keys()`, `shape(key)` and `dtype(key)` (SafetensorsReader, CheckpointReader).
+    """
+    nbytes: dict[np.dtype, int] = {}
+    for key in source.keys():
+        dt = np.dtype(source.dtype(key))
+        if dt.kind == "f" or dt.name == "bfloat16":
+            nbytes[dt] = nbytes.get(dt, 0) + int(np.prod(source.shape(key), dtype=np.int64)) * dt.itemsize
+    return max(nbytes, key=nbytes.__getitem__) if nbytes else None
+
+
 def iter_converted(
     rules: Iterable[Rule], source: TensorSource, target: Mapping[str, Any]
 ) -> Iterator[tuple[Rule, np.ndarray]]:

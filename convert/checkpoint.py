@@ -38,6 +38,12 @@ def _dtype_from_name(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -69,6 +75,7 @@ class CheckpointWriter:
             raise FileExistsError(f"output {self.dst} already exists; remove it or pass overwrite")
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
+        self.tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint should read like any folder
         (self.tmp / "params").mkdir()
         self.class_name, self.config, self.extra = class_name, config, extra or {}
         self.group_bytes, self.overwrite = group_bytes, overwrite

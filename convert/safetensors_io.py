@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +142,9 @@ class SafetensorsReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.info(key).shape
 
+    def dtype(self, key: str) -> np.dtype:
+        return self.info(key).dtype
+
     def read(self, key: str) -> np.ndarray:
         """Read one tensor into a fresh numpy array (bfloat16 as ml_dtypes.bfloat16)."""
         info = self.info(key)
@@ -158,6 +161,35 @@ class SafetensorsReader:
             yield key, self.read(key)
 
 
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+    produce: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a .safetensors file whose tensors are made one at a time by `produce(key)`.
+
+    `specs` maps key -> (shape, dtype) so the header is written first; peak memory is one tensor.
+    """
+    inverse = {v: k for k, v in _DTYPES.items()}
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, (shape, dtype) in specs.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": inverse[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key, (shape, dtype) in specs.items():
+            arr = np.ascontiguousarray(produce(key))
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise ValueError(f"produce({key!r}) gave {arr.shape} {arr.dtype}; expected {tuple(shape)} {np.dtype(dtype)}")
+            f.write(arr.tobytes())
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write a .safetensors file from numpy arrays (bfloat16 included). Used by tests and bench."""
     inverse = {v: k for k, v in _DTYPES.items()}
@@ -165,7 +197,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
     offset = 0
     arrays = []
     for key, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # ascontiguousarray would turn 0-d scalars into shape (1,)
         nbytes = arr.nbytes
         header[key] = {"dtype": inverse[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes

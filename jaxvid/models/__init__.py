@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from jaxvid.models.loading import load_model
@@ -12,5 +13,13 @@ _TRANSFORMERS = ("CogVideoXTransformer3DModel", "LongCatVideoTransformer3DModel"
 
 
 def load_transformer(path: str | os.PathLike, dtype: Any | None = None):
-    """Load a video transformer (CogVideoX or LongCat-Video) from a jaxvid checkpoint or a diffusers folder."""
+    """Load a video transformer (CogVideoX or LongCat-Video).
+
+    `path`: a jaxvid checkpoint, a diffusers component folder (config.json + safetensors), or a
+    pipeline folder (model_index.json) whose `transformer/` is either. `dtype` None keeps the stored
+    dtype; e.g. jnp.bfloat16 sets parameter and compute dtype.
+    """
+    path = Path(path)
+    if (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+        path = path / "transformer"
     return load_model(path, dtype=dtype, expect=_TRANSFORMERS)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.apply import load_flat
+from convert.apply import dominant_float_dtype, load_flat
 from convert.checkpoint import CheckpointReader, is_checkpoint
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
@@ -76,6 +76,12 @@ def abstract_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, jax.Shap
     return graphdef, specs, flat, rest
 
 
+def model_specs(model_cls: Callable[..., nnx.Module], cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat '.'-joined Param path -> ShapeDtypeStruct of `model_cls(cfg)`, built abstractly (no weights)."""
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    return abstract_params(abstract)[1]
+
+
 def fill_model(
     model_cls: Callable[..., nnx.Module],
     cfg: Any,
@@ -85,15 +91,23 @@ def fill_model(
     ignore: Iterable[str] = (),
     what: str = "checkpoint",
 ) -> nnx.Module:
-    """Build `model_cls(cfg)` abstractly and fill every Param from `source` through `rules`."""
+    """Build `model_cls(cfg)` abstractly and fill every Param from `source` through `rules`.
+
+    Each assembled host array is moved to the device and dropped before the next, so peak host
+    memory stays near one (stacked) parameter beyond what the device holds.
+    """
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, specs, flat, rest = abstract_params(abstract)
     arrays = load_flat(rules, source, specs, ignore=ignore, what=what)
-    filled = [(path, v.replace(jnp.asarray(arrays[".".join(str(p) for p in path)]))) for path, v in flat]
+    filled = []
+    for path, v in flat:
+        key = ".".join(str(p) for p in path)
+        filled.append((path, v.replace(jnp.asarray(arrays.pop(key)))))
     return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
 
 
 def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None) -> Any:
+    """The entry's config from a config.json dict; `dtype` (if given) sets param and compute dtype."""
     cfg = _resolve(entry.config).from_hf_config(hf_config)
     if dtype is not None:
         dtype = jnp.dtype(dtype)
@@ -104,7 +118,8 @@ def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None) 
 def load_model(path: str | os.PathLike, *, dtype: Any | None = None, expect: Iterable[str] | None = None) -> nnx.Module:
     """Load a model from a jaxvid checkpoint or a diffusers/transformers folder (config.json + safetensors).
 
-    `dtype` (e.g. jnp.bfloat16) sets both parameter and compute dtype; None keeps the config's.
+    `dtype` (e.g. jnp.bfloat16) sets both parameter and compute dtype; None uses the dtype that
+    holds most of the stored weights (a bf16 checkpoint loads as bf16, an fp32 one as fp32).
     `expect` restricts the accepted model classes (clear error otherwise).
     """
     path = Path(path)
@@ -118,6 +133,8 @@ def load_model(path: str | os.PathLike, *, dtype: Any | None = None, expect: Ite
     if expect is not None and class_name not in set(expect):
         raise ValueError(f"{path} holds a {class_name}; expected one of {sorted(expect)}")
     entry = entry_for(class_name)
+    if dtype is None:
+        dtype = dominant_float_dtype(source)
     cfg = config_for(entry, hf_config, dtype)
     if isinstance(source, CheckpointReader):
         rules = [Rule(k, k) for k in source.keys()]  # converted: keys are target names already
