@@ -1,16 +1,16 @@
 """The `jaxvid` command. Subcommands:
 
+    jaxvid generate [--model DIR] ...    text/image to video (no --model: the embedded tiny default)
     jaxvid demo [--out DIR] [--seed N]   tiny random CogVideoX: write diffusers folder, convert, load, forward
-
-(`generate` joins once the pipelines exist.)
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
+
+from jaxvid.generate import add_generate_parser
 
 log = logging.getLogger("jaxvid")
 
@@ -37,11 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="keep the files in this folder (default: a temp folder, removed)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
-    # `generate` lives with the pipelines; it registers itself once that module is part of the tree
-    if importlib.util.find_spec("jaxvid.generate") is not None:
-        from jaxvid.generate import add_generate_parser
-
-        add_generate_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

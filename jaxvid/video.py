@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,12 @@ def save(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Path:
         ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
         even = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else frames
         try:
-            with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as w:
-                for f in even:
-                    w.append_data(f)
+            with warnings.catch_warnings():
+                # imageio-ffmpeg forks only to exec ffmpeg at once; JAX's fork warning does not apply.
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+                with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as w:
+                    for f in even:
+                        w.append_data(f)
             if path.stat().st_size == 0:
                 raise RuntimeError("ffmpeg wrote an empty file")
             return path

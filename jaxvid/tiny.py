@@ -1,0 +1,238 @@
+"""The embedded tiny default: a complete random CogVideoX pipeline folder in diffusers' layout.
+
+`write_tiny_pipeline(folder, seed=0, variant="t2v")` writes what `save_pretrained` of a diffusers
+`CogVideoXPipeline` (or `CogVideoXImageToVideoPipeline`) writes: model_index.json, transformer/,
+vae/, text_encoder/ (transformers' T5EncoderModel layout), tokenizer/ (a 100-piece sentencepiece
+model shipped in jaxvid/assets/, plus T5's 100 sentinel tokens) and scheduler/. Weights come from
+numpy alone (no torch), deterministic by seed, so `jaxvid generate` runs with no download and the
+same seed always gives the same video. diffusers itself can load the folder too.
+
+Tensor names and torch shapes of the VAE and T5 come from jaxvid's own key tables, run backwards:
+each rule's target shape is turned back through its (permutation) transform.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxvid.models.cogvideox import CogVideoXConfig
+from jaxvid.models.t5 import T5Config
+from jaxvid.models.vae_cogvideox import CogVideoXVAEConfig
+
+__all__ = ["VARIANTS", "TinyDefaults", "tiny_configs", "write_tiny_pipeline", "tiny_spiece_model"]
+
+_DIFFUSERS_VERSION = "0.42.1"
+_SPIECE_ASSET = "tiny_spiece.model"
+_SPIECE_PIECES = 100  # pieces in the shipped model; T5 adds 100 sentinels after them
+_T5_EXTRA_IDS = 100
+VARIANTS = ("t2v", "i2v", "t2v-1.5", "i2v-1.5")
+
+# diffusers' THUDM/CogVideoX-5b scheduler config (DDIM); the 1.5 checkpoints ship the same one.
+_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "clip_sample_range": 1.0, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True, "sample_max_value": 1.0, "set_alpha_to_one": True, "snr_shift_scale": 1.0,
+    "steps_offset": 0, "timestep_spacing": "trailing", "trained_betas": None,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TinyDefaults:
+    """Generation settings that suit the tiny pipeline (finishes in seconds on a CPU)."""
+
+    num_frames: int = 9
+    height: int = 32
+    width: int = 32
+    num_inference_steps: int = 4
+    guidance_scale: float = 6.0
+    prompt: str = "A panda, dressed in a small red jacket, sits on a wooden stool in a bamboo forest."
+
+
+def tiny_spiece_model() -> bytes:
+    """The shipped 100-piece sentencepiece model (T5 ids: <pad>=0, </s>=1, <unk>=2; identity normalization).
+
+    Trained once with `sentencepiece.SentencePieceTrainer.train(vocab_size=100, model_type="unigram",
+    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, normalization_rule_name="identity")`
+    on a handful of video prompts.
+    """
+    return resources.files("jaxvid").joinpath("assets", _SPIECE_ASSET).read_bytes()
+
+
+def tiny_configs(variant: str = "t2v") -> tuple[CogVideoXConfig, CogVideoXVAEConfig, T5Config]:
+    """(transformer, vae, text encoder) configs of a tiny pipeline `variant` (one of VARIANTS).
+
+    "i2v" is 5b-I2V-like (image latents on channels, learned positions), "*-1.5" uses
+    patch_size_t=2 (latent frame padding) and "i2v-1.5" adds the ofs embedding and the VAE's
+    invert_scale_latents.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}; expected one of {VARIANTS}")
+    # CogVideoX 1.5's I2V VAE divides image latents by the scaling factor (invert_scale_latents)
+    vae = CogVideoXVAEConfig.tiny(scaling_factor=0.7, invert_scale_latents=variant == "i2v-1.5")
+    t5 = T5Config.tiny(vocab_size=_SPIECE_PIECES + _T5_EXTRA_IDS)
+    defaults = TinyDefaults()
+    latent = vae.latent_channels
+    sample_h = defaults.height // vae.spatial_compression
+    sample_w = defaults.width // vae.spatial_compression
+    overrides: dict[str, Any] = dict(
+        in_channels=latent, out_channels=latent, text_embed_dim=t5.d_model, time_embed_dim=16,
+        num_attention_heads=2, attention_head_dim=16, sample_height=sample_h, sample_width=sample_w,
+        sample_frames=defaults.num_frames, max_text_seq_length=226,
+    )
+    if variant.startswith("i2v"):
+        overrides["in_channels"] = 2 * latent
+    if variant == "i2v":
+        overrides["use_learned_positional_embeddings"] = True
+    if variant.endswith("1.5"):
+        overrides.update(patch_size_t=2, patch_bias=False)
+    if variant == "i2v-1.5":
+        overrides["ofs_embed_dim"] = overrides["time_embed_dim"]
+    return CogVideoXConfig.tiny(**overrides), vae, t5
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+def _inverse_shape(rule: Any, target_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Source (torch) shape of a rule whose transform is a permutation (or identity)."""
+    from convert import transforms
+
+    perms = {
+        transforms.identity.name: None,
+        transforms.linear_T.name: (1, 0),
+        transforms.conv2d_to_hwio.name: (2, 3, 1, 0),
+        transforms.conv3d_to_dhwio.name: (2, 3, 4, 1, 0),
+    }
+    if rule.transform.name not in perms:
+        raise ValueError(f"rule {rule.source} -> {rule.target}: transform {rule.transform.name!r} is not a permutation")
+    axes = perms[rule.transform.name]
+    if axes is None:
+        return tuple(target_shape)
+    source = [0] * len(axes)
+    for j, a in enumerate(axes):
+        source[a] = target_shape[j]
+    return tuple(source)
+
+
+def source_shapes(rules: list, specs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """{source key: torch shape} of a key table against the abstract model's Param specs."""
+    out = {}
+    for rule in rules:
+        shape = tuple(specs[rule.target_path].shape)
+        if rule.target_index is not None:
+            shape = shape[1:]
+        out[rule.source] = _inverse_shape(rule, shape)
+    return out
+
+
+def _random_weights(shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """N(0, 1/fan_in) for matrices and kernels (activations keep their scale), norms at 1, biases small."""
+    out = {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        if len(shape) >= 2:
+            table = key in ("shared.weight", "patch_embed.pos_embedding") or "relative_attention_bias" in key
+            fan_in = 1 if table else int(np.prod(shape[1:]))
+            x = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(fan_in))
+        elif "norm" in key and key.endswith("weight"):
+            x = np.float32(1.0) + np.float32(0.05) * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            x = np.float32(0.02) * rng.standard_normal(shape, dtype=np.float32)
+        out[key] = x
+    return out
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _vae_hf_config(cfg: CogVideoXVAEConfig) -> dict[str, Any]:
+    n = len(cfg.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKLCogVideoX", "_diffusers_version": _DIFFUSERS_VERSION, "act_fn": "silu",
+        "block_out_channels": list(cfg.block_out_channels), "down_block_types": ["CogVideoXDownBlock3D"] * n,
+        "up_block_types": ["CogVideoXUpBlock3D"] * n, "force_upcast": cfg.force_upcast,
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "latent_channels": cfg.latent_channels,
+        "latents_mean": None, "latents_std": None, "layers_per_block": cfg.layers_per_block,
+        "norm_eps": cfg.norm_eps, "norm_num_groups": cfg.norm_num_groups, "sample_height": cfg.sample_height,
+        "sample_width": cfg.sample_width, "scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor,
+        "temporal_compression_ratio": cfg.temporal_compression_ratio, "use_post_quant_conv": False,
+        "use_quant_conv": False, "invert_scale_latents": cfg.invert_scale_latents,
+    }
+
+
+def _t5_hf_config(cfg: T5Config) -> dict[str, Any]:
+    return {
+        "architectures": ["T5EncoderModel"], "model_type": "t5", "d_ff": cfg.d_ff, "d_kv": cfg.d_kv,
+        "d_model": cfg.d_model, "dense_act_fn": "gelu_new", "dropout_rate": 0.0, "eos_token_id": 1,
+        "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0, "is_encoder_decoder": True,
+        "is_gated_act": True, "layer_norm_epsilon": cfg.layer_norm_epsilon, "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers, "pad_token_id": 0, "relative_attention_max_distance":
+        cfg.relative_attention_max_distance, "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+        "tie_word_embeddings": False, "use_cache": True, "vocab_size": cfg.vocab_size, "dtype": "float32",
+    }
+
+
+def _tokenizer_config() -> dict[str, Any]:
+    return {
+        "tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "extra_ids": _T5_EXTRA_IDS, "legacy": True, "model_max_length": 226, "add_prefix_space": True,
+    }
+
+
+def write_tiny_pipeline(folder: str | os.PathLike, *, seed: int = 0, variant: str = "t2v") -> Path:
+    """Write a tiny random CogVideoX pipeline folder (diffusers' layout) at `folder`; returns it.
+
+    Deterministic: the same seed and variant write the same bytes. Tens of thousands of parameters;
+    writing takes well under a second.
+    """
+    from convert.keymaps.cogvideox import diffusers_shapes
+    from convert.keymaps.t5 import encoder_rules
+    from convert.keymaps.vae_cogvideox import vae_rules
+    from convert.safetensors_io import write_safetensors
+    from jaxvid.models.loading import model_specs
+    from jaxvid.models.t5 import T5Encoder
+    from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX
+
+    transformer_cfg, vae_cfg, t5_cfg = tiny_configs(variant)
+    folder = Path(folder)
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
+
+    weights = _random_weights(diffusers_shapes(transformer_cfg), rngs[0])
+    for key, value in weights.items():  # AdaLN-zero style output layers start small, as trained models keep them
+        if key.startswith("proj_out") or key.startswith("norm_out.linear"):
+            weights[key] = value * np.float32(0.1)
+    write_safetensors(folder / "transformer" / "diffusion_pytorch_model.safetensors", weights)
+    _write_json(folder / "transformer" / "config.json",
+                {**transformer_cfg.to_hf_config(), "_diffusers_version": _DIFFUSERS_VERSION})
+
+    vae_shapes = source_shapes(vae_rules(vae_cfg), model_specs(AutoencoderKLCogVideoX, vae_cfg))
+    write_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors", _random_weights(vae_shapes, rngs[1]))
+    _write_json(folder / "vae" / "config.json", _vae_hf_config(vae_cfg))
+
+    t5_shapes = source_shapes(encoder_rules(t5_cfg), model_specs(T5Encoder, t5_cfg))
+    write_safetensors(folder / "text_encoder" / "model.safetensors", _random_weights(t5_shapes, rngs[2]))
+    _write_json(folder / "text_encoder" / "config.json", _t5_hf_config(t5_cfg))
+
+    (folder / "tokenizer" / "spiece.model").write_bytes(tiny_spiece_model())
+    _write_json(folder / "tokenizer" / "tokenizer_config.json", _tokenizer_config())
+
+    _write_json(folder / "scheduler" / "scheduler_config.json",
+                {"_class_name": "CogVideoXDDIMScheduler", "_diffusers_version": _DIFFUSERS_VERSION, **_SCHEDULER_CONFIG})
+    pipeline = "CogVideoXImageToVideoPipeline" if variant.startswith("i2v") else "CogVideoXPipeline"
+    _write_json(folder / "model_index.json", {
+        "_class_name": pipeline, "_diffusers_version": _DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    })
+    return folder
