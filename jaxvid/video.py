@@ -19,6 +19,16 @@ def to_uint8_frames(video: np.ndarray) -> np.ndarray:
     return np.clip(np.round((video + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def _has_ffmpeg() -> bool:
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+        return True
+    except (ImportError, RuntimeError, OSError):
+        return False
+
+
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] not in (1, 3):
@@ -39,6 +49,10 @@ def save(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Path:
     frames = _check_frames(frames)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".mp4" and not _has_ffmpeg():
+        gif = path.with_suffix(".gif")
+        log.warning("no ffmpeg for mp4 (pip install imageio-ffmpeg); writing %s instead", gif)
+        path = gif
     if path.suffix.lower() == ".mp4":
         # yuv420p needs even sizes: pad odd ones by one edge row/column rather than rescaling.
         ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
@@ -47,13 +61,14 @@ def save(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Path:
             with warnings.catch_warnings():
                 # imageio-ffmpeg forks only to exec ffmpeg at once; JAX's fork warning does not apply.
                 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-                with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as w:
+                with imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                                        macro_block_size=1) as w:
                     for f in even:
                         w.append_data(f)
             if path.stat().st_size == 0:
                 raise RuntimeError("ffmpeg wrote an empty file")
             return path
-        except (ImportError, RuntimeError, OSError) as e:
+        except (ImportError, RuntimeError, OSError, ValueError) as e:
             gif = path.with_suffix(".gif")
             log.warning("mp4 export failed (%s); writing %s instead", e, gif)
             path = gif

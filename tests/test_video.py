@@ -40,3 +40,10 @@ def test_bad_input(tmp_path):
         video.save(np.zeros((2, 8, 8, 3), np.float32), tmp_path / "x.mp4")
     with pytest.raises(ValueError, match="extension"):
         video.save(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "x.avi")
+
+
+def test_mp4_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "_has_ffmpeg", lambda: False)
+    path = video.save(_frames(), tmp_path / "out.mp4")
+    assert path.suffix == ".gif" and path.exists()
+    assert video.load(path).shape == _frames().shape
