@@ -1,12 +1,14 @@
-"""`jaxvid generate`: prompt (and image) -> video file, with CogVideoX.
+"""`jaxvid generate`: prompt (and image or video) -> video file, with CogVideoX or LongCat-Video.
 
     jaxvid generate                                   # embedded tiny random pipeline, writes out.mp4
     jaxvid generate --model CogVideoX-5b --prompt "A panda playing guitar" --dtype bf16 --output panda.mp4
     jaxvid generate --model CogVideoX-5b-I2V --image first.png --prompt "..." --attention radial
+    jaxvid generate --model LongCat-Video --mode t2v|i2v|continue|long|refine --prompt "..."
 
 Without --model the embedded tiny default runs: a random tiny CogVideoX pipeline written on the
 fly (jaxvid.tiny, no download), tiny shapes and few steps; it finishes in seconds on a CPU.
 Frame count and resolution are checked against the model's configs before any weight is loaded.
+A LongCat-Video folder (dit/ holds a LongCat DiT) is handed to jaxvid.pipelines.longcat_cli.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from jaxvid.pipelines.longcat_cli import add_longcat_arguments, run_longcat
 
 log = logging.getLogger("jaxvid.generate")
 
@@ -30,21 +34,25 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `generate` subcommand (its handler is `args.func`) on an argparse subparsers object."""
     p = subparsers.add_parser(
         "generate",
-        help="generate a video with CogVideoX (text-to-video, or image-to-video for I2V checkpoints)",
-        description="Generate a video with a CogVideoX pipeline folder (diffusers layout, or jaxvid-convert'ed). "
-        "Without --model, runs an embedded tiny random pipeline (no download) and writes a video.",
+        help="generate a video with CogVideoX or LongCat-Video",
+        description="Generate a video with a CogVideoX pipeline folder (diffusers layout, or jaxvid-convert'ed) "
+        "or a LongCat-Video folder (--mode t2v|i2v|continue|long|refine). "
+        "Without --model, runs an embedded tiny random CogVideoX pipeline (no download) and writes a video.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=None, help="CogVideoX pipeline folder (default: the embedded tiny pipeline)")
+    p.add_argument("--model", default=None,
+                   help="CogVideoX pipeline or LongCat-Video folder (default: the embedded tiny CogVideoX pipeline)")
     p.add_argument("--prompt", default=None, help="text prompt (required with --model)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt for classifier-free guidance (CogVideoX default ''; LongCat: upstream's)")
     p.add_argument("--image", default=None, help="first frame for image-to-video (I2V) models")
     p.add_argument("--num-frames", type=int, default=None,
                    help="frames, 1 + 4k (default: the model's, 49 for CogVideoX, 81 for 1.5, 9 for tiny)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: 480; 768 for 1.5; 32 for tiny)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: 720; 1360 for 1.5; 32 for tiny)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 4 for tiny)")
-    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (<= 1: no CFG)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, <= 1: no CFG (default 6.0 CogVideoX, 4.0 LongCat)")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic (cosine-ramped) guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", choices=("ddim", "dpm"), default=None,
@@ -61,6 +69,7 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fps", type=int, default=None, help="frames per second of the file (default 8; 16 for CogVideoX 1.5)")
     p.add_argument("--output", default="out.mp4", help="video file (.mp4, or .gif)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_longcat_arguments(p)  # only adds the LongCat options the parser does not have yet
     p.set_defaults(func=run_generate)
     return p
 
@@ -139,9 +148,17 @@ def generate(args: argparse.Namespace) -> Path:
     """Run one generation from parsed options; returns the path of the written video."""
     from jaxvid import video
     from jaxvid.pipelines.cogvideox import CogVideoXPipeline, read_pipeline_configs
+    from jaxvid.pipelines.longcat import is_longcat_folder
 
     t0 = time.perf_counter()
     tiny = args.model is None
+    if not tiny and is_longcat_folder(args.model):
+        return run_longcat(args)[-1]
+    if getattr(args, "mode", "t2v") != "t2v":
+        raise ValueError(f"--mode={args.mode!r} is for LongCat-Video models; CogVideoX generates from text (t2v), "
+                         "or from --image with an I2V checkpoint")
+    guidance = 6.0 if args.guidance is None else args.guidance
+    negative_prompt = "" if args.negative_prompt is None else args.negative_prompt
     if not tiny and not args.prompt:
         raise ValueError("--prompt is required with --model")
     plan = attention_plan(args)
@@ -165,8 +182,8 @@ def generate(args: argparse.Namespace) -> Path:
             pipe.enable_vae_tiling()
         # inside the `with`: the tiny folder (its tokenizer) must live until the prompt is encoded
         frames = pipe(
-            settings["prompt"], args.negative_prompt, num_frames=settings["num_frames"], height=settings["height"],
-            width=settings["width"], num_inference_steps=settings["steps"], guidance_scale=args.guidance,
+            settings["prompt"], negative_prompt, num_frames=settings["num_frames"], height=settings["height"],
+            width=settings["width"], num_inference_steps=settings["steps"], guidance_scale=guidance,
             use_dynamic_cfg=args.dynamic_cfg, seed=args.seed, image=image, attention=plan,
             progress=not args.no_progress,
         )

@@ -78,3 +78,19 @@ def test_attention_options_build_the_plan():
                                  "--decay-factor", "0.5", "--block-size", "64"]))
     assert plan == AttentionPlan(sparse=Radial(decay_factor=0.5, block_size=64, model_type="cogvideox"),
                                  dense_layers=2, dense_timesteps=5)
+
+
+def test_generate_routes_longcat_folders_and_rejects_modes_for_cogvideox(tmp_path, caplog):
+    """`jaxvid generate` hands a LongCat-Video folder to the LongCat CLI; CogVideoX accepts only t2v."""
+    from jaxvid.cli import main
+    from jaxvid.pipelines.longcat_tiny import write_tiny_longcat
+
+    longcat = write_tiny_longcat(tmp_path / "longcat")
+    with caplog.at_level(logging.ERROR):
+        # continuation without a video is rejected by the LongCat checks, before any weight loads
+        assert main(["generate", "--model", str(longcat), "--mode", "continue", "--prompt", "x"]) == 2
+    assert "--video" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["generate", "--mode", "long", "--output", str(tmp_path / "x.mp4")]) == 2
+    assert "LongCat-Video models" in caplog.text

@@ -1,0 +1,863 @@
+"""LongCat-Video generation: text-to-video, image-to-video, video continuation, long video, 720p refinement.
+
+Follows upstream's `LongCatVideoPipeline` (meituan-longcat/LongCat-Video,
+`longcat_video/pipeline_longcat_video.py`) and its `run_demo_*.py` scripts:
+
+    prompt --umT5--> embeds [B, 1, 512, 4096] (negative first under CFG: batch [uncond; cond])
+    noise [B, 16, 1 + (F-1)/4, H/8, W/8] (+ clean conditioning latents in the first frames)
+      --[ DiT, CFG-Zero* guidance, -v, Euler step ] x N  (one jax.jit: lax.fori_loop over steps)-->
+    latents --denormalize, Wan VAE decode--> frames [B, F, H, W, 3] in [0, 1]
+
+Modes (upstream method -> here):
+- `generate_t2v`: 480x832, 93 frames, 50 steps, guidance 4.0. Distilled: `enable_loras(["cfg_step_lora"])`,
+  16 steps, `use_distill=True` (the distilled sigma schedule), guidance 1.0 (no CFG pass).
+- `generate_i2v`: the image's latent is the first (clean, timestep 0) latent frame; size from the
+  aspect-ratio bucket of the image.
+- `generate_vc`: the last `num_cond_frames` frames of a video become clean conditioning latents; with
+  `use_kv_cache` their keys/values are computed once (timestep 0, no cross-attention) and every step
+  denoises only the new frames. `enhance_hf` swaps the schedule's tail for 10 uniform steps.
+- `generate_long`: t2v, then repeated continuation from the last frames of the previous segment.
+- `generate_refine`: the 480p video is resized to its 720p bucket (bilinear), doubled in time
+  (linear) unless `spatial_refine_only`, VAE-encoded, noised to t = 0.5 and denoised from there
+  with the refinement LoRA; upstream runs it with block sparse attention (`enable_bsa()`).
+
+Differences from upstream, on purpose:
+- Random numbers come from `jax.random` keys derived from `seed` (never torch's generator), see `_Keys`.
+- Unsupported frame counts raise ValueError (upstream rounds down with a warning); so do
+  conditioning frame counts the VAE cannot encode whole (upstream's VAE silently drops frames),
+  except in refinement, where upstream's padded length relies on that drop and it is kept.
+- i2v / continuation / refinement take an explicit `height` / `width` besides the buckets.
+- `num_videos_per_prompt > 1` also repeats the text mask (upstream leaves it at batch B).
+- Latents are carried in float32 through every loop (upstream keeps continuation latents in the
+  DiT dtype when the KV cache is off); identical in float32.
+- Under CFG with a batch > 1 the KV cache is repeated for both halves (upstream asserts batch 1).
+
+Kept from upstream on purpose: without the KV cache, the CFG-Zero* scale is taken over every frame,
+the clean ones included, so `use_kv_cache=False` is close to, not equal to, the cached run.
+LoRAs run at run time (`model(..., lora=...)`, the base weights untouched), as upstream's do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvid.pipelines.loop import StepProgress, denoise_loop
+from jaxvid.schedulers import flow_match, guidance
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_NEGATIVE_PROMPT",
+    "LongCatOutput",
+    "LongCatPipeline",
+    "bucket_size",
+    "frames_to_uint8",
+    "is_longcat_folder",
+    "refine_layout",
+]
+
+COMPONENTS = ("dit", "text_encoder", "vae", "tokenizer", "scheduler")
+LORA_DIR = "lora"
+CFG_STEP_LORA = "cfg_step_lora"
+REFINEMENT_LORA = "refinement_lora"
+# upstream's negative prompt in every run_demo_*.py
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+MAX_SEQUENCE_LENGTH = 512
+# generate_refine pads conditioning and noisy latents to multiples of this many frames (BSA's chunk in time).
+BSA_LATENT_GRANULARITY = 4
+REFINE_T_THRESH = 0.5
+# The DiT patch (1, 2, 2) on top of the VAE's 8x: pixel sizes must be multiples of 16 (upstream
+# check_inputs); refinement asks 4x more (its buckets are the "F64" tables).
+PATCH_SPATIAL = 2
+REFINE_SPATIAL_EXTRA = 4
+OUTPUT_TYPES = ("np", "latent")
+
+# ---------------------------------------------------------------------------------------------
+# Aspect-ratio buckets (upstream longcat_video/utils/bukcet_config.py): ratio h / w -> (h, w)
+# ---------------------------------------------------------------------------------------------
+
+_BUCKETS_480P = {  # ASPECT_RATIO_627: scale factor 16 or 32
+    0.26: (320, 1216), 0.31: (352, 1120), 0.38: (384, 1024), 0.43: (416, 960), 0.52: (448, 864),
+    0.58: (480, 832), 0.67: (512, 768), 0.74: (544, 736), 0.86: (576, 672), 0.95: (608, 640),
+    1.05: (640, 608), 1.17: (672, 576), 1.29: (704, 544), 1.35: (736, 544), 1.50: (768, 512),
+    1.67: (800, 480), 1.73: (832, 480), 2.00: (896, 448), 2.31: (960, 416), 2.58: (992, 384),
+    2.75: (1056, 384), 3.09: (1088, 352), 3.70: (1184, 320), 3.80: (1216, 320), 3.90: (1248, 320),
+    4.00: (1280, 320),
+}
+_BUCKETS_720P = {  # ASPECT_RATIO_960: scale factor 16 or 32
+    0.25: (480, 1920), 0.29: (512, 1792), 0.32: (544, 1696), 0.36: (576, 1600), 0.40: (608, 1504),
+    0.49: (672, 1376), 0.54: (704, 1312), 0.59: (736, 1248), 0.69: (800, 1152), 0.74: (832, 1120),
+    0.82: (864, 1056), 0.88: (896, 1024), 0.94: (928, 992), 1.00: (960, 960), 1.07: (992, 928),
+    1.14: (1024, 896), 1.22: (1056, 864), 1.31: (1088, 832), 1.35: (1120, 832), 1.44: (1152, 800),
+    1.70: (1248, 736), 2.00: (1344, 672), 2.05: (1376, 672), 2.47: (1504, 608), 2.53: (1536, 608),
+    2.83: (1632, 576), 3.06: (1664, 544), 3.12: (1696, 544), 3.62: (1856, 512), 3.93: (1888, 480),
+    4.00: (1920, 480),
+}
+_BUCKETS_720P_F64 = {  # ASPECT_RATIO_960_F64: scale factor 64 (refinement)
+    0.22: (448, 2048), 0.29: (512, 1792), 0.36: (576, 1600), 0.45: (640, 1408), 0.55: (704, 1280),
+    0.63: (768, 1216), 0.76: (832, 1088), 0.88: (896, 1024), 1.00: (960, 960), 1.14: (1024, 896),
+    1.31: (1088, 832), 1.50: (1152, 768), 1.58: (1216, 768), 1.82: (1280, 704), 1.91: (1344, 704),
+    2.20: (1408, 640), 2.30: (1472, 640), 2.67: (1536, 576), 2.89: (1664, 576), 3.62: (1856, 512),
+    3.75: (1920, 512),
+}
+_BUCKETS = {("480p", 16): _BUCKETS_480P, ("480p", 32): _BUCKETS_480P, ("720p", 16): _BUCKETS_720P,
+            ("720p", 32): _BUCKETS_720P, ("720p", 64): _BUCKETS_720P_F64}
+
+
+def bucket_size(height: int, width: int, resolution: str, scale_factor_spatial: int = 16) -> tuple[int, int]:
+    """Upstream `get_condition_shape`: the (h, w) bucket whose ratio h / w is closest to height / width.
+
+    Ties go to the first bucket in the table, as upstream's stable sort does.
+    """
+    table = _BUCKETS.get((resolution, scale_factor_spatial))
+    if table is None:
+        raise ValueError(f"resolution={resolution!r} with spatial scale {scale_factor_spatial}: expected one of "
+                         f"{sorted(set(_BUCKETS))} (resolution, scale)")
+    if height < 1 or width < 1:
+        raise ValueError(f"condition size {height}x{width}: expected positive height and width")
+    ratio = height / width
+    return table[min(table, key=lambda r: abs(r - ratio))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames in and out
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_frames(x: Any, what: str) -> np.ndarray:
+    """uint8 [F, H, W, 3] from an array / list of [H, W, 3] uint8 frames or PIL images."""
+    if isinstance(x, (list, tuple)):
+        x = np.stack([np.asarray(f) for f in x]) if len(x) else np.zeros((0,), np.uint8)
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] < 1:
+        raise ValueError(f"{what} has shape {x.shape}: expected uint8 frames [F, H, W, 3] with F >= 1")
+    if x.dtype != np.uint8:
+        raise ValueError(f"{what} has dtype {x.dtype}: expected uint8 frames (0..255)")
+    return x
+
+
+def _as_image(x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 3 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise ValueError(f"image has shape {x.shape}, dtype {x.dtype}: expected uint8 [H, W, 3]")
+    return x
+
+
+def preprocess_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """diffusers' VideoProcessor.preprocess_video on PIL frames: uint8 [F, H, W, 3] -> float32 [3, F, h, w] in [-1, 1].
+
+    Each frame is resized with PIL's Lanczos filter (VaeImageProcessor's default), divided by 255,
+    then mapped to [-1, 1].
+    """
+    from PIL import Image
+
+    out = []
+    for f in frames:
+        img = Image.fromarray(f)
+        if img.size != (width, height):
+            img = img.resize((width, height), resample=Image.Resampling.LANCZOS)
+        out.append(np.asarray(img).astype(np.float32) / 255.0)
+    x = np.stack(out) * 2.0 - 1.0
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
+
+
+def resize_linear_align_corners(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """torch's linear interpolation along one axis with align_corners=True (bilinear / trilinear are separable)."""
+    n = x.shape[axis]
+    if n == size:
+        return x
+    scale = np.float32((n - 1) / (size - 1)) if size > 1 else np.float32(0.0)
+    pos = np.arange(size, dtype=np.float32) * scale
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w1 = (pos - i0).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    w1 = jnp.asarray(w1).reshape(shape).astype(x.dtype)
+    return jnp.take(x, i0, axis=axis) * (1 - w1) + jnp.take(x, i1, axis=axis) * w1
+
+
+def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Frames in [0, 1] -> uint8 as upstream's demos do it: `(x * 255).astype(np.uint8)` (truncating)."""
+    return (np.clip(np.asarray(frames, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+class RefineLayout(NamedTuple):
+    """How generate_refine pads the upsampled video (upstream's 'do padding' block).
+
+    num_cond_latents: clean latent frames (a multiple of 4, or 0); cond_frames_added: copies of the
+    first conditioning frame put in front; noise_frames_added: copies of the last frame appended;
+    num_cond_frames: conditioning frames after padding (1 + 4 * (num_cond_latents - 1), or 0).
+    """
+
+    num_cond_latents: int
+    num_cond_frames: int
+    cond_frames_added: int
+    noise_frames_added: int
+
+
+def refine_layout(num_frames: int, num_cond_frames: int, temporal: int = 4,
+                  granularity: int = BSA_LATENT_GRANULARITY) -> RefineLayout:
+    """Latent padding of generate_refine for `num_frames` upsampled frames of which `num_cond_frames` condition."""
+    if not 0 <= num_cond_frames < num_frames:
+        raise ValueError(f"num_cond_frames={num_cond_frames}: expected 0 <= num_cond_frames < {num_frames} "
+                         "(the refined frame count)")
+    num_noise_frames = num_frames - num_cond_frames
+    ncl = added = 0
+    if num_cond_frames > 0:
+        ncl = 1 + math.ceil((num_cond_frames - 1) / temporal)
+        ncl = math.ceil(ncl / granularity) * granularity
+        added = 1 + (ncl - 1) * temporal - num_cond_frames
+        num_cond_frames += added
+    nnl = math.ceil(num_noise_frames / temporal)
+    nnl = math.ceil(nnl / granularity) * granularity
+    return RefineLayout(ncl, num_cond_frames, added, nnl * temporal - num_noise_frames)
+
+
+class LongCatOutput(NamedTuple):
+    """frames: float32 [B, F, H, W, 3] in [0, 1] (None with output_type="latent"); latents: [B, C, T, h, w]."""
+
+    frames: np.ndarray | None
+    latents: jax.Array
+
+
+class _Keys(NamedTuple):
+    """The random streams of one generate call, all from `seed`."""
+
+    noise: jax.Array  # initial latent noise
+    cond: jax.Array  # posterior sample of the conditioning frames' VAE encoding
+    upsampled: jax.Array  # refinement: posterior sample of the upsampled video's encoding
+    refine_noise: jax.Array  # refinement: the noise mixed in at t_thresh
+
+    @classmethod
+    def from_seed(cls, seed: int | jax.Array) -> "_Keys":
+        key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
+        return cls(*jax.random.split(key, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted pieces: weights are arguments, the module structure is static
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_text(state, input_ids, attention_mask, *, graphdef):
+    return nnx.merge(graphdef, state)(input_ids, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _vae_encode(state, frames, key, *, graphdef):
+    """frames [B, 3, F, H, W] in [-1, 1] -> VAE latents [B, z, F', h, w] (posterior sample; not normalised)."""
+    return nnx.merge(graphdef, state).encode(frames, key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _vae_decode(state, latents, *, graphdef):
+    """DiT latents [B, z, T, h, w] -> frames float32 [B, F, H, W, 3] in [0, 1] (upstream's postprocess 'np')."""
+    vae = nnx.merge(graphdef, state)
+    z = vae.denormalize_latents(latents.astype(vae.cfg.dtype))
+    video = vae.decode(z)
+    video = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return jnp.transpose(video, (0, 2, 3, 4, 1))
+
+
+def _fresh_model(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.Module:
+    """The module with Variables created at the current trace level.
+
+    NNX refuses Variables made outside the fori_loop's trace inside the model's nnx.scan; rebuilding
+    the state's leaves here (a no-op on the arrays) gives the loop body its own.
+    """
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _LoopSpec:
+    """Static shape of a denoising run: conditioning frames, KV cache, CFG, the DiT's compute dtype."""
+
+    num_cond_latents: int
+    use_kv_cache: bool
+    do_cfg: bool
+    dtype: Any
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "scheduler", "progress"))
+def _denoise(state, lora, latents, embeds, mask, schedule: flow_match.FlowMatchState, guidance_scale, *,
+             graphdef, spec: _LoopSpec, scheduler: flow_match.FlowMatchConfig, progress: StepProgress | None):
+    """Upstream's denoising loop. latents float32 [B, C, T, h, w] (first num_cond_latents clean);
+    embeds [B or 2B, 1, L, D], mask [B or 2B, L] -> denoised latents [B, C, T, h, w] float32."""
+    dtype, nc = spec.dtype, spec.num_cond_latents
+    kv_cache = None
+    if spec.use_kv_cache:
+        # _cache_clean_latents: one pass over the clean frames at timestep 0, no text
+        cond = latents[:, :, :nc]
+        zero_t = jnp.zeros(cond.shape[:1] + cond.shape[2:3], dtype)
+        _, kv_cache = _fresh_model(graphdef, state)(cond.astype(dtype), zero_t, None, None, return_kv=True,
+                                                    skip_crs_attn=True, lora=lora)
+        if spec.do_cfg and cond.shape[0] > 1:  # uncond and cond halves share the clean frames
+            kv_cache = jax.tree.map(lambda a: jnp.concatenate([a, a]), kv_cache)
+        latents = latents[:, :, nc:]
+
+    def step(i, x):
+        model_in = jnp.concatenate([x, x]) if spec.do_cfg else x
+        timestep = jnp.full(model_in.shape[:1] + model_in.shape[2:3], schedule.timesteps[i], jnp.float32)
+        timestep = timestep.astype(dtype)
+        if nc and not spec.use_kv_cache:
+            timestep = timestep.at[:, :nc].set(0)
+        pred = _fresh_model(graphdef, state)(model_in.astype(dtype), timestep, embeds, mask, num_cond_latents=nc,
+                                             kv_cache_dict=kv_cache, lora=lora)
+        if spec.do_cfg:
+            pred = guidance.longcat_guidance(*guidance.split_cfg_batch(pred), guidance_scale)
+        velocity = -pred  # upstream: "negate for scheduler compatibility"
+        if nc and not spec.use_kv_cache:  # the clean frames keep their latents
+            return x.at[:, :, nc:].set(flow_match.step(scheduler, schedule, velocity[:, :, nc:], x[:, :, nc:], i))
+        return flow_match.step(scheduler, schedule, velocity, x, i)
+
+    out = denoise_loop(step, latents.astype(jnp.float32), schedule.timesteps.shape[0], progress)
+    if spec.use_kv_cache:
+        out = jnp.concatenate([cond.astype(out.dtype), out], axis=2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def is_longcat_folder(path: str | os.PathLike) -> bool:
+    """True when `path` is a LongCat-Video checkpoint folder (upstream's or converted): dit/ holds a LongCat DiT."""
+    from jaxvid.models.loading import class_name_of, read_config
+
+    dit = Path(path) / "dit"
+    if not (dit / "config.json").is_file():
+        return False
+    try:
+        return class_name_of(read_config(dit)) == "LongCatVideoTransformer3DModel"
+    except ValueError:
+        from convert.checkpoint import CheckpointReader, is_checkpoint
+
+        return is_checkpoint(dit) and CheckpointReader(dit).class_name == "LongCatVideoTransformer3DModel"
+
+
+def _check_prompt(prompt: Any, what: str = "prompt") -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise ValueError(f"{what}={prompt!r}: expected a string or a non-empty list of strings")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive int")
+    return int(value)
+
+
+class LongCatPipeline:
+    """LongCat-Video's pipeline on jaxvid components (see the module docstring).
+
+    pipe = LongCatPipeline.from_pretrained("LongCat-Video", dtype=jnp.bfloat16)
+    out = pipe.generate_t2v("a cat ...", DEFAULT_NEGATIVE_PROMPT, seed=42)      # 480p, 93 frames
+    pipe.enable_loras(["cfg_step_lora"])                                        # distilled
+    fast = pipe.generate_t2v("a cat ...", num_inference_steps=16, use_distill=True, guidance_scale=1.0)
+    pipe.enable_loras(["refinement_lora"]); pipe.enable_bsa()                   # 720p refinement
+    hd = pipe.generate_refine("a cat ...", stage1_video=frames_to_uint8(fast.frames[0]))
+    """
+
+    def __init__(self, *, tokenizer_dir: str | os.PathLike, text_encoder: nnx.Module, vae: nnx.Module,
+                 dit: nnx.Module, scheduler: flow_match.FlowMatchConfig, lora_dir: str | os.PathLike | None = None,
+                 progress: bool = True):
+        from jaxvid.models.lora import LoRALibrary
+
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.dit = dit
+        self.scheduler = scheduler
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self.loras = LoRALibrary(dit.cfg)
+        self.progress = StepProgress("denoising", enabled=progress)
+        self._tokenizers: dict[int, Any] = {}
+        self._lora_cache: tuple[Any, Any] = (None, None)
+        self.last_timings: dict[str, float] = {}
+        self._text_split = nnx.split(text_encoder)
+        self._vae_split = nnx.split(vae)
+        if vae.cfg.z_dim != dit.cfg.in_channels:
+            raise ValueError(f"vae z_dim={vae.cfg.z_dim} != dit in_channels={dit.cfg.in_channels}")
+        if text_encoder.cfg.d_model != dit.cfg.caption_channels:
+            raise ValueError(f"text encoder d_model={text_encoder.cfg.d_model} != dit caption_channels="
+                             f"{dit.cfg.caption_channels}")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any | None = None, progress: bool = True
+                        ) -> "LongCatPipeline":
+        """Load a LongCat-Video folder: dit/, text_encoder/, vae/, tokenizer/, scheduler/ and optional lora/.
+
+        Each model folder may be upstream's (config.json + safetensors) or a converted jaxvid
+        checkpoint. `dtype` (e.g. jnp.bfloat16, upstream's choice) sets every model's parameter and
+        compute dtype; None keeps the stored dtypes.
+        """
+        from jaxvid.models.loading import load_model
+
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"path={str(path)!r}: not a folder; expected a LongCat-Video checkpoint folder")
+        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+        if missing:
+            raise ValueError(f"{path}: missing component folders {missing}; a LongCat-Video checkpoint has "
+                             f"{list(COMPONENTS)} and lora/")
+        dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"])
+        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=["UMT5EncoderModel", "T5EncoderModel"])
+        vae = load_model(path / "vae", dtype=dtype, expect=["AutoencoderKLWan"])
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        if not sched_file.is_file():
+            raise ValueError(f"{sched_file}: missing; expected the FlowMatchEulerDiscreteScheduler config")
+        scheduler = flow_match.FlowMatchConfig.from_hf_config(json.loads(sched_file.read_text()))
+        lora_dir = path / LORA_DIR if (path / LORA_DIR).is_dir() else None
+        return cls(tokenizer_dir=path / "tokenizer", text_encoder=text_encoder, vae=vae, dit=dit,
+                   scheduler=scheduler, lora_dir=lora_dir, progress=progress)
+
+    # ---- properties --------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor_spatial(self) -> int:
+        return self.vae.cfg.spatial_compression
+
+    @property
+    def vae_scale_factor_temporal(self) -> int:
+        return self.vae.cfg.temporal_compression
+
+    @property
+    def dit_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dit.cfg.dtype)
+
+    # ---- switches (upstream's dit.load_lora / enable_loras / disable_all_loras / enable_bsa) ----
+
+    def load_lora(self, name: str, path: str | os.PathLike | None = None, *, multiplier: float = 1.0) -> None:
+        """Load a LoRA as `name`; `path` defaults to the checkpoint's lora/{name}.safetensors."""
+        if path is None:
+            if self.lora_dir is None:
+                raise ValueError(f"LoRA {name!r}: this pipeline has no lora/ folder; pass path=")
+            path = self.lora_dir / f"{name}.safetensors"
+        path = Path(path)
+        if not path.is_file():
+            have = sorted(p.stem for p in path.parent.glob("*.safetensors")) if path.parent.is_dir() else []
+            raise ValueError(f"LoRA {name!r}: {path} does not exist (LoRAs found there: {have})")
+        self.loras.load(name, path, multiplier=multiplier)
+        self._lora_cache = (None, None)  # a reloaded name may hold other weights
+
+    def enable_loras(self, names: Sequence[str]) -> None:
+        """Use exactly these LoRAs from now on, loading any not yet loaded from lora/{name}.safetensors."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            if name not in self.loras.names:
+                self.load_lora(name)
+        self.loras.enable(names)
+
+    def disable_all_loras(self) -> None:
+        self.loras.disable_all()
+
+    def enable_bsa(self, **overrides: Any) -> None:
+        """Block sparse self-attention in the DiT (upstream enables it for 720p refinement)."""
+        self.dit.enable_bsa(**overrides)
+
+    def disable_bsa(self) -> None:
+        self.dit.disable_bsa()
+
+    # ---- text ------------------------------------------------------------------------------------
+
+    def _tokenizer(self, max_length: int):
+        from jaxvid.tokenizer import longcat_tokenizer
+
+        if max_length not in self._tokenizers:
+            self._tokenizers[max_length] = longcat_tokenizer(self.tokenizer_dir, max_length=max_length)
+        return self._tokenizers[max_length]
+
+    def _t5(self, prompts: list[str], num_videos_per_prompt: int, max_sequence_length: int):
+        tokens = self._tokenizer(max_sequence_length)(prompts)
+        graphdef, state = self._text_split
+        embeds = _encode_text(state, jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask),
+                              graphdef=graphdef).astype(self.dit_dtype)
+        mask = jnp.asarray(tokens.attention_mask)
+        embeds = jnp.repeat(embeds, num_videos_per_prompt, axis=0)[:, None]
+        return embeds, jnp.repeat(mask, num_videos_per_prompt, axis=0)
+
+    def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                      do_classifier_free_guidance: bool = True, num_videos_per_prompt: int = 1,
+                      max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> tuple[jax.Array, jax.Array]:
+        """-> embeds [B', 1, L, D] in the DiT dtype and mask int32 [B', L]; under CFG B' = 2B, negative first."""
+        prompts = _check_prompt(prompt)
+        embeds, mask = self._t5(prompts, num_videos_per_prompt, max_sequence_length)
+        if not do_classifier_free_guidance:
+            return embeds, mask
+        negative = negative_prompt or ""
+        if isinstance(negative, str):
+            negatives = [negative] * len(prompts)
+        else:
+            negatives = _check_prompt(negative, "negative_prompt")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries: expected {len(prompts)} like prompt")
+        neg_embeds, neg_mask = self._t5(negatives, num_videos_per_prompt, max_sequence_length)
+        return jnp.concatenate([neg_embeds, embeds]), jnp.concatenate([neg_mask, mask])
+
+    # ---- schedule --------------------------------------------------------------------------------
+
+    def schedule(self, num_inference_steps: int, *, use_distill: bool = False) -> flow_match.FlowMatchState:
+        """Upstream `get_timesteps_sigmas` + `scheduler.set_timesteps(n, sigmas=...)`."""
+        _positive_int("num_inference_steps", num_inference_steps)
+        sigmas = flow_match.longcat_sigmas(num_inference_steps, use_distill=use_distill)
+        return flow_match.set_timesteps(self.scheduler, num_inference_steps, sigmas=sigmas)
+
+    # ---- checks ----------------------------------------------------------------------------------
+
+    def _check_size(self, height: int, width: int, multiple: int) -> None:
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v < multiple or v % multiple:
+                raise ValueError(f"{name}={v!r}: expected a positive multiple of {multiple} "
+                                 f"(VAE {self.vae_scale_factor_spatial}x times the DiT patch"
+                                 f"{' times the refinement granularity' if multiple > 16 else ''})")
+
+    def _check_num_frames(self, num_frames: int) -> int:
+        _positive_int("num_frames", num_frames)
+        t = self.vae_scale_factor_temporal
+        if (num_frames - 1) % t:
+            raise ValueError(f"num_frames={num_frames}: expected 1 + {t}k frames (e.g. 93); the VAE packs {t} frames "
+                             f"per latent after the first (upstream would round down to "
+                             f"{(num_frames - 1) // t * t + 1})")
+        return (num_frames - 1) // t + 1
+
+    def _condition_size(self, frame_hw: tuple[int, int], resolution: str, height: int | None, width: int | None,
+                        multiple: int) -> tuple[int, int]:
+        if (height is None) != (width is None):
+            raise ValueError(f"height={height!r}, width={width!r}: give both or neither (neither: the "
+                             f"{resolution} aspect-ratio bucket of the input)")
+        if height is None:
+            if resolution not in ("480p", "720p"):
+                raise ValueError(f"resolution={resolution!r}: expected '480p' or '720p'")
+            height, width = bucket_size(*frame_hw, resolution, multiple)
+        self._check_size(height, width, multiple)
+        return height, width
+
+    @staticmethod
+    def _check_output_type(output_type: str) -> None:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+
+    # ---- building blocks -------------------------------------------------------------------------
+
+    def _noise(self, key: jax.Array, batch: int, latent_frames: int, height: int, width: int, dtype) -> jax.Array:
+        s = self.vae_scale_factor_spatial
+        shape = (batch, self.dit.cfg.in_channels, latent_frames, height // s, width // s)
+        return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+    def _initial_latents(self, latents: jax.Array | None, key: jax.Array, batch: int, latent_frames: int,
+                         height: int, width: int, dtype) -> jax.Array:
+        """The given latents (checked against the request) or fresh N(0, 1) noise [B, C, T, h, w]."""
+        if latents is None:
+            return self._noise(key, batch, latent_frames, height, width, dtype)
+        s = self.vae_scale_factor_spatial
+        want = (batch, self.dit.cfg.in_channels, latent_frames, height // s, width // s)
+        if tuple(latents.shape) != want:
+            raise ValueError(f"latents has shape {tuple(latents.shape)}: expected {want} for this request")
+        return jnp.asarray(latents, dtype)
+
+    def encode_frames(self, frames: np.ndarray | jax.Array, key: jax.Array | None, dtype) -> jax.Array:
+        """frames float [B, 3, F, H, W] in [-1, 1] -> normalised DiT latents in `dtype` (posterior sample with key)."""
+        graphdef, state = self._vae_split
+        frames = jnp.asarray(frames).astype(self.vae.cfg.dtype)
+        latents = _vae_encode(state, frames, key, graphdef=graphdef).astype(dtype)
+        return self.vae.normalize_latents(latents)
+
+    def decode(self, latents: jax.Array) -> np.ndarray:
+        """DiT latents [B, z, T, h, w] -> float32 frames [B, 1 + 4(T-1), 8h, 8w, 3] in [0, 1]."""
+        graphdef, state = self._vae_split
+        return np.asarray(_vae_decode(state, latents, graphdef=graphdef))
+
+    def denoise(self, latents: jax.Array, embeds: jax.Array, mask: jax.Array, schedule: flow_match.FlowMatchState,
+                *, guidance_scale: float, num_cond_latents: int = 0, use_kv_cache: bool = False) -> jax.Array:
+        """The jitted loop over `schedule` (CFG when guidance_scale > 1; embeds then [uncond; cond])."""
+        do_cfg = guidance_scale > 1.0
+        if embeds.shape[0] != latents.shape[0] * (2 if do_cfg else 1):
+            raise ValueError(f"embeds batch {embeds.shape[0]} does not fit latents batch {latents.shape[0]} "
+                             f"(CFG {'on' if do_cfg else 'off'})")
+        spec = _LoopSpec(num_cond_latents=int(num_cond_latents), use_kv_cache=bool(use_kv_cache), do_cfg=do_cfg,
+                         dtype=self.dit_dtype)
+        graphdef, state = nnx.split(self.dit)  # after enable_bsa the graph differs: split per call
+        num_steps = int(schedule.timesteps.shape[0])
+        self.progress.start(num_steps)
+        t0 = time.perf_counter()
+        try:
+            out = _denoise(state, self._lora_factors(), latents, embeds, mask, schedule, jnp.float32(guidance_scale),
+                           graphdef=graphdef, spec=spec, scheduler=self.scheduler, progress=self.progress)
+            out = jax.block_until_ready(out)
+        finally:
+            self.progress.close()
+        total = time.perf_counter() - t0
+        ticks = self.progress.step_times
+        # the first tick also waits for compilation (and the KV-cache pass); later ones are pure steps
+        per_step = float(np.median(ticks[1:])) if len(ticks) > 1 else total
+        self.last_timings = {"denoise": total, "per_step": per_step, "steps": num_steps,
+                             "compile_and_first_step": ticks[0] if ticks else total}
+        log.info("denoised %d steps in %.2f s (%.3f s/step after the first)", num_steps, total, per_step)
+        return out
+
+    def _lora_factors(self):
+        """Run-time factors of the enabled LoRAs (built once per enabled set: ~1 GB at full size)."""
+        key = (tuple(self.loras.enabled), self.dit_dtype)
+        if self._lora_cache[0] != key:
+            self._lora_cache = (key, self.loras.runtime(dtype=self.dit_dtype))
+        return self._lora_cache[1]
+
+    def _finish(self, latents: jax.Array, output_type: str, frame_slice: slice | None = None) -> LongCatOutput:
+        if output_type == "latent":
+            return LongCatOutput(None, latents)
+        frames = self.decode(latents)
+        if frame_slice is not None:
+            frames = frames[:, frame_slice]
+        return LongCatOutput(frames, latents)
+
+    # ---- modes -----------------------------------------------------------------------------------
+
+    def generate_t2v(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                     height: int = 480, width: int = 832, num_frames: int = 93, num_inference_steps: int = 50,
+                     use_distill: bool = False, guidance_scale: float = 4.0, num_videos_per_prompt: int = 1,
+                     seed: int | jax.Array = 0, latents: jax.Array | None = None, output_type: str = "np",
+                     max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> LongCatOutput:
+        """Text to video (upstream generate_t2v). Distilled: cfg_step LoRA enabled, 16 steps, use_distill, g = 1."""
+        self._check_output_type(output_type)
+        self._check_size(height, width, self.vae_scale_factor_spatial * PATCH_SPATIAL)
+        latent_frames = self._check_num_frames(num_frames)
+        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
+        do_cfg = guidance_scale > 1.0
+        embeds, mask = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
+                                          num_videos_per_prompt=num_videos_per_prompt,
+                                          max_sequence_length=max_sequence_length)
+        schedule = self.schedule(num_inference_steps, use_distill=use_distill)
+        batch = len(_check_prompt(prompt)) * num_videos_per_prompt
+        keys = _Keys.from_seed(seed)
+        latents = self._initial_latents(latents, keys.noise, batch, latent_frames, height, width, jnp.float32)
+        out = self.denoise(jnp.asarray(latents, jnp.float32), embeds, mask, schedule, guidance_scale=guidance_scale)
+        return self._finish(out, output_type)
+
+    def generate_i2v(self, image: np.ndarray, prompt: str | Sequence[str],
+                     negative_prompt: str | Sequence[str] | None = None, *, resolution: str = "480p",
+                     height: int | None = None, width: int | None = None, num_frames: int = 93,
+                     num_inference_steps: int = 50, use_distill: bool = False, guidance_scale: float = 4.0,
+                     num_videos_per_prompt: int = 1, seed: int | jax.Array = 0, latents: jax.Array | None = None,
+                     output_type: str = "np", max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> LongCatOutput:
+        """Image to video (upstream generate_i2v): image uint8 [H, W, 3] becomes the first latent frame."""
+        self._check_output_type(output_type)
+        image = _as_image(image)
+        height, width = self._condition_size(image.shape[:2], resolution, height, width,
+                                             self.vae_scale_factor_spatial * PATCH_SPATIAL)
+        latent_frames = self._check_num_frames(num_frames)
+        if latent_frames < 2:
+            raise ValueError(f"num_frames={num_frames}: image-to-video needs more than one latent frame (>= 5 frames)")
+        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
+        do_cfg = guidance_scale > 1.0
+        embeds, mask = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
+                                          num_videos_per_prompt=num_videos_per_prompt,
+                                          max_sequence_length=max_sequence_length)
+        schedule = self.schedule(num_inference_steps, use_distill=use_distill)
+        batch = len(_check_prompt(prompt)) * num_videos_per_prompt
+        keys = _Keys.from_seed(seed)
+        latents = self._initial_latents(latents, keys.noise, batch, latent_frames, height, width, jnp.float32)
+        pixels = preprocess_frames(image[None], height, width)[None]  # [1, 3, 1, H, W]
+        cond = self.encode_frames(np.repeat(pixels, batch, axis=0), keys.cond, jnp.float32)
+        latents = jnp.asarray(latents, jnp.float32).at[:, :, :1].set(cond)
+        out = self.denoise(latents, embeds, mask, schedule, guidance_scale=guidance_scale, num_cond_latents=1)
+        return self._finish(out, output_type)
+
+    def generate_vc(self, video: np.ndarray, prompt: str | Sequence[str],
+                    negative_prompt: str | Sequence[str] | None = None, *, resolution: str = "480p",
+                    height: int | None = None, width: int | None = None, num_frames: int = 93,
+                    num_cond_frames: int = 13, num_inference_steps: int = 50, use_distill: bool = False,
+                    guidance_scale: float = 4.0, num_videos_per_prompt: int = 1, seed: int | jax.Array = 0,
+                    latents: jax.Array | None = None, output_type: str = "np",
+                    max_sequence_length: int = MAX_SEQUENCE_LENGTH, use_kv_cache: bool = True,
+                    enhance_hf: bool = True) -> LongCatOutput:
+        """Video continuation (upstream generate_vc): the last num_cond_frames of `video` (uint8 [F, H, W, 3])
+        condition; the output's first num_cond_frames frames are their reconstruction."""
+        self._check_output_type(output_type)
+        if use_distill and enhance_hf:
+            raise ValueError("use_distill=True with enhance_hf=True: upstream forbids the combination; "
+                             "pass enhance_hf=False for the distilled schedule")
+        video = _as_frames(video, "video")
+        height, width = self._condition_size(video.shape[1:3], resolution, height, width,
+                                             self.vae_scale_factor_spatial * PATCH_SPATIAL)
+        latent_frames = self._check_num_frames(num_frames)
+        t = self.vae_scale_factor_temporal
+        _positive_int("num_cond_frames", num_cond_frames)
+        if (num_cond_frames - 1) % t or num_cond_frames > video.shape[0] or num_cond_frames >= num_frames:
+            raise ValueError(f"num_cond_frames={num_cond_frames}: expected 1 + {t}k frames (e.g. 13), at most the "
+                             f"video's {video.shape[0]} frames and fewer than num_frames={num_frames}")
+        num_cond_latents = 1 + (num_cond_frames - 1) // t
+        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
+        do_cfg = guidance_scale > 1.0
+        embeds, mask = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
+                                          num_videos_per_prompt=num_videos_per_prompt,
+                                          max_sequence_length=max_sequence_length)
+        schedule = self.schedule(num_inference_steps, use_distill=use_distill)
+        if enhance_hf:
+            schedule = flow_match.state_from_timesteps(flow_match.enhance_hf_timesteps(np.asarray(schedule.timesteps)))
+        batch = len(_check_prompt(prompt)) * num_videos_per_prompt
+        keys = _Keys.from_seed(seed)
+        dtype = self.dit_dtype  # upstream prepares continuation latents in the DiT dtype
+        latents = self._initial_latents(latents, keys.noise, batch, latent_frames, height, width, dtype)
+        pixels = preprocess_frames(video[-num_cond_frames:], height, width)[None]
+        cond = self.encode_frames(np.repeat(pixels, batch, axis=0), keys.cond, dtype)
+        latents = jnp.asarray(latents, dtype).at[:, :, :num_cond_latents].set(cond).astype(jnp.float32)
+        out = self.denoise(latents, embeds, mask, schedule, guidance_scale=guidance_scale,
+                           num_cond_latents=num_cond_latents, use_kv_cache=use_kv_cache)
+        return self._finish(out, output_type)
+
+    def generate_long(self, prompt: str, negative_prompt: str | None = None, *, num_segments: int = 11,
+                      video: np.ndarray | None = None, num_frames: int = 93, num_cond_frames: int = 13,
+                      height: int = 480, width: int = 832, num_inference_steps: int = 50,
+                      use_distill: bool = False, guidance_scale: float = 4.0, seed: int = 0,
+                      max_sequence_length: int = MAX_SEQUENCE_LENGTH, use_kv_cache: bool = True,
+                      enhance_hf: bool = True) -> np.ndarray:
+        """run_demo_long_video: a t2v segment (or `video`), then num_segments continuations, each conditioned
+        on the last num_cond_frames frames of the previous one -> uint8 frames [F, H, W, 3].
+
+        Frames pass between segments as upstream's uint8 (truncated); segment s uses seed + s.
+        """
+        _positive_int("num_segments", num_segments)
+        if video is None:
+            first = self.generate_t2v(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                                      num_inference_steps=num_inference_steps, use_distill=use_distill,
+                                      guidance_scale=guidance_scale, seed=seed,
+                                      max_sequence_length=max_sequence_length)
+            video = frames_to_uint8(first.frames[0])
+        video = _as_frames(video, "video")
+        frames, current = [video], video
+        for segment in range(num_segments):
+            log.info("long video: segment %d/%d", segment + 1, num_segments)
+            out = self.generate_vc(current, prompt, negative_prompt, height=height, width=width,
+                                   num_frames=num_frames, num_cond_frames=num_cond_frames,
+                                   num_inference_steps=num_inference_steps, use_distill=use_distill,
+                                   guidance_scale=guidance_scale, seed=seed + segment + 1,
+                                   max_sequence_length=max_sequence_length, use_kv_cache=use_kv_cache,
+                                   enhance_hf=enhance_hf)
+            new = frames_to_uint8(out.frames[0])
+            frames.append(new[num_cond_frames:])
+            current = new
+        return np.concatenate(frames)
+
+    def generate_refine(self, prompt: str | Sequence[str], stage1_video: np.ndarray, *,
+                        image: np.ndarray | None = None, video: np.ndarray | None = None, num_cond_frames: int = 0,
+                        num_inference_steps: int = 50, t_thresh: float = REFINE_T_THRESH,
+                        spatial_refine_only: bool = False, height: int | None = None, width: int | None = None,
+                        num_videos_per_prompt: int = 1, seed: int | jax.Array = 0, output_type: str = "np",
+                        max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> LongCatOutput:
+        """720p refinement (upstream generate_refine) of stage1_video (uint8 [N, H, W, 3], e.g. a 480p result).
+
+        Output: 2N frames (N with spatial_refine_only) at the 720p bucket size (or height x width,
+        multiples of 64). Conditioning: `image` (num_cond_frames=1) or the last num_cond_frames frames
+        of `video` (already at the refined frame rate) stay clean. Upstream runs it with the refinement
+        LoRA and BSA enabled (`enable_loras(["refinement_lora"])`, `enable_bsa()`), no CFG.
+        """
+        self._check_output_type(output_type)
+        if image is not None and video is not None:
+            raise ValueError("image and video given: expected at most one conditioning input")
+        stage1 = _as_frames(stage1_video, "stage1_video")
+        multiple = self.vae_scale_factor_spatial * PATCH_SPATIAL * REFINE_SPATIAL_EXTRA
+        height, width = self._condition_size(stage1.shape[1:3], "720p", height, width, multiple)
+        if not isinstance(num_cond_frames, (int, np.integer)) or num_cond_frames < 0:
+            raise ValueError(f"num_cond_frames={num_cond_frames!r}: expected an int >= 0")
+        if num_cond_frames and image is None and video is None:
+            raise ValueError(f"num_cond_frames={num_cond_frames} but neither image nor video given")
+        if image is not None and num_cond_frames != 1:
+            raise ValueError(f"num_cond_frames={num_cond_frames} with an image: expected 1")
+        if (image is not None or video is not None) and num_cond_frames == 0:
+            raise ValueError("a conditioning image/video needs num_cond_frames > 0")
+        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
+        if not 0 < t_thresh < 1:
+            raise ValueError(f"t_thresh={t_thresh!r}: expected a value in (0, 1)")
+        embeds, mask = self.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                          num_videos_per_prompt=num_videos_per_prompt,
+                                          max_sequence_length=max_sequence_length)
+        schedule = self.schedule(num_inference_steps)
+        timesteps = flow_match.refine_timesteps(np.asarray(schedule.timesteps), t_thresh)
+        schedule = flow_match.state_from_timesteps(timesteps)
+        batch = len(_check_prompt(prompt)) * num_videos_per_prompt
+        keys = _Keys.from_seed(seed)
+
+        # 5. upsample: bilinear to (height, width), linear in time to 2N frames, both align_corners=True
+        n = stage1.shape[0]
+        new_frames = n if spatial_refine_only else 2 * n
+        layout = refine_layout(new_frames, num_cond_frames, self.vae_scale_factor_temporal)
+        up = jnp.asarray(stage1, jnp.float32).transpose(3, 0, 1, 2)  # [3, N, H0, W0]
+        up = resize_linear_align_corners(resize_linear_align_corners(up, 2, height), 3, width) / 255.0
+        up = resize_linear_align_corners(up, 1, new_frames) * 2 - 1
+        up = jnp.concatenate([jnp.repeat(up[:, :1], layout.cond_frames_added, axis=1), up,
+                              jnp.repeat(up[:, -1:], layout.noise_frames_added, axis=1)], axis=1)
+        # the padded length is 4k (no conditioning); upstream's VAE then drops the last 3 frames
+        t = self.vae_scale_factor_temporal
+        up = up[:, :1 + (up.shape[1] - 1) // t * t][None]
+        vae_dtype = self.vae.cfg.dtype
+        latent_up = self.encode_frames(up, keys.upsampled, vae_dtype)
+        noise = jax.random.normal(keys.refine_noise, latent_up.shape, jnp.float32).astype(vae_dtype)
+        latents = ((1 - t_thresh) * latent_up + t_thresh * noise).astype(jnp.float32)
+        latents = jnp.repeat(latents, batch, axis=0)
+
+        ncl = layout.num_cond_latents
+        if ncl:
+            if image is not None:
+                cond_pixels = preprocess_frames(_as_image(image)[None], height, width)
+            else:
+                cond_video = _as_frames(video, "video")
+                keep = num_cond_frames
+                if keep > cond_video.shape[0]:
+                    raise ValueError(f"num_cond_frames={num_cond_frames}: the video has only "
+                                     f"{cond_video.shape[0]} frames")
+                cond_pixels = preprocess_frames(cond_video[-keep:], height, width)
+            cond_pixels = np.concatenate([np.repeat(cond_pixels[:, :1], layout.cond_frames_added, axis=1),
+                                          cond_pixels], axis=1)[None]
+            cond = self.encode_frames(np.repeat(cond_pixels, batch, axis=0), keys.cond, jnp.float32)
+            latents = latents.at[:, :, :ncl].set(cond)
+        out = self.denoise(latents, embeds, mask, schedule, guidance_scale=1.0, num_cond_latents=ncl)
+        start = layout.cond_frames_added
+        return self._finish(out, output_type, slice(start, start + new_frames))
+
+    def refine_long(self, frames: np.ndarray, prompt: str = "", *, num_frames: int = 93, num_cond_frames: int = 13,
+                    num_inference_steps: int = 50, spatial_refine_only: bool = False, seed: int = 0,
+                    height: int | None = None, width: int | None = None,
+                    max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> np.ndarray:
+        """run_demo_long_video's refinement: refine windows of num_frames stage-1 frames that overlap by
+        num_cond_frames, each conditioned on the end of the previous refined window -> uint8 frames."""
+        frames = _as_frames(frames, "frames")
+        stride = num_frames - num_cond_frames
+        if stride < 1:
+            raise ValueError(f"num_cond_frames={num_cond_frames}: expected fewer than num_frames={num_frames}")
+        segments = 1 + max(0, math.ceil((frames.shape[0] - num_frames) / stride))
+        refined, cond_video, cond_frames, start = [], None, 0, 0
+        for segment in range(segments):
+            log.info("refine: segment %d/%d", segment + 1, segments)
+            out = self.generate_refine(prompt, frames[start:start + num_frames], video=cond_video,
+                                       num_cond_frames=cond_frames, num_inference_steps=num_inference_steps,
+                                       spatial_refine_only=spatial_refine_only, seed=seed + segment,
+                                       height=height, width=width, max_sequence_length=max_sequence_length)
+            new = frames_to_uint8(out.frames[0])
+            refined.append(new[cond_frames:])
+            cond_video = new
+            cond_frames = num_cond_frames if spatial_refine_only else 2 * num_cond_frames
+            start += stride
+        return np.concatenate(refined)
