@@ -4,9 +4,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# cuDNN's fused attention takes head dims up to 128 on every GPU generation we target (some allow
+# 256); larger heads, such as the Wan VAE's single 384-wide mid-block head, go through XLA.
+_CUDNN_MAX_HEAD_DIM = 128
+
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
     """Softmax attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] -> [B, Sq, H, D]."""
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    head_dim = q.shape[-1]
+    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim <= _CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0):
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
