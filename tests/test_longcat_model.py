@@ -119,3 +119,16 @@ def test_bad_inputs(tiny):
     with pytest.raises(ValueError, match="kv_cache_dict has layers"):
         k = jnp.zeros((1, 16, 4, 16))
         tiny(x[:, :, 1:], t, y, m, num_cond_latents=1, kv_cache_dict={0: (k, k)})
+
+
+def test_bsa_settings_overridable_at_load(fixtures_dir):
+    """enable_bsa / bsa_params come from config.json and can be replaced when loading."""
+    from jaxvid.models import load_transformer
+
+    folder = fixtures_dir / "longcat" / "dit_bsa" / "transformer"
+    assert load_transformer(folder).cfg.enable_bsa
+    params = {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [2, 2, 2], "chunk_3d_shape_k": [2, 2, 2]}
+    model = load_transformer(folder, enable_bsa=False, bsa_params=params)
+    assert not model.cfg.enable_bsa and model.cfg.bsa_params.sparsity == 0.5
+    with pytest.raises(ValueError, match="config_overrides"):
+        load_transformer(folder, enable_bsaa=True)

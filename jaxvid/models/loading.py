@@ -115,15 +115,30 @@ def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None) 
     return cfg
 
 
-def load_model(path: str | os.PathLike, *, dtype: Any | None = None, expect: Iterable[str] | None = None) -> nnx.Module:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: Any | None = None,
+    expect: Iterable[str] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> nnx.Module:
     """Load a model from a jaxvid checkpoint or a diffusers/transformers folder (config.json + safetensors).
 
     `dtype` (e.g. jnp.bfloat16) sets both parameter and compute dtype; None uses the dtype that
     holds most of the stored weights (a bf16 checkpoint loads as bf16, an fp32 one as fp32).
     `expect` restricts the accepted model classes (clear error otherwise).
+    `config_overrides` replaces config.json entries before the config is built (same keys and
+    value formats as config.json, e.g. {"enable_bsa": True, "bsa_params": {...}} for LongCat);
+    only run-time switches make sense here, since the weights must still fit the model.
     """
     path = Path(path)
     hf_config = read_config(path)
+    if config_overrides:
+        unknown = sorted(set(config_overrides) - set(hf_config))
+        if unknown:
+            raise ValueError(f"config_overrides: keys {unknown} are not in {path / 'config.json'}; "
+                             f"known keys: {sorted(k for k in hf_config if not k.startswith('_'))}")
+        hf_config = {**hf_config, **config_overrides}
     if is_checkpoint(path):
         source = CheckpointReader(path)
         class_name = source.class_name
