@@ -93,7 +93,7 @@ def plan_component(src: Path, *, dtype: str | None = None) -> ComponentPlan:
     Raises ValueError (ConversionError, SafetensorsError) on an unknown class, a bad config or any
     key/shape mismatch.
     """
-    from jaxvid.models.loading import class_name_of, config_for, entry_for, model_specs, read_config, _resolve
+    from jaxvid.models.loading import _resolve, class_name_of, config_for, entry_for, model_specs, read_config
 
     src = Path(src)
     hf_config = read_config(src)

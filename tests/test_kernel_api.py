@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import api
-from pallas_kernels.block_sparse_mgpu import (TuningConfig, prepare_index_tables, streams_for,
-                                              validate_mgpu_args)
+from pallas_kernels.block_sparse_mgpu import TuningConfig, prepare_index_tables, streams_for, validate_mgpu_args
 from pallas_kernels.heuristics import default_config, tuning_space
-from pallas_kernels.reference import (block_mask_to_indices, block_sparse_attention_reference,
-                                      indices_to_block_mask)
+from pallas_kernels.reference import block_mask_to_indices, block_sparse_attention_reference, indices_to_block_mask
 
 
 def _inputs(seq=256, heads=2, dim=64, dtype=jnp.bfloat16, seed=0):

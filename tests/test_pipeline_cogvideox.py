@@ -52,9 +52,14 @@ def rel_l2(a, b) -> float:
 
 def build_diffusers_pipeline(variant: str, scheduler: str, folder):
     """A torch-initialised tiny diffusers pipeline, saved to `folder`; returns the pipeline."""
-    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
-                           CogVideoXImageToVideoPipeline, CogVideoXPipeline as TorchPipeline,
-                           CogVideoXTransformer3DModel)
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXDPMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from diffusers import CogVideoXPipeline as TorchPipeline
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     tcfg, vcfg, t5cfg = tiny_configs(variant)

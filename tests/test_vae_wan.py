@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from diffusers import AutoencoderKLWan as TorchWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from flax import nnx
 
 from convert.apply import check_rules
 from convert.keymaps.vae_wan import vae_rules

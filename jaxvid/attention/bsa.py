@@ -73,7 +73,7 @@ def _validate(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold, chu
         raise ValueError(f"bsa: sparsity={sparsity!r}; expected a float in [0, 1) or None")
     if cdf_threshold is not None and not 0.0 < cdf_threshold <= 1.0:
         raise ValueError(f"bsa: cdf_threshold={cdf_threshold!r}; expected a float in (0, 1] or None")
-    n_k_chunks = math.prod(l // c for l, c in zip(lat_k, ch_k))
+    n_k_chunks = math.prod(n // c for n, c in zip(lat_k, ch_k))
     if cdf_threshold is None and topk_count(sparsity, n_k_chunks) < 1:
         raise ValueError(
             f"bsa: sparsity={sparsity} keeps int((1 - sparsity) * {n_k_chunks}) = 0 key chunks; "

@@ -32,8 +32,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.api import block_sparse_attention
 from jaxvid.attention.scene import scene_block_mask
+from pallas_kernels.api import block_sparse_attention
 from pallas_kernels.reference import block_mask_to_indices
 
 __all__ = ["MODEL_TYPES", "radial_block_mask", "radial_window_width", "mask_density", "radial_kv_tables",

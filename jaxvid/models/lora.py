@@ -32,7 +32,7 @@ from flax import nnx
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
 from convert.transforms import linear_T
-from jaxvid.models.longcat import LoRAFactors, LongCatConfig, LongCatVideoTransformer3D
+from jaxvid.models.longcat import LongCatConfig, LongCatVideoTransformer3D, LoRAFactors
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from jaxvid.schedulers.cogvideox_ddim import (
     step_alphas,
 )
 
-
 # The DPM scheduler's name for the shared config (same fields and defaults as DDIM's in diffusers).
 CogVideoXDPMConfig = CogVideoXSchedulerConfig
 
