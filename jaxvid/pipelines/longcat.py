@@ -567,6 +567,15 @@ class LongCatPipeline:
         shape = (batch, self.dit.cfg.in_channels, latent_frames, height // s, width // s)
         return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
+    def _prompt_batch(self, prompt, negative_prompt, guidance_scale: float, num_videos_per_prompt: int,
+                      max_sequence_length: int, seed: int | jax.Array):
+        """Text embeddings ([uncond; cond] under CFG) + mask, the batch size and the seed's keys."""
+        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
+        embeds, mask = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
+                                          num_videos_per_prompt=num_videos_per_prompt,
+                                          max_sequence_length=max_sequence_length)
+        return embeds, mask, len(_check_prompt(prompt)) * num_videos_per_prompt, _Keys.from_seed(seed)
+
     def _initial_latents(self, latents: jax.Array | None, key: jax.Array, batch: int, latent_frames: int,
                          height: int, width: int, dtype) -> jax.Array:
         """The given latents (checked against the request) or fresh N(0, 1) noise [B, C, T, h, w]."""
@@ -644,14 +653,9 @@ class LongCatPipeline:
         self._check_output_type(output_type)
         self._check_size(height, width, self.vae_scale_factor_spatial * PATCH_SPATIAL)
         latent_frames = self._check_num_frames(num_frames)
-        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
-        do_cfg = guidance_scale > 1.0
-        embeds, mask = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
-                                          num_videos_per_prompt=num_videos_per_prompt,
-                                          max_sequence_length=max_sequence_length)
+        embeds, mask, batch, keys = self._prompt_batch(prompt, negative_prompt, guidance_scale,
+                                                       num_videos_per_prompt, max_sequence_length, seed)
         schedule = self.schedule(num_inference_steps, use_distill=use_distill)
-        batch = len(_check_prompt(prompt)) * num_videos_per_prompt
-        keys = _Keys.from_seed(seed)
         latents = self._initial_latents(latents, keys.noise, batch, latent_frames, height, width, jnp.float32)
         out = self.denoise(jnp.asarray(latents, jnp.float32), embeds, mask, schedule, guidance_scale=guidance_scale)
         return self._finish(out, output_type)
@@ -670,14 +674,9 @@ class LongCatPipeline:
         latent_frames = self._check_num_frames(num_frames)
         if latent_frames < 2:
             raise ValueError(f"num_frames={num_frames}: image-to-video needs more than one latent frame (>= 5 frames)")
-        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
-        do_cfg = guidance_scale > 1.0
-        embeds, mask = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
-                                          num_videos_per_prompt=num_videos_per_prompt,
-                                          max_sequence_length=max_sequence_length)
+        embeds, mask, batch, keys = self._prompt_batch(prompt, negative_prompt, guidance_scale,
+                                                       num_videos_per_prompt, max_sequence_length, seed)
         schedule = self.schedule(num_inference_steps, use_distill=use_distill)
-        batch = len(_check_prompt(prompt)) * num_videos_per_prompt
-        keys = _Keys.from_seed(seed)
         latents = self._initial_latents(latents, keys.noise, batch, latent_frames, height, width, jnp.float32)
         pixels = preprocess_frames(image[None], height, width)[None]  # [1, 3, 1, H, W]
         cond = self.encode_frames(np.repeat(pixels, batch, axis=0), keys.cond, jnp.float32)
@@ -709,16 +708,11 @@ class LongCatPipeline:
             raise ValueError(f"num_cond_frames={num_cond_frames}: expected 1 + {t}k frames (e.g. 13), at most the "
                              f"video's {video.shape[0]} frames and fewer than num_frames={num_frames}")
         num_cond_latents = 1 + (num_cond_frames - 1) // t
-        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
-        do_cfg = guidance_scale > 1.0
-        embeds, mask = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
-                                          num_videos_per_prompt=num_videos_per_prompt,
-                                          max_sequence_length=max_sequence_length)
+        embeds, mask, batch, keys = self._prompt_batch(prompt, negative_prompt, guidance_scale,
+                                                       num_videos_per_prompt, max_sequence_length, seed)
         schedule = self.schedule(num_inference_steps, use_distill=use_distill)
         if enhance_hf:
             schedule = flow_match.state_from_timesteps(flow_match.enhance_hf_timesteps(np.asarray(schedule.timesteps)))
-        batch = len(_check_prompt(prompt)) * num_videos_per_prompt
-        keys = _Keys.from_seed(seed)
         dtype = self.dit_dtype  # upstream prepares continuation latents in the DiT dtype
         latents = self._initial_latents(latents, keys.noise, batch, latent_frames, height, width, dtype)
         pixels = preprocess_frames(video[-num_cond_frames:], height, width)[None]
@@ -788,17 +782,14 @@ class LongCatPipeline:
             raise ValueError(f"num_cond_frames={num_cond_frames} with an image: expected 1")
         if (image is not None or video is not None) and num_cond_frames == 0:
             raise ValueError("a conditioning image/video needs num_cond_frames > 0")
-        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
         if not 0 < t_thresh < 1:
             raise ValueError(f"t_thresh={t_thresh!r}: expected a value in (0, 1)")
-        embeds, mask = self.encode_prompt(prompt, do_classifier_free_guidance=False,
-                                          num_videos_per_prompt=num_videos_per_prompt,
-                                          max_sequence_length=max_sequence_length)
+        # refinement runs without CFG (guidance 1)
+        embeds, mask, batch, keys = self._prompt_batch(prompt, None, 1.0, num_videos_per_prompt,
+                                                       max_sequence_length, seed)
         schedule = self.schedule(num_inference_steps)
         timesteps = flow_match.refine_timesteps(np.asarray(schedule.timesteps), t_thresh)
         schedule = flow_match.state_from_timesteps(timesteps)
-        batch = len(_check_prompt(prompt)) * num_videos_per_prompt
-        keys = _Keys.from_seed(seed)
 
         # 5. upsample: bilinear to (height, width), linear in time to 2N frames, both align_corners=True
         n = stage1.shape[0]
