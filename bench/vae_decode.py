@@ -29,6 +29,8 @@ class DecodeCase:
 CASES = (
     DecodeCase("cogvideox-5b 49x480x720 tiled", "cogvideox", (16, 13, 60, 90), tiled=True),
     DecodeCase("cogvideox-5b 49x480x720 untiled", "cogvideox", (16, 13, 60, 90)),
+    # CogVideoX 1.5 shares the 5b VAE architecture; 81 frames at its model card's 768 x 1360
+    DecodeCase("cogvideox1.5 81x768x1360 tiled", "cogvideox", (16, 21, 96, 170), tiled=True),
     DecodeCase("wan2.1 93x480x832", "wan", (16, 24, 60, 104)),
 )
 

@@ -302,6 +302,17 @@ class CogVideoXAttention(nnx.Module):
         # diffusers: to_out = [Linear, Dropout]; only the Linear carries weights (to_out.0)
         self.to_out = nnx.Linear(d, d, use_bias=True, **kw)
 
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The three projections as one [D, 3D] matmul (one GEMM reads x once); weights stay separate
+        so the parameters keep diffusers' names."""
+        projs = (self.to_q, self.to_k, self.to_v)
+        dtype = x.dtype if self.to_q.dtype is None else self.to_q.dtype
+        kernel = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(dtype)
+        y = jnp.dot(x.astype(dtype), kernel)
+        if self.to_q.bias is not None:
+            y = y + jnp.concatenate([p.bias[...] for p in projs]).astype(dtype)
+        return tuple(jnp.split(y, 3, axis=-1))
+
     def __call__(
         self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, *, text_tokens: int, spec: Any,
         layout: VideoLayout,
@@ -312,7 +323,7 @@ class CogVideoXAttention(nnx.Module):
         def heads(t: jax.Array) -> jax.Array:
             return t.reshape(b, s, self.heads, self.head_dim)
 
-        q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
+        q, k, v = (heads(t) for t in self._qkv(x))
         q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
             cos, sin = rope
