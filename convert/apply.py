@@ -138,6 +138,34 @@ def iter_converted(
         yield r, np.ascontiguousarray(arr.astype(dtype, copy=False))
 
 
+def iter_assembled(
+    rules: Iterable[Rule], source: TensorSource, target: Mapping[str, Any]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (target path, complete array) as soon as each parameter is complete, in the rules' order.
+
+    `rules` must have passed `check_rules` (every slice filled once). A stacked parameter is
+    assembled slice by slice and yielded with its last slice; a plain one is yielded at once, so
+    the caller can move each to a device and drop it. Rules are read in their given order (a
+    converted checkpoint stores tensors in that order, so reads stay sequential).
+    """
+    partial: dict[str, tuple[np.ndarray, int]] = {}  # stacked path -> (buffer, slices still missing)
+    for r, arr in iter_converted(rules, source, target):
+        path, index = r.target_path, r.target_index
+        if index is None:
+            yield path, arr
+            continue
+        if path not in partial:
+            spec = target[path]
+            partial[path] = (np.empty(tuple(spec.shape), dtype=np.dtype(spec.dtype)), tuple(spec.shape)[0])
+        buf, missing = partial[path]
+        buf[index] = arr
+        if missing == 1:
+            del partial[path]
+            yield path, buf
+        else:
+            partial[path] = (buf, missing - 1)
+
+
 def load_flat(
     rules: Iterable[Rule],
     source: TensorSource,
@@ -148,14 +176,4 @@ def load_flat(
 ) -> dict[str, np.ndarray]:
     """Check the table, then assemble every target array in host memory (stacked ones slice by slice)."""
     rules = check_rules(rules, source, target, ignore=ignore, what=what)
-    out: dict[str, np.ndarray] = {}
-    for r, arr in iter_converted(rules, source, target):
-        path, index = r.target_path, r.target_index
-        if index is None:
-            out[path] = arr
-        else:
-            if path not in out:
-                spec = target[path]
-                out[path] = np.empty(tuple(spec.shape), dtype=np.dtype(spec.dtype))
-            out[path][index] = arr
-    return out
+    return dict(iter_assembled(rules, source, target))

@@ -57,7 +57,8 @@ def _checkpointer():
 class CheckpointWriter:
     """Write tensors group by group into a temp folder; `commit()` renames it to `dst`.
 
-    Use as a context manager: on any exception the temp folder is removed and `dst` is untouched.
+    Use as a context manager: on any exception, or when the block ends without `commit()`, the
+    temp folder is removed and `dst` is untouched.
     """
 
     def __init__(
@@ -75,15 +76,19 @@ class CheckpointWriter:
             raise FileExistsError(f"output {self.dst} already exists; remove it or pass overwrite")
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
-        self.tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint should read like any folder
-        (self.tmp / "params").mkdir()
+        try:
+            self.tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint should read like any folder
+            (self.tmp / "params").mkdir()
+            self._ckpt = _checkpointer()
+        except BaseException:
+            self.abort()
+            raise
         self.class_name, self.config, self.extra = class_name, config, extra or {}
         self.group_bytes, self.overwrite = group_bytes, overwrite
         self._pending: dict[str, np.ndarray] = {}
         self._pending_bytes = 0
         self._groups = 0
         self._tensors: dict[str, dict[str, Any]] = {}
-        self._ckpt = _checkpointer()
 
     def add(self, key: str, array: np.ndarray) -> None:
         if key in self._tensors or key in self._pending:
@@ -136,8 +141,7 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
+        self.abort()  # after a successful commit() the temp folder is already renamed away: a no-op
 
 
 class CheckpointReader:

@@ -312,6 +312,9 @@ def convert_path(
             os.rename(dst, staging / "old")
         os.rename(out, dst)
     except BaseException:
+        old = staging / "old"
+        if old.exists() and not dst.exists():  # the final rename failed: put the previous output back
+            os.rename(old, dst)
         shutil.rmtree(staging, ignore_errors=True)
         if made_parent:
             try:

@@ -60,18 +60,29 @@ def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
             raise SafetensorsError(f"{file}: truncated or corrupt safetensors header (length {n}, file {size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{file}: corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{file}: corrupt safetensors header: a JSON {type(header).__name__}, expected an object")
     base = 8 + n
     out: dict[str, TensorInfo] = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        if meta["dtype"] not in _DTYPES:
-            raise SafetensorsError(f"{file}: tensor {key!r} has unsupported dtype {meta['dtype']}")
-        dtype = _DTYPES[meta["dtype"]]
-        shape = tuple(int(s) for s in meta["shape"])
-        start, end = (int(o) for o in meta["data_offsets"])
+        try:
+            dtype_name = meta["dtype"]
+            shape = tuple(int(s) for s in meta["shape"])
+            start, end = (int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SafetensorsError(
+                f"{file}: tensor {key!r} has a malformed header entry {meta!r}; expected dtype, shape and "
+                "data_offsets [start, end]"
+            ) from e
+        if dtype_name not in _DTYPES:
+            raise SafetensorsError(f"{file}: tensor {key!r} has unsupported dtype {dtype_name}")
+        dtype = _DTYPES[dtype_name]
+        if start < 0 or min(shape, default=0) < 0:
+            raise SafetensorsError(f"{file}: tensor {key!r} has negative offsets or dims ({start}, {shape})")
         if end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
             raise SafetensorsError(f"{file}: tensor {key!r} byte range does not match shape {shape} {dtype}")
         if base + end > size:
@@ -80,6 +91,17 @@ def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
             )
         out[key] = TensorInfo(file, dtype, shape, base + start, base + end)
     return out
+
+
+def _weight_map(index_file: Path) -> dict[str, str]:
+    """The `weight_map` (tensor key -> shard file name) of a sharded checkpoint's index.json."""
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SafetensorsError(f"{index_file}: not a safetensors index (expected JSON with a 'weight_map'): {e}") from e
+    if not isinstance(weight_map, dict):
+        raise SafetensorsError(f"{index_file}: weight_map is a {type(weight_map).__name__}; expected an object")
+    return weight_map
 
 
 class SafetensorsReader:
@@ -100,7 +122,7 @@ class SafetensorsReader:
             if len(indices) > 1:
                 raise SafetensorsError(f"{path}: several index files {[p.name for p in indices]}; expected one")
             if indices:
-                weight_map = json.loads(indices[0].read_text())["weight_map"]
+                weight_map = _weight_map(indices[0])
                 files = sorted({path / name for name in weight_map.values()})
                 missing = [f.name for f in files if not f.exists()]
                 if missing:
@@ -116,8 +138,7 @@ class SafetensorsReader:
                 if key in self._index:
                     raise SafetensorsError(f"{path}: tensor {key!r} appears in both {self._index[key].file.name} and {f.name}")
                 self._index[key] = info
-        if indices := (sorted(path.glob("*.safetensors.index.json")) if path.is_dir() else []):
-            weight_map = json.loads(indices[0].read_text())["weight_map"]
+        if path.is_dir() and indices:
             listed, found = set(weight_map), set(self._index)
             if listed != found:
                 raise SafetensorsError(
@@ -161,6 +182,23 @@ class SafetensorsReader:
             yield key, self.read(key)
 
 
+def _header_bytes(specs: dict[str, tuple[tuple[int, ...], np.dtype]], metadata: dict[str, str] | None) -> bytes:
+    """Header length (8 bytes, little-endian) + JSON header, padded to 8 bytes, for tensors laid out in order."""
+    names = {v: k for k, v in _DTYPES.items()}
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, (shape, dtype) in specs.items():
+        dtype = np.dtype(dtype)
+        if dtype not in names:
+            raise ValueError(f"tensor {key!r} has dtype {dtype}; expected one of {sorted(str(d) for d in names)}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def write_safetensors_streaming(
     path: str | os.PathLike,
     specs: dict[str, tuple[tuple[int, ...], np.dtype]],
@@ -170,42 +208,29 @@ def write_safetensors_streaming(
     """Write a .safetensors file whose tensors are made one at a time by `produce(key)`.
 
     `specs` maps key -> (shape, dtype) so the header is written first; peak memory is one tensor.
+    On any error the partly written file is removed (a truncated file would look like a checkpoint).
     """
-    inverse = {v: k for k, v in _DTYPES.items()}
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for key, (shape, dtype) in specs.items():
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[key] = {"dtype": inverse[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for key, (shape, dtype) in specs.items():
-            arr = np.ascontiguousarray(produce(key))
-            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-                raise ValueError(f"produce({key!r}) gave {arr.shape} {arr.dtype}; expected {tuple(shape)} {np.dtype(dtype)}")
-            f.write(arr.tobytes())
+    header = _header_bytes(specs, metadata)
+    try:
+        with open(path, "wb") as f:
+            f.write(header)
+            for key, (shape, dtype) in specs.items():
+                arr = np.ascontiguousarray(produce(key))
+                if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+                    raise ValueError(
+                        f"produce({key!r}) gave {arr.shape} {arr.dtype}; expected {tuple(shape)} {np.dtype(dtype)}"
+                    )
+                f.write(arr.tobytes())
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write a .safetensors file from numpy arrays (bfloat16 included). Used by tests and bench."""
-    inverse = {v: k for k, v in _DTYPES.items()}
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    arrays = []
-    for key, arr in tensors.items():
-        arr = np.asarray(arr, order="C")  # ascontiguousarray would turn 0-d scalars into shape (1,)
-        nbytes = arr.nbytes
-        header[key] = {"dtype": inverse[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-        arrays.append(arr)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    # asarray, not ascontiguousarray, which would turn 0-d scalars into shape (1,)
+    arrays = {key: np.asarray(arr, order="C") for key, arr in tensors.items()}
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for arr in arrays:
+        f.write(_header_bytes({k: (a.shape, a.dtype) for k, a in arrays.items()}, metadata))
+        for arr in arrays.values():
             f.write(arr.tobytes())

@@ -254,3 +254,5 @@ def test_attention_plan_splits_the_scan(built):
     assert rel_l2(split, plain) <= 1e-6
     with pytest.raises(ValueError, match="AttentionPlan"):
         jmodel(*args, attention="radial")
+    with pytest.raises(ValueError, match=r"timestep.shape=\(3,\)"):
+        jmodel(args[0], args[1], jnp.zeros((3,)))

@@ -156,6 +156,46 @@ def test_existing_output_needs_overwrite(component, tmp_path, caplog):
     assert is_checkpoint(dst) and not (dst / "keep.txt").exists()
 
 
+def test_failed_overwrite_keeps_previous_output(component, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    real_rename = convert_cli.os.rename
+
+    def rename(a, b):
+        # the new output's move into place fails (e.g. a full or read-only disk); moving the old one back works
+        if Path(b) == dst.absolute() and Path(a).name == "out":
+            raise OSError("rename failed (simulated)")
+        return real_rename(a, b)
+
+    monkeypatch.setattr(convert_cli.os, "rename", rename)
+    assert convert_cli.main([str(component), str(dst), "--overwrite", "--quiet"]) == 1
+    assert (dst / "keep.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "staging folder left behind"
+
+
+def test_checkpoint_writer_without_commit_leaves_nothing(tmp_path):
+    from convert.checkpoint import CheckpointWriter
+
+    dst = tmp_path / "ckpt"
+    with CheckpointWriter(dst, class_name="X", config={}) as writer:
+        writer.add("a", np.zeros((2,), np.float32))
+    assert not dst.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_malformed_safetensors_header(tmp_path):
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()  # no data_offsets
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(SafetensorsError, match="'w' has a malformed header entry"):
+        SafetensorsReader(tmp_path / "bad.safetensors")
+    (tmp_path / "bad.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(SafetensorsError, match="weight_map"):
+        SafetensorsReader(tmp_path)
+
+
 def test_frame_count_incompatible_with_patch_size_t(fixtures_dir):
     model = load_transformer(fixtures_dir / "cogvideox" / "tiny_15_i2v_pt2" / "transformer")
     h = jnp.zeros((1, 3, 8, 8, 8))

@@ -90,6 +90,9 @@ def test_lora_errors(model, library, tmp_path):
         load_lora(_rewrite(src, tmp_path / "s.safetensors", reshape="lora_down"), model.cfg)
     with pytest.raises(ValueError, match="not loaded"):
         library.enable(["refinement_lora"])
+    write_safetensors(tmp_path / "empty.safetensors", {})
+    with pytest.raises(ValueError, match=r"no LoRA layers found.*0___lorahyphen___attn___lorahyphen___qkv\.lora_down"):
+        load_lora(tmp_path / "empty.safetensors", model.cfg)
 
 
 def test_alpha_used_without_alpha_scale(model, tmp_path):

@@ -5,6 +5,8 @@ becomes a [t, h, w, in, out] kernel, and `blocks.{i}.*` fill slice i of the stac
 """
 from __future__ import annotations
 
+from typing import Any
+
 from convert.keymap import Rule, repeat
 from convert.transforms import conv3d_to_dhwio, identity, linear_T
 
@@ -49,7 +51,7 @@ def block_rules() -> list[Rule]:
     return rules
 
 
-def transformer_rules(cfg) -> list[Rule]:
+def transformer_rules(cfg: Any) -> list[Rule]:
     """Every parameter of `LongCatVideoTransformer3D(cfg)` from upstream's key names."""
     rules = [
         Rule("x_embedder.proj.weight", "x_embedder.proj.kernel", conv3d_to_dhwio),

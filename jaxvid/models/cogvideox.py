@@ -525,13 +525,18 @@ class CogVideoXTransformer3D(nnx.Module):
         p, pt = cfg.patch_size, cfg.patch_size_t or 1
 
         # 1. Time (and ofs) embedding
-        timestep = jnp.broadcast_to(jnp.asarray(timestep), (b,))
+        timestep = jnp.asarray(timestep)
+        if timestep.ndim > 1 or timestep.size not in (1, b):
+            raise ValueError(f"timestep.shape={timestep.shape}; expected [{b}], [1] or a scalar")
+        timestep = jnp.broadcast_to(timestep.reshape(-1), (b,))
         t = timestep_embedding(timestep, cfg.inner_dim, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
         temb = self.time_embedding(t.astype(cfg.dtype))
         if cfg.ofs_embed_dim:
             if ofs is None:
                 raise ValueError(f"ofs=None; this model has an ofs embedding (ofs_embed_dim={cfg.ofs_embed_dim}), pass ofs [B]")
             ofs = jnp.atleast_1d(jnp.asarray(ofs))
+            if ofs.ndim != 1 or ofs.shape[0] not in (1, b):
+                raise ValueError(f"ofs.shape={ofs.shape}; expected [{b}], [1] or a scalar")
             o = timestep_embedding(ofs, cfg.ofs_embed_dim, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
             temb = temb + self.ofs_embedding(o.astype(cfg.dtype))
 

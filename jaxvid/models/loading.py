@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.apply import dominant_float_dtype, load_flat
+from convert.apply import check_rules, dominant_float_dtype, iter_assembled
 from convert.checkpoint import CheckpointReader, is_checkpoint
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
@@ -93,16 +93,18 @@ def fill_model(
 ) -> nnx.Module:
     """Build `model_cls(cfg)` abstractly and fill every Param from `source` through `rules`.
 
-    Each assembled host array is moved to the device and dropped before the next, so peak host
-    memory stays near one (stacked) parameter beyond what the device holds.
+    Each parameter moves to the device as soon as it is complete and its host copy is dropped, so
+    host memory holds only the stacked parameters still being assembled (with per-layer key tables,
+    all stacked ones until the last layer is read) beyond what the device holds.
     """
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, specs, flat, rest = abstract_params(abstract)
-    arrays = load_flat(rules, source, specs, ignore=ignore, what=what)
+    rules = check_rules(rules, source, specs, ignore=ignore, what=what)
+    arrays = {path: jnp.asarray(host) for path, host in iter_assembled(rules, source, specs)}
     filled = []
     for path, v in flat:
         key = ".".join(str(p) for p in path)
-        filled.append((path, v.replace(jnp.asarray(arrays.pop(key)))))
+        filled.append((path, v.replace(arrays.pop(key))))
     return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
 
 

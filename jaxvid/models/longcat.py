@@ -618,6 +618,10 @@ class LongCatVideoTransformer3D(nnx.Module):
         if params is None:
             raise ValueError("enable_bsa: the config has no bsa_params; pass params=BSAParams(...)")
         if overrides:
+            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(BSAParams)})
+            if unknown:
+                raise ValueError(f"enable_bsa: unknown BSAParams fields {unknown}; expected sparsity, cdf_threshold, "
+                                 "chunk_3d_shape_q, chunk_3d_shape_k")
             params = dataclasses.replace(params, **overrides)
         self.cfg = dataclasses.replace(self.cfg, enable_bsa=True, bsa_params=params)
         log.info("LongCat: block sparse attention enabled %s", params)

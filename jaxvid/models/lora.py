@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -132,7 +133,7 @@ def load_lora(path: str | os.PathLike, cfg: LongCatConfig, name: str | None = No
         raise ValueError(f"{path}: LoRA does not fit the LongCat model:\n  " + "\n  ".join(problems))
     if not layers:
         raise ValueError(f"{path}: no LoRA layers found (expected keys like '{_PREFIX}blocks{_HYPHEN}0{_HYPHEN}"
-                         "attn{_HYPHEN}qkv.lora_down.weight')")
+                         f"attn{_HYPHEN}qkv.lora_down.weight')")
     lora = LoRA(name=name or path.stem, layers=tuple(layers), multiplier=float(multiplier))
     log.info("loaded LoRA %r from %s: %d layers", lora.name, path, len(layers))
     return lora
@@ -170,7 +171,7 @@ def _layer(module: str, rule: Rule, parts: dict[str, np.ndarray], shapes, alpha)
                      down=np.ascontiguousarray(down.T), up=up, alpha_scale=alpha_scale)
 
 
-def runtime_factors(cfg: LongCatConfig, loras: Sequence[LoRA], dtype=None) -> dict[str, LoRAFactors]:
+def runtime_factors(cfg: LongCatConfig, loras: Sequence[LoRA], dtype: Any = None) -> dict[str, LoRAFactors]:
     """Run-time updates for `model(..., lora=...)`: jaxvid module path -> LoRAFactors.
 
     Several LoRAs on one layer are concatenated along the rank axis (their updates add up); for
@@ -280,7 +281,7 @@ class LoRALibrary:
     def disable_all(self) -> None:
         self._enabled = []
 
-    def runtime(self, dtype=None) -> dict[str, LoRAFactors] | None:
+    def runtime(self, dtype: Any = None) -> dict[str, LoRAFactors] | None:
         """Factors of the enabled LoRAs for `model(..., lora=...)`, or None when none is enabled."""
         if not self._enabled:
             return None

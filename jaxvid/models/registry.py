@@ -1,10 +1,17 @@
 """Every model class jaxvid can load, by the class name its config.json gives."""
 from __future__ import annotations
 
+from convert.keymaps.t5 import TIED_EMBEDDING_IGNORE
 from jaxvid.models.loading import ModelEntry
 
-# transformers may save the tied input embedding under both names; `shared.weight` is the one used.
-_T5_TIED_EMBEDDING = (r"encoder\.embed_tokens\.weight",)
+# T5 v1.1 and umT5 are one encoder class (T5Config says which); transformers may save the tied
+# input embedding under both names, and `shared.weight` is the one used.
+_T5_ENCODER = ModelEntry(
+    config="jaxvid.models.t5:T5Config",
+    model="jaxvid.models.t5:T5Encoder",
+    rules="convert.keymaps.t5:encoder_rules",
+    ignore=TIED_EMBEDDING_IGNORE,
+)
 
 MODELS: dict[str, ModelEntry] = {
     "CogVideoXTransformer3DModel": ModelEntry(
@@ -17,18 +24,8 @@ MODELS: dict[str, ModelEntry] = {
         model="jaxvid.models.longcat:LongCatVideoTransformer3D",
         rules="convert.keymaps.longcat:transformer_rules",
     ),
-    "T5EncoderModel": ModelEntry(
-        config="jaxvid.models.t5:T5Config",
-        model="jaxvid.models.t5:T5Encoder",
-        rules="convert.keymaps.t5:encoder_rules",
-        ignore=_T5_TIED_EMBEDDING,
-    ),
-    "UMT5EncoderModel": ModelEntry(
-        config="jaxvid.models.t5:T5Config",
-        model="jaxvid.models.t5:T5Encoder",
-        rules="convert.keymaps.t5:encoder_rules",
-        ignore=_T5_TIED_EMBEDDING,
-    ),
+    "T5EncoderModel": _T5_ENCODER,
+    "UMT5EncoderModel": _T5_ENCODER,
     "AutoencoderKLCogVideoX": ModelEntry(
         config="jaxvid.models.vae_cogvideox:CogVideoXVAEConfig",
         model="jaxvid.models.vae_cogvideox:AutoencoderKLCogVideoX",

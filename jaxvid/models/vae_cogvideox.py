@@ -312,7 +312,8 @@ class Downsample3D(nnx.Module):
     """CogVideoXDownsample3D: optional 2x average pool in time (frame 0 kept alone when F is odd),
     then a 3x3 stride-2 conv per frame after zero-padding H and W by one on the far side.
 
-    x: [B, F, H, W, C] -> [B, F', ceil(H/2)', W', C]; F' = F // 2 (F even) or 1 + (F - 1) // 2.
+    x: [B, F, H, W, C] -> [B, F', H // 2, W // 2, C]; F' = F // 2 (F even) or 1 + (F - 1) // 2 (F odd),
+    F' = F without compress_time.
     """
 
     def __init__(self, cfg: CogVideoXVAEConfig, channels: int, *, compress_time: bool, rngs: nnx.Rngs):

@@ -655,12 +655,17 @@ def denormalize_latents(latents: Array, cfg: WanVAEConfig) -> Array:
     return latents / inv_std + mean
 
 
+_JITTABLE = ("encode_moments", "encode", "decode")
+
+
 def jitted(model: AutoencoderKLWan, method: Literal["encode_moments", "encode", "decode"]) -> Callable[..., Array]:
     """`model.<method>(x, **kw)` jitted with the weights as an argument (one compile per input shape).
 
     e.g. `decode = jitted(vae, "decode"); frames = decode(latents)`;
     `encode = jitted(vae, "encode"); z = encode(frames, key=jax.random.key(0))`.
     """
+    if method not in _JITTABLE:
+        raise ValueError(f"method={method!r}; expected one of {_JITTABLE}")
     graphdef, state = nnx.split(model)
 
     @jax.jit
