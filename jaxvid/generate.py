@@ -157,6 +157,7 @@ def generate(args: argparse.Namespace) -> Path:
     if getattr(args, "mode", "t2v") != "t2v":
         raise ValueError(f"--mode={args.mode!r} is for LongCat-Video models; CogVideoX generates from text (t2v), "
                          "or from --image with an I2V checkpoint")
+    video.check_output(args.output, 8 if args.fps is None else args.fps, names=("--output", "--fps"))
     guidance = 6.0 if args.guidance is None else args.guidance
     negative_prompt = "" if args.negative_prompt is None else args.negative_prompt
     if not tiny and not args.prompt:

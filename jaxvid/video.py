@@ -10,6 +10,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
 
 def to_uint8_frames(video: np.ndarray) -> np.ndarray:
     """Float video in [-1, 1], [F, H, W, 3] -> uint8 [F, H, W, 3] (rounded as torchvision/diffusers do)."""
@@ -38,16 +40,31 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+def check_output(path: str | os.PathLike, fps: int, *, names: tuple[str, str] = ("path", "fps")) -> Path:
+    """Raise ValueError unless `path` ends in .mp4 / .gif and `fps` is a positive int; returns the path.
+
+    The CLIs call it before generating, so a bad file name does not waste a run; `names` are the
+    argument names the error uses (e.g. the CLI's "--output", "--fps").
+    """
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"{names[0]}={str(path)!r}: unsupported video extension {path.suffix!r}; expected one of "
+                         f"{VIDEO_SUFFIXES}")
+    if not isinstance(fps, (int, np.integer)) or isinstance(fps, bool) or fps < 1:
+        raise ValueError(f"{names[1]}={fps!r}; expected a positive int")
+    return path
+
+
 def save(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Path:
-    """Write uint8 frames [F, H, W, 3] to `path` (.mp4 via ffmpeg, .gif otherwise).
+    """Write uint8 frames [F, H, W, 3] to `path` (.mp4 via ffmpeg, or .gif).
 
     If an mp4 cannot be written (no ffmpeg backend), a .gif beside it is written instead and its
     path returned, with a warning.
     """
     import imageio.v2 as imageio
 
+    path = check_output(path, fps)
     frames = _check_frames(frames)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".mp4" and not _has_ffmpeg():
         gif = path.with_suffix(".gif")
@@ -72,25 +89,41 @@ def save(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Path:
             gif = path.with_suffix(".gif")
             log.warning("mp4 export failed (%s); writing %s instead", e, gif)
             path = gif
-    if path.suffix.lower() != ".gif":
-        raise ValueError(f"path: unsupported video extension {path.suffix!r}; use .mp4 or .gif")
     imageio.mimsave(path, list(frames), duration=1000 / fps, loop=0)
     return path
 
 
+def _read_error(path: str | os.PathLike, what: str, error: Exception) -> ValueError:
+    reason = (str(error).splitlines() or [type(error).__name__])[0]
+    return ValueError(f"path={str(path)!r}: cannot read it as {what} ({reason})")
+
+
 def load(path: str | os.PathLike) -> np.ndarray:
-    """Read a video or gif into uint8 [F, H, W, 3]."""
+    """Read a video or gif into uint8 [F, H, W, 3]; ValueError naming the path if it is unreadable."""
     import imageio.v2 as imageio
 
-    frames = np.stack([np.asarray(f)[..., :3] for f in imageio.mimread(path, memtest=False)])
-    return frames.astype(np.uint8)
+    try:
+        frames = imageio.mimread(path, memtest=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _read_error(path, "a video", e) from None
+    if not frames:
+        raise ValueError(f"path={str(path)!r}: the video has no frames")
+    return np.stack([_rgb(np.asarray(f)) for f in frames]).astype(np.uint8)
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    """[H, W] grey or [H, W, 3 / 4] -> [H, W, 3]."""
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    return img[..., :3]
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as uint8 [H, W, 3]."""
+    """Read an image as uint8 [H, W, 3]; ValueError naming the path if it is unreadable."""
     import imageio.v2 as imageio
 
-    img = np.asarray(imageio.imread(path))
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=-1)
-    return img[..., :3].astype(np.uint8)
+    try:
+        img = np.asarray(imageio.imread(path))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _read_error(path, "an image", e) from None
+    return _rgb(img).astype(np.uint8)

@@ -48,6 +48,8 @@ def i2v_model(tmp_path_factory):
     (["--attention", "radial", "--decay-factor", "0"], "--decay-factor=0"),
     ([], "image-to-video model: pass the first frame with --image"),
     (["--image", "/nonexistent.png"], "--image='/nonexistent.png'"),
+    (["--output", "out.avi"], "--output='out.avi': unsupported video extension '.avi'"),
+    (["--fps", "0"], "--fps=0; expected a positive int"),
 ])
 def test_bad_requests_fail_before_loading(i2v_model, argv, message, caplog):
     with caplog.at_level(logging.ERROR):

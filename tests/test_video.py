@@ -40,6 +40,15 @@ def test_bad_input(tmp_path):
         video.save(np.zeros((2, 8, 8, 3), np.float32), tmp_path / "x.mp4")
     with pytest.raises(ValueError, match="extension"):
         video.save(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "x.avi")
+    with pytest.raises(ValueError, match="fps=0"):
+        video.save(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "x.gif", fps=0)
+    not_media = tmp_path / "not_an_image.png"
+    not_media.write_text("hello")
+    with pytest.raises(ValueError, match="not_an_image.png'.*cannot read it as an image"):
+        video.load_image(not_media)
+    with pytest.raises(ValueError, match="cannot read it as a video"):
+        video.load(not_media)
+
 
 
 def test_mp4_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 `spec` is one entry of an `AttentionPlan` (plan.py): `Dense()` (or None), `Radial(...)` (static
 block mask from the layout, radial.py, optionally AND a scene mask, scene.py) or `BSA(...)`
 (LongCat's dynamic 3D-chunk selection, bsa.py). Sparse schemes end in the block-sparse kernel
-contract of DESIGN.md (kernel.py).
+contract of DESIGN.md (pallas_kernels.block_sparse_attention).
 """
 from __future__ import annotations
 

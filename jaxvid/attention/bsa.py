@@ -137,6 +137,14 @@ def _select_chunked(q_chunked, k_chunked, *, chunk_size_q: int, chunk_size_k: in
     return indices, counts
 
 
+def _select_in_chunk_order(q_c, k_c, ch_q, ch_k, sparsity, cdf_threshold):
+    """`_select_chunked` on q/k already in chunk order, with hashable (float or None) settings."""
+    return _select_chunked(
+        q_c, k_c, chunk_size_q=math.prod(ch_q), chunk_size_k=math.prod(ch_k),
+        sparsity=None if sparsity is None else float(sparsity),
+        cdf_threshold=None if cdf_threshold is None else float(cdf_threshold))
+
+
 def select_blocks(
     q: jax.Array,
     k: jax.Array,
@@ -157,11 +165,8 @@ def select_blocks(
     """
     lat_q, lat_k, ch_q, ch_k = _validate(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold,
                                          chunk_3d_shape_q, chunk_3d_shape_k)
-    return _select_chunked(
-        to_chunk_order(q, lat_q, ch_q), to_chunk_order(k, lat_k, ch_k),
-        chunk_size_q=math.prod(ch_q), chunk_size_k=math.prod(ch_k),
-        sparsity=None if sparsity is None else float(sparsity),
-        cdf_threshold=None if cdf_threshold is None else float(cdf_threshold))
+    return _select_in_chunk_order(to_chunk_order(q, lat_q, ch_q), to_chunk_order(k, lat_k, ch_k), ch_q, ch_k,
+                                  sparsity, cdf_threshold)
 
 
 def bsa_attention(
@@ -189,12 +194,9 @@ def bsa_attention(
     q_c = to_chunk_order(q, lat_q, ch_q)
     k_c = to_chunk_order(k, lat_k, ch_k)
     v_c = to_chunk_order(v, lat_k, ch_k)
-    cs_q, cs_k = math.prod(ch_q), math.prod(ch_k)
-    kv_indices, kv_counts = _select_chunked(
-        q_c, k_c, chunk_size_q=cs_q, chunk_size_k=cs_k,
-        sparsity=None if sparsity is None else float(sparsity),
-        cdf_threshold=None if cdf_threshold is None else float(cdf_threshold))
-    out = block_sparse_attention(q_c, k_c, v_c, kv_indices, kv_counts, block_q=cs_q, block_kv=cs_k,
+    kv_indices, kv_counts = _select_in_chunk_order(q_c, k_c, ch_q, ch_k, sparsity, cdf_threshold)
+    out = block_sparse_attention(q_c, k_c, v_c, kv_indices, kv_counts, block_q=math.prod(ch_q),
+                                 block_kv=math.prod(ch_k),
                                  scale=1.0 / q.shape[-1] ** 0.5 if scale is None else scale,
                                  implementation=implementation)
     return from_chunk_order(out, lat_q, ch_q)

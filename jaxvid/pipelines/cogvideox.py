@@ -509,8 +509,9 @@ class CogVideoXPipeline:
             raise ValueError(f"prompt={prompt!r}; expected a string or a non-empty list of strings")
         negatives = [negative_prompt or ""] * len(prompts) if isinstance(negative_prompt, str) or negative_prompt is None \
             else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries; expected {len(prompts)} like prompt")
+        if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
+            raise ValueError(f"negative_prompt={negative_prompt!r}; expected a string or {len(prompts)} strings "
+                             "like prompt")
         if self.image_to_video and image is None:
             raise ValueError("image=None; this is an image-to-video model: pass the first frame (image=...)")
         if not self.image_to_video and image is not None:

@@ -125,6 +125,9 @@ def _resize(frames: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from jaxvid import video
+
+    video.check_output(args.output, FPS if args.fps is None else args.fps, names=("--output", "--fps"))
     if not args.prompt and args.mode != "refine":
         raise ValueError(f"--prompt is required with --mode {args.mode}")
     need = {"i2v": "image", "continue": "video", "refine": "video"}
