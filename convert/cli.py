@@ -93,7 +93,15 @@ def plan_component(src: Path, *, dtype: str | None = None) -> ComponentPlan:
     Raises ValueError (ConversionError, SafetensorsError) on an unknown class, a bad config or any
     key/shape mismatch.
     """
-    from jaxvid.models.loading import _resolve, class_name_of, config_for, entry_for, model_specs, read_config
+    from jaxvid.models.loading import (
+        _resolve,
+        class_name_of,
+        config_for,
+        entry_for,
+        model_specs,
+        read_config,
+        rules_for,
+    )
 
     src = Path(src)
     hf_config = read_config(src)
@@ -110,7 +118,7 @@ def plan_component(src: Path, *, dtype: str | None = None) -> ComponentPlan:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)} or None")
     cfg = config_for(entry, hf_config, target_dtype)
     specs = model_specs(_resolve(entry.model), cfg)
-    rules = check_rules(_resolve(entry.rules)(cfg), source, specs, ignore=entry.ignore, what=str(src))
+    rules = check_rules(rules_for(entry, cfg, source), source, specs, ignore=entry.ignore, what=str(src))
     return ComponentPlan(src=src, class_name=class_name, hf_config=hf_config, cfg=cfg, source=source, specs=specs,
                          rules=rules)
 

@@ -165,3 +165,20 @@ def test_bad_inputs_raise(saved):
         encoder(jnp.zeros((4,), jnp.int32))
     with pytest.raises(ValueError, match="attention_mask"):
         encoder(jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 5), jnp.int32))
+
+
+def test_registry_loads_a_checkpoint_with_only_the_encoder_embedding_name(saved, tmp_path):
+    """load_model passes the checkpoint's keys to the key table, so either tied-embedding name loads."""
+    import shutil
+
+    from jaxvid.models.loading import load_model
+
+    _, model, folder = saved
+    tensors = load_file(str(folder / "model.safetensors"))
+    only_encoder = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): v for k, v in tensors.items()}
+    out = tmp_path / "encoder_only"
+    out.mkdir()
+    shutil.copy(folder / "config.json", out / "config.json")
+    save_file(only_encoder, str(out / "model.safetensors"))
+    ids, mask = _inputs(batch=2, length=9, seed=3)
+    assert rel_l2(load_model(out)(ids, mask), _reference(model, ids, mask)) <= 1e-4

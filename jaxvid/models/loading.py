@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -41,6 +42,15 @@ class ModelEntry:
 def _resolve(ref: str) -> Any:
     module, attr = ref.split(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def rules_for(entry: ModelEntry, cfg: Any, source: Any) -> list[Rule]:
+    """The entry's key table for `cfg`; tables that take `source_keys` (e.g. T5's tied embedding,
+    stored under either of two names) also see which keys the checkpoint holds."""
+    fn = _resolve(entry.rules)
+    if "source_keys" in inspect.signature(fn).parameters:
+        return fn(cfg, source_keys=source.keys())
+    return fn(cfg)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -157,7 +167,7 @@ def load_model(
         rules = [Rule(k, k) for k in source.keys()]  # converted: keys are target names already
         ignore: tuple[str, ...] = ()
     else:
-        rules, ignore = _resolve(entry.rules)(cfg), entry.ignore
+        rules, ignore = rules_for(entry, cfg, source), entry.ignore
     model = fill_model(_resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path))
     log.info("loaded %s from %s", class_name, path)
     return model
