@@ -15,7 +15,9 @@ Reimplements `flash_attn_bsa_3d` of meituan-longcat/LongCat-Video
 5. the output is permuted back to (T, H, W) order.
 
 Selection runs on device every call (jit-able): gating in fp32 whatever the input dtype, static
-table shapes (max_blocks = the top-k count, or n_k_chunks when a CDF is involved).
+table shapes (max_blocks = the top-k count, or n_k_chunks when a CDF is involved). Pooling reads
+(T, H, W) order directly; top-k on GPUs is a Pallas kernel that picks exactly lax.top_k's set
+(`pallas_kernels.topk_columns`), ~10x cheaper than lax.top_k + sort at LongCat 720p.
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.api import block_sparse_attention
+from pallas_kernels.topk_columns import topk_sorted_columns
 
-__all__ = ["bsa_attention", "select_blocks", "to_chunk_order", "from_chunk_order", "topk_count"]
+__all__ = ["bsa_attention", "select_blocks", "to_chunk_order", "from_chunk_order", "pool_chunks",
+           "topk_count"]
 
 
 def _check_shape3(name: str, value) -> tuple[int, int, int]:
@@ -99,10 +103,15 @@ def from_chunk_order(x: jax.Array, latent_shape: Sequence[int], chunk_shape: Seq
     return y.reshape(x.shape)
 
 
-def _pool_chunks(x_chunked: jax.Array, chunk_size: int) -> jax.Array:
-    """[B, S, H, D] in chunk order -> per-chunk means [B, H, n_chunks, D], fp32."""
-    b, s, h, d = x_chunked.shape
-    pooled = x_chunked.astype(jnp.float32).reshape(b, s // chunk_size, chunk_size, h, d).mean(axis=2)
+def pool_chunks(x: jax.Array, latent_shape: Sequence[int], chunk_shape: Sequence[int]) -> jax.Array:
+    """Per-chunk means, read straight from (T, H, W) order (no permuted copy of x is made).
+
+    x [B, T*H*W, H, D] -> [B, H, n_chunks, D] float32, chunks in 3D-chunk raster order.
+    """
+    (T, H, W), (t, h, w) = latent_shape, chunk_shape
+    b, _, heads, d = x.shape
+    y = x.astype(jnp.float32).reshape(b, T // t, t, H // h, h, W // w, w, heads, d)
+    pooled = y.mean(axis=(2, 4, 6)).reshape(b, -1, heads, d)
     return pooled.transpose(0, 2, 1, 3)
 
 
@@ -111,19 +120,20 @@ def _rank_of(order: jax.Array) -> jax.Array:
     return jnp.argsort(order, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size_q", "chunk_size_k", "sparsity", "cdf_threshold"))
-def _select_chunked(q_chunked, k_chunked, *, chunk_size_q: int, chunk_size_k: int,
-                    sparsity: float | None, cdf_threshold: float | None):
-    q_cmp = _pool_chunks(q_chunked, chunk_size_q)
-    k_cmp = _pool_chunks(k_chunked, chunk_size_k)
+@functools.partial(jax.jit, static_argnames=("lat_q", "lat_k", "ch_q", "ch_k", "sparsity",
+                                             "cdf_threshold"))
+def _select(q, k, *, lat_q, lat_k, ch_q, ch_k, sparsity: float | None, cdf_threshold: float | None):
+    """q [B, Sq, H, D], k [B, Sk, H, D] in (T, H, W) order -> (kv_indices, kv_counts)."""
+    q_cmp = pool_chunks(q, lat_q, ch_q)
+    k_cmp = pool_chunks(k, lat_k, ch_k)
     score = jnp.einsum("bhnd,bhmd->bhnm", q_cmp, k_cmp, precision=jax.lax.Precision.HIGHEST)
     n_k = score.shape[-1]
     if cdf_threshold is None:
         count = topk_count(sparsity, n_k)
-        _, top = jax.lax.top_k(score, count)
-        indices = jnp.sort(top, axis=-1).astype(jnp.int32)
+        # On GPUs a Pallas kernel (exactly lax.top_k's set, sorted; see pallas_kernels.topk_columns).
+        indices = topk_sorted_columns(score, count)
         return indices, jnp.full(score.shape[:-1], count, jnp.int32)
-    weights = jax.nn.softmax(score * (1.0 / q_chunked.shape[-1] ** 0.5), axis=-1)
+    weights = jax.nn.softmax(score * (1.0 / q.shape[-1] ** 0.5), axis=-1)
     order = jnp.argsort(-weights, axis=-1, stable=True)
     cdf = jnp.cumsum(jnp.take_along_axis(weights, order, axis=-1), axis=-1)
     counts = jnp.sum(cdf <= jnp.float32(cdf_threshold), axis=-1, dtype=jnp.int32)
@@ -137,12 +147,11 @@ def _select_chunked(q_chunked, k_chunked, *, chunk_size_q: int, chunk_size_k: in
     return indices, counts
 
 
-def _select_in_chunk_order(q_c, k_c, ch_q, ch_k, sparsity, cdf_threshold):
-    """`_select_chunked` on q/k already in chunk order, with hashable (float or None) settings."""
-    return _select_chunked(
-        q_c, k_c, chunk_size_q=math.prod(ch_q), chunk_size_k=math.prod(ch_k),
-        sparsity=None if sparsity is None else float(sparsity),
-        cdf_threshold=None if cdf_threshold is None else float(cdf_threshold))
+def _select_thw(q, k, lat_q, lat_k, ch_q, ch_k, sparsity, cdf_threshold):
+    """`_select` with hashable (tuple, float or None) settings."""
+    return _select(q, k, lat_q=tuple(lat_q), lat_k=tuple(lat_k), ch_q=tuple(ch_q), ch_k=tuple(ch_k),
+                   sparsity=None if sparsity is None else float(sparsity),
+                   cdf_threshold=None if cdf_threshold is None else float(cdf_threshold))
 
 
 def select_blocks(
@@ -165,8 +174,7 @@ def select_blocks(
     """
     lat_q, lat_k, ch_q, ch_k = _validate(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold,
                                          chunk_3d_shape_q, chunk_3d_shape_k)
-    return _select_in_chunk_order(to_chunk_order(q, lat_q, ch_q), to_chunk_order(k, lat_k, ch_k), ch_q, ch_k,
-                                  sparsity, cdf_threshold)
+    return _select_thw(q, k, lat_q, lat_k, ch_q, ch_k, sparsity, cdf_threshold)
 
 
 def bsa_attention(
@@ -191,10 +199,10 @@ def bsa_attention(
     """
     lat_q, lat_k, ch_q, ch_k = _validate(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold,
                                          chunk_3d_shape_q, chunk_3d_shape_k, v=v)
+    kv_indices, kv_counts = _select_thw(q, k, lat_q, lat_k, ch_q, ch_k, sparsity, cdf_threshold)
     q_c = to_chunk_order(q, lat_q, ch_q)
     k_c = to_chunk_order(k, lat_k, ch_k)
     v_c = to_chunk_order(v, lat_k, ch_k)
-    kv_indices, kv_counts = _select_in_chunk_order(q_c, k_c, ch_q, ch_k, sparsity, cdf_threshold)
     out = block_sparse_attention(q_c, k_c, v_c, kv_indices, kv_counts, block_q=math.prod(ch_q),
                                  block_kv=math.prod(ch_k),
                                  scale=1.0 / q.shape[-1] ** 0.5 if scale is None else scale,
