@@ -10,7 +10,8 @@ cuDNN dense's (`jax.nn.dot_product_attention(implementation="cudnn")`, same shap
 Parts: "kernel" (the block-sparse kernel on ready index tables), and for BSA also "select"
 (pooling straight from (T, H, W) order + scores + top-k), "select+kernel" (both, on q/k/v already
 in chunk order: what a caller that keeps tokens in chunk order pays) and "e2e" (`bsa_attention`:
-select, permute q/k/v into chunk order, kernel, permute the output back). Random bf16 inputs; "dense" cases also check the kernel against cuDNN.
+select, permute q/k/v into chunk order, kernel, permute the output back). Random bf16 inputs
+("-smooth" cases: spatially correlated q/k); "dense" cases also check the kernel against cuDNN.
 """
 from __future__ import annotations
 

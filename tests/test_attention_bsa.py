@@ -99,3 +99,18 @@ def test_attend_bsa_rejects_text_and_bad_specs():
         attend(q, q, q, "bsa")
     with pytest.raises(ValueError, match="sparsity"):
         BSA(sparsity=1.2)
+
+
+def test_pool_chunks_equals_the_mean_of_each_contiguous_chunk():
+    # Upstream pools after permuting into chunk order; pool_chunks reads (T, H, W) order directly.
+    from jaxvid.attention.bsa import pool_chunks
+
+    lat, ch = (4, 6, 8), (2, 3, 4)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 4 * 6 * 8, 3, 5), jnp.float32)
+    chunked = np.asarray(to_chunk_order(x, lat, ch)).reshape(2, -1, 24, 3, 5).mean(axis=2)
+    np.testing.assert_allclose(np.asarray(pool_chunks(x, lat, ch)), chunked.transpose(0, 2, 1, 3),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="pool_chunks: x.shape"):
+        pool_chunks(x, (4, 6, 7), ch)
+    with pytest.raises(ValueError, match="chunk_shape"):
+        pool_chunks(x, lat, (2, 3))

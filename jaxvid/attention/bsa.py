@@ -108,7 +108,11 @@ def pool_chunks(x: jax.Array, latent_shape: Sequence[int], chunk_shape: Sequence
 
     x [B, T*H*W, H, D] -> [B, H, n_chunks, D] float32, chunks in 3D-chunk raster order.
     """
-    (T, H, W), (t, h, w) = latent_shape, chunk_shape
+    (T, H, W) = _check_shape3("latent_shape", latent_shape)
+    (t, h, w) = _check_shape3("chunk_shape", chunk_shape)
+    if x.ndim != 4 or x.shape[1] != T * H * W or T % t or H % h or W % w:
+        raise ValueError(f"pool_chunks: x.shape={x.shape}, latent_shape={(T, H, W)}, chunk_shape="
+                         f"{(t, h, w)}; expected x [B, T*H*W, H, D] with the latent divisible by the chunk")
     b, _, heads, d = x.shape
     y = x.astype(jnp.float32).reshape(b, T // t, t, H // h, h, W // w, w, heads, d)
     pooled = y.mean(axis=(2, 4, 6)).reshape(b, -1, heads, d)
