@@ -1,0 +1,165 @@
+"""Tuning presets for the sparse attention schemes: pure functions of the video size.
+
+Radial attention (`radial_preset`): how many leading layers and leading denoising steps stay dense,
+chosen by the number of pixel frames. Block sparse attention (`bsa_params_for`): LongCat's
+sparsity and 3D chunk shapes chosen by resolution (the mixed strategy of the BSA guide: sparser
+where the token grid is larger), from a built-in table or a per-resolution table in config.json.
+Both return which row they used, so a summary line can say it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+__all__ = [
+    "RADIAL_PRESETS", "RadialPreset", "radial_preset",
+    "BSARow", "BSAChoice", "DEFAULT_BSA_TABLE", "bsa_params_for", "bsa_table_from_config",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Radial: dense layers / dense timesteps by video length
+# ---------------------------------------------------------------------------------------------
+
+# (dense_layers, dense_timesteps) per preset. "short" and "long" are the radial seed's settings
+# (< 30 frames: 1 layer, 3 steps; > 50 frames: 3 layers, 8 steps): longer videos put more tokens
+# far apart in time, where the radial mask is sparsest, so more of the run stays dense.
+# The radial-attention reference (mit-han-lab/radial-attention) has no rule by frame count in
+# between: its scripts fix the two numbers per model and LoRA (scripts/hunyuan_t2v_inference.sh:
+# 117 frames 0 layers / 12 steps, 4x length 509 frames 2 / 2; scripts/wan_t2v_inference_fusionx.sh:
+# 81 frames 1 / 2; scripts/wan_t2v_inference_lightx2v.sh: 69 frames 1 / 1). For 30..50 frames
+# (CogVideoX's 49 among them) "medium" takes the midpoint of the two seed rows, rounded down.
+RADIAL_PRESETS: dict[str, tuple[int, int]] = {
+    "none": (0, 0),
+    "short": (1, 3),
+    "medium": (2, 5),
+    "long": (3, 8),
+}
+SHORT_BELOW_FRAMES = 30  # auto: fewer frames than this -> "short"
+LONG_ABOVE_FRAMES = 50  # auto: more frames than this -> "long"; in between -> "medium"
+
+
+class RadialPreset(NamedTuple):
+    """Dense layers and dense timesteps for a radial plan, and which preset row gave them."""
+
+    dense_layers: int
+    dense_timesteps: int
+    which: str  # e.g. "short (auto: 25 frames < 30)"
+
+
+def radial_preset(num_frames: int, preset: str = "auto") -> RadialPreset:
+    """(dense_layers, dense_timesteps, which) for a video of `num_frames` pixel frames.
+
+    preset: "auto" picks by length (< 30 frames "short", > 50 "long", else "medium"); "short",
+    "medium", "long" force a row; "none" keeps nothing dense (0, 0). Explicit dense-layer /
+    dense-timestep values given by a user should replace these (the caller decides).
+    """
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
+        raise ValueError(f"num_frames={num_frames!r}; expected a positive integer (pixel frames)")
+    if preset not in ("auto", *RADIAL_PRESETS):
+        raise ValueError(f"preset={preset!r}; expected one of {['auto', *RADIAL_PRESETS]}")
+    if preset != "auto":
+        return RadialPreset(*RADIAL_PRESETS[preset], preset)
+    if num_frames < SHORT_BELOW_FRAMES:
+        name, why = "short", f"{num_frames} frames < {SHORT_BELOW_FRAMES}"
+    elif num_frames > LONG_ABOVE_FRAMES:
+        name, why = "long", f"{num_frames} frames > {LONG_ABOVE_FRAMES}"
+    else:
+        name, why = "medium", f"{SHORT_BELOW_FRAMES} <= {num_frames} frames <= {LONG_ABOVE_FRAMES}"
+    return RadialPreset(*RADIAL_PRESETS[name], f"{name} (auto: {why})")
+
+
+# ---------------------------------------------------------------------------------------------
+# BSA: sparsity and chunk shapes by resolution
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BSARow:
+    """One row of a per-resolution BSA table: videos whose shorter side is >= `min_side` pixels.
+
+    params: upstream's `bsa_params` dict (sparsity, cdf_threshold, chunk_3d_shape_q,
+    chunk_3d_shape_k), or None for dense attention at this resolution.
+    """
+
+    name: str
+    min_side: int
+    params: Mapping[str, Any] | None
+
+
+class BSAChoice(NamedTuple):
+    """The bsa_params to use (None = dense) and which table row chose them."""
+
+    params: dict[str, Any] | None
+    which: str  # e.g. "720p (shorter side 720 >= 720)"
+
+
+def _params(sparsity: float, chunk: Sequence[int]) -> dict[str, Any]:
+    return {"sparsity": sparsity, "cdf_threshold": None, "chunk_3d_shape_q": list(chunk),
+            "chunk_3d_shape_k": list(chunk)}
+
+
+# The BSA guide's mixed strategy: 720p and up 0.9375 with 4x4x4 chunks (upstream's refinement
+# setting), 480p 0.875 with 4x4x8 chunks (fewer, wider chunks on the smaller grid), below dense
+# (too few tokens for sparsity to pay).
+DEFAULT_BSA_TABLE: tuple[BSARow, ...] = (
+    BSARow("720p", 720, _params(0.9375, (4, 4, 4))),
+    BSARow("480p", 480, _params(0.875, (4, 4, 8))),
+)
+
+_RESOLUTION_KEY = re.compile(r"^(?P<side>\d+)p$")
+_PARAM_KEYS = {"sparsity", "cdf_threshold", "chunk_3d_shape_q", "chunk_3d_shape_k"}
+
+
+def bsa_table_from_config(bsa_params: Any) -> tuple[BSARow, ...] | None:
+    """A per-resolution table from config.json's `bsa_params`, or None if it holds one params dict.
+
+    Table form: keys "<shorter side>p" ("720p", "480p", ...), each a params dict or null (dense),
+    e.g. {"720p": {"sparsity": 0.9375, ...}, "480p": {"sparsity": 0.875, ...}}. The single
+    upstream form {"sparsity": ..., "chunk_3d_shape_q": ...} returns None (use it as it is).
+    """
+    if bsa_params is None:
+        return None
+    if not isinstance(bsa_params, Mapping):
+        raise ValueError(f"bsa_params={bsa_params!r}; expected a dict (one params dict or a table per resolution)")
+    if not bsa_params or set(bsa_params) <= _PARAM_KEYS:
+        return None
+    rows = []
+    for key, params in bsa_params.items():
+        m = _RESOLUTION_KEY.match(str(key))
+        if not m:
+            raise ValueError(f"bsa_params key {key!r}: expected the keys of one params dict ({sorted(_PARAM_KEYS)}) "
+                             "or resolution rows like '720p' / '480p'")
+        if params is not None:
+            if not isinstance(params, Mapping) or not set(params) <= _PARAM_KEYS:
+                raise ValueError(f"bsa_params[{key!r}]={params!r}; expected null or a dict with keys from "
+                                 f"{sorted(_PARAM_KEYS)}")
+            params = dict(params)
+        rows.append(BSARow(str(key), int(m["side"]), params))
+    return tuple(sorted(rows, key=lambda r: -r.min_side))
+
+
+def bsa_params_for(height: int, width: int, table: Sequence[BSARow] | Mapping[str, Any] = DEFAULT_BSA_TABLE) -> BSAChoice:
+    """The BSA row for a `height` x `width` video (pixels): the first row whose `min_side` the
+    shorter side reaches, rows taken from the largest; below every row -> dense (params None).
+
+    `table`: rows (default DEFAULT_BSA_TABLE) or config.json's per-resolution `bsa_params` dict.
+    """
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r}; expected a positive integer (pixels)")
+    if isinstance(table, Mapping):
+        rows = bsa_table_from_config(table)
+        if rows is None:
+            raise ValueError("table: this bsa_params holds one params dict, not a table per resolution")
+    else:
+        rows = tuple(sorted(table, key=lambda r: -r.min_side))
+    side = min(height, width)
+    for row in rows:
+        if side >= row.min_side:
+            params = None if row.params is None else {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                                                      for k, v in row.params.items()}
+            return BSAChoice(params, f"{row.name} (shorter side {side} >= {row.min_side})")
+    lowest = rows[-1].min_side if rows else 0
+    return BSAChoice(None, f"dense (shorter side {side} < {lowest})")
