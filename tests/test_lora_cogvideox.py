@@ -358,3 +358,24 @@ def test_errors_name_the_problem(built, tmp_path):
         adapters.fuse(state)
     with pytest.raises(ValueError, match="fused"):
         adapters.delete("b")
+
+
+def test_folder_weight_name_and_cached_model_id(built, tmp_path, monkeypatch):
+    """A folder with weight_name, and a LoRA model id already in the local HF cache, read the same file."""
+    from tests.test_hub import write_cached_repo
+
+    cfg = built.jmodel.cfg
+    want = load_cogvideox_lora(built.files["a"], cfg, "a")
+    cache = tmp_path / "hub"
+    write_cached_repo(cache, "someone/cogvideox-style-lora", {"my_lora.safetensors": built.files["a"]})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for got in (load_cogvideox_lora(built.files["a"].parent, cfg, "a", weight_name=WEIGHT),
+                load_cogvideox_lora("someone/cogvideox-style-lora", cfg, "a"),
+                load_cogvideox_lora("someone/cogvideox-style-lora", cfg, "a", weight_name="my_lora.safetensors")):
+        assert [x.module for x in got.layers] == [x.module for x in want.layers]
+        for x, y in zip(got.layers, want.layers):
+            assert x.alpha_scale == y.alpha_scale
+            np.testing.assert_array_equal(x.down, y.down)
+            np.testing.assert_array_equal(x.up, y.up)
+    with pytest.raises(ValueError, match="weight_name"):
+        load_cogvideox_lora(built.files["a"], cfg, weight_name=WEIGHT)

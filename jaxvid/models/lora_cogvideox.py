@@ -106,8 +106,19 @@ def lora_targets(cfg: CogVideoXConfig) -> dict[str, LoRATarget]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _lora_file(path: Path) -> Path:
-    """A LoRA file, or the one in a folder (diffusers' default name first)."""
+def _lora_file(source: str | os.PathLike, weight_name: str | None = None) -> Path:
+    """A LoRA file: the path itself, `weight_name` in a folder, or the one .safetensors file of a
+    folder (diffusers' default name first). A Hub id ('owner/name') resolves in the local cache."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        from jaxvid.hub import looks_like_repo_id, resolve_model_path
+
+        if looks_like_repo_id(source):
+            path = resolve_model_path(source)
+    if weight_name is not None:
+        if not path.is_dir():
+            raise ValueError(f"weight_name={weight_name!r} needs a folder or a model id; {path} is not a folder")
+        path = path / weight_name
     if path.is_dir():
         default = path / "pytorch_lora_weights.safetensors"
         if default.is_file():
@@ -197,8 +208,10 @@ def load_cogvideox_lora(
     name: str | None = None,
     *,
     metadata: Mapping[str, Any] | None = None,
+    weight_name: str | None = None,
 ) -> LoRA:
-    """Read a CogVideoX LoRA (a .safetensors file, a folder holding one, or a state dict of arrays).
+    """Read a CogVideoX LoRA: a .safetensors file, a folder holding one (or `weight_name` in it),
+    a model id already in the local Hugging Face cache, or a state dict of arrays.
 
     Checks every tensor against the model of `cfg`: raises ValueError naming keys that match no
     module, tensors of the wrong shape, layouts mixed in one file, DoRA / LoRA-bias adapters.
@@ -212,7 +225,7 @@ def load_cogvideox_lora(
         read = tensors.__getitem__
         keys = list(tensors)
     else:
-        path = _lora_file(Path(source))
+        path = _lora_file(source, weight_name)
         reader = SafetensorsReader(path)
         metadata = metadata if metadata is not None else _read_metadata(path)
         label, default_name, read, keys = str(path), path.stem, reader.read, reader.keys()
@@ -428,7 +441,7 @@ class CogVideoXLoRAAdapters:
 
     # ---- loading ------------------------------------------------------------------------
     def load(self, source: str | os.PathLike | Mapping[str, np.ndarray], adapter_name: str | None = None,
-             scale: float = 1.0, *, metadata: Mapping[str, Any] | None = None) -> str:
+             scale: float = 1.0, *, metadata: Mapping[str, Any] | None = None, weight_name: str | None = None) -> str:
         """Load an adapter and make it the active one with weight `scale`; returns its name
         (default: 'default_<n>', as diffusers names them)."""
         if adapter_name is None:
@@ -441,7 +454,8 @@ class CogVideoXLoRAAdapters:
         if adapter_name in self._loras:
             raise ValueError(f"adapter_name={adapter_name!r} is already loaded; pick another name or delete it first")
         self._check_not_fused("load an adapter")
-        self._loras[adapter_name] = load_cogvideox_lora(source, self.cfg, adapter_name, metadata=metadata)
+        self._loras[adapter_name] = load_cogvideox_lora(source, self.cfg, adapter_name, metadata=metadata,
+                                                        weight_name=weight_name)
         self._active = {adapter_name: _weight("scale", scale)}
         return adapter_name
 
@@ -583,8 +597,10 @@ class CogVideoXLoraLoaderMixin:
 
     def load_lora_weights(self, path: str | os.PathLike | Mapping[str, np.ndarray], adapter_name: str | None = None,
                           scale: float = 1.0, **kwargs: Any) -> str:
-        """Load a LoRA (file, folder or state dict; diffusers/PEFT or kohya layout) as the active adapter."""
-        name = self.lora_adapters.load(path, adapter_name, scale, metadata=kwargs.pop("metadata", None))
+        """Load a LoRA (file, folder, cached model id or state dict; diffusers/PEFT or kohya layout)
+        as the active adapter; keyword `weight_name` picks a file in a folder, as in diffusers."""
+        name = self.lora_adapters.load(path, adapter_name, scale, metadata=kwargs.pop("metadata", None),
+                                       weight_name=kwargs.pop("weight_name", None))
         if kwargs:
             raise TypeError(f"load_lora_weights: unexpected arguments {sorted(kwargs)}")
         self._lora_run_cache = None
