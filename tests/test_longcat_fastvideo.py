@@ -173,3 +173,108 @@ def test_config_mapping():
     assert d == {"_class_name": "LongCatVideoTransformer3DModel", "num_heads": 4, "depth": 2}
     with pytest.raises(ValueError, match="disagree"):
         fastvideo_hf_config({"num_attention_heads": 4, "num_heads": 8})
+
+
+# ---- LoRA files converted by FastVideo ---------------------------------------------------------
+
+# FastVideo's LoRA converter (longcat_to_fastvideo.py convert_lora_weights / map_lora_module),
+# transcribed: upstream module -> FastVideo module(s) (several: a fused projection split by output).
+FASTVIDEO_LORA_MODULES = [
+    (r"^blocks\.(\d+)\.attn\.qkv$", ["blocks.{}.self_attn.to_q", "blocks.{}.self_attn.to_k", "blocks.{}.self_attn.to_v"]),
+    (r"^blocks\.(\d+)\.attn\.proj$", ["blocks.{}.self_attn.to_out"]),
+    (r"^blocks\.(\d+)\.cross_attn\.q_linear$", ["blocks.{}.cross_attn.to_q"]),
+    (r"^blocks\.(\d+)\.cross_attn\.kv_linear$", ["blocks.{}.cross_attn.to_k", "blocks.{}.cross_attn.to_v"]),
+    (r"^blocks\.(\d+)\.ffn\.(w[123])$", ["blocks.{}.ffn.{}"]),
+    (r"^blocks\.(\d+)\.adaLN_modulation\.1$", ["blocks.{}.adaln_linear_1"]),
+    (r"^final_layer\.adaLN_modulation\.1$", ["final_layer.adaln_linear"]),
+    (r"^final_layer\.linear$", ["final_layer.proj"]),
+]
+
+
+def fastvideo_convert_lora(upstream: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in upstream.items():
+        name = key.removeprefix("lora___lorahyphen___").replace("___lorahyphen___", ".")
+        module, part = re.match(r"^(.+?)\.(lora_down\.weight|lora_up\.weight|lora_up\.blocks\.\d+\.weight|alpha_scale)$",
+                                name).groups()
+        modules.setdefault(module, {})[part] = value
+    out = {}
+    for module, parts in modules.items():
+        targets = None
+        for pattern, names in FASTVIDEO_LORA_MODULES:
+            m = re.match(pattern, module)
+            if m:
+                targets = [n.format(*m.groups()) for n in names]
+                break
+        if targets is None:
+            continue  # FastVideo's converter drops modules it has no rule for (t_embedder, y_embedder)
+        alpha_scale = float(parts.get("alpha_scale", np.float32(1.0)))
+        down, n = parts["lora_down.weight"], len(targets)
+        rank = down.shape[0] // n
+        for i, t in enumerate(targets):
+            out[f"{t}.lora_A"] = down[i * rank:(i + 1) * rank] if n > 1 else down
+            out[f"{t}.lora_alpha"] = np.array(alpha_scale * (rank if n > 1 else down.shape[0]), np.float32)
+        blocks = [parts[f"lora_up.blocks.{i}.weight"] for i in range(8) if f"lora_up.blocks.{i}.weight" in parts]
+        if blocks and n == 1:
+            o, r = blocks[0].shape
+            bd = np.zeros((o * len(blocks), r * len(blocks)), np.float32)
+            for i, blk in enumerate(blocks):
+                bd[i * o:(i + 1) * o, i * r:(i + 1) * r] = blk
+            out[f"{targets[0]}.lora_B"] = bd
+        elif blocks:
+            for i, t in enumerate(targets):
+                out[f"{t}.lora_B"] = blocks[i]
+        else:
+            up = parts["lora_up.weight"]
+            for t, chunk in zip(targets, np.split(up, n, axis=0)):
+                out[f"{t}.lora_B"] = chunk
+    return out
+
+
+def test_fastvideo_lora_matches_upstream_output(fixtures_dir, tmp_path):
+    """lora_one (qkv in 3 output parts, kv in 2, like the released cfg_step_lora) converted by
+    FastVideo's rules, loaded back, run: the upstream PyTorch output with that LoRA."""
+    from jaxvid.models.longcat_fastvideo import load_fastvideo_lora
+    from jaxvid.models.lora import LoRALibrary
+
+    folder = fixtures_dir / "longcat" / "lora_one"
+    r = SafetensorsReader(folder / "lora_cfg_step_lora.safetensors")
+    fv = fastvideo_convert_lora({k: r.read(k) for k in r.keys()})
+    assert "blocks.0.self_attn.to_v.lora_A" in fv and "blocks.0.cross_attn.to_k.lora_B" in fv
+    path = tmp_path / "distilled" / "cfg_step_lora.safetensors"
+    path.parent.mkdir()
+    write_safetensors(path, fv)
+    model = load_transformer(folder / "transformer")
+    lora = load_fastvideo_lora(path, model.cfg)
+    assert lora.name == "distilled"
+    lib = LoRALibrary(model.cfg)
+    lib.add(lora)
+    lib.enable(["distilled"])
+    io = np.load(folder / "io.npz")
+    args = (jnp.asarray(io["hidden_states"]), jnp.asarray(io["timestep"]), jnp.asarray(io["encoder_hidden_states"]),
+            jnp.asarray(io["encoder_attention_mask"]))
+    ref = io["output"].astype(np.float64)
+    for label, out in (("runtime", nnx.jit(lambda m, lo, *x: m(*x, lora=lo))(model, lib.runtime(), *args)),
+                       ("merged", nnx.jit(lambda m, *x: m(*x))(lib.merged(model), *args))):
+        out = np.asarray(out, np.float64)
+        err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        print(f"FastVideo-layout LoRA ({label}) vs upstream torch: rel L2 {err:.2e}")
+        assert err < 1e-4
+    assert float(np.linalg.norm(io["output"] - io["output_base"])) > 1e-3 * float(np.linalg.norm(ref))
+
+
+def test_fastvideo_lora_errors(tmp_path):
+    from jaxvid.models.longcat_fastvideo import load_fastvideo_lora
+
+    cfg = LongCatConfig.tiny()
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, {"blocks.0.self_attn.to_q.lora_A": np.zeros((2, 64), np.float32)})
+    with pytest.raises(ValueError, match="needs lora_A and lora_B"):
+        load_fastvideo_lora(path, cfg)
+    write_safetensors(path, {"blocks.0.attn.qkv.lora_A": np.zeros((2, 64), np.float32)})
+    with pytest.raises(ValueError, match="not a FastVideo LoRA tensor"):
+        load_fastvideo_lora(path, cfg)
+    write_safetensors(path, {"blocks.0.self_attn.to_q.lora_A": np.zeros((2, 64), np.float32),
+                             "blocks.0.self_attn.to_q.lora_B": np.zeros((192, 2), np.float32)})
+    with pytest.raises(ValueError, match="do not fit"):
+        load_fastvideo_lora(path, cfg)

@@ -22,7 +22,8 @@ import numpy as np
 
 from convert.apply import ConversionError
 
-__all__ = ["Join", "fastvideo_joins", "FastVideoSource", "to_fastvideo", "fastvideo_hf_config", "FASTVIDEO_CLASS_NAME"]
+__all__ = ["Join", "fastvideo_joins", "fastvideo_linear_parts", "FastVideoSource", "to_fastvideo", "fastvideo_hf_config",
+           "FASTVIDEO_CLASS_NAME"]
 
 FASTVIDEO_CLASS_NAME = "LongCatTransformer3DModel"
 
@@ -80,6 +81,22 @@ def fastvideo_joins(cfg: Any) -> list[Join]:
     from convert.keymaps.longcat import transformer_rules
 
     return [Join(r.source, _fastvideo_names(r.source)) for r in transformer_rules(cfg)]
+
+
+def fastvideo_linear_parts(cfg: Any) -> dict[str, tuple[str, int, int]]:
+    """FastVideo Linear module -> (upstream Linear module, part j, number of parts n): its weight is
+    rows j*out/n:(j+1)*out/n of the upstream weight (n = 1: the whole). For LoRA files, whose
+    FastVideo names are per FastVideo module."""
+    from convert.keymaps.longcat import transformer_rules
+    from convert.transforms import linear_T
+
+    out = {}
+    for r in transformer_rules(cfg):
+        if r.source.endswith(".weight") and r.transform.name == linear_T.name:
+            names = _fastvideo_names(r.source)
+            for j, name in enumerate(names):
+                out[name.removesuffix(".weight")] = (r.source.removesuffix(".weight"), j, len(names))
+    return out
 
 
 class FastVideoSource:
