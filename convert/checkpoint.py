@@ -12,9 +12,11 @@ parameter), so a converted checkpoint is itself a tensor source for `convert.app
 
 Integrity: every read checks the tensor's shape and dtype against the manifest and the group's
 file sizes before orbax opens them (a truncated or missing file is named, not a storm of orbax
-errors); the crc32 of each tensor's bytes is checked too when `verify_checksums` (the default:
-crc32 costs ~9% of reading a group on CPU, see README). Checkpoints written before checksums were
-recorded still load (shape/dtype checked only). `verify_checkpoint` reads and checks everything.
+errors). The crc32 of each tensor's bytes is checked when asked: `verify_checksums=True`, or the
+environment variable JAXVID_VERIFY_CHECKSUMS=1 for every load (load_model, load_pipeline, ...).
+Not by default: crc32 added 29-35% to reading a 0.54 GB checkpoint on our 2-core CPU
+(bench/checksum_cost.py), over the 10% we allow. `verify_checkpoint` (`jaxvid-convert --verify`)
+always checks everything. Checkpoints written before checksums were recorded still load.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import numpy as np
 FORMAT = "jaxvid-checkpoint"
 VERSION = 1
 MANIFEST = "jaxvid.json"
+VERIFY_ENV = "JAXVID_VERIFY_CHECKSUMS"
 _GROUP_BYTES = 256 * 1024 * 1024
 
 log = logging.getLogger(__name__)
@@ -206,10 +209,13 @@ class CheckpointReader:
     """A converted checkpoint as a tensor source (`keys`, `shape`, `read`); loads one group at a time.
 
     Every `read` checks shape and dtype against the manifest; `verify_checksums` also checks each
-    tensor's crc32 (when the checkpoint recorded one). Raises CheckpointError naming what is wrong.
+    tensor's crc32 (when the checkpoint recorded one); None: on when JAXVID_VERIFY_CHECKSUMS=1.
+    Raises CheckpointError naming what is wrong.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify_checksums: bool = True):
+    def __init__(self, path: str | os.PathLike, *, verify_checksums: bool | None = None):
+        if verify_checksums is None:
+            verify_checksums = os.environ.get(VERIFY_ENV, "") not in ("", "0")
         # orbax refuses relative paths ("Checkpoint path should be absolute"): resolve once here.
         self.path = Path(path).absolute()
         self.verify_checksums = verify_checksums
@@ -286,7 +292,7 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
 
     Checks file sizes, that orbax can read every group, shapes, dtypes and crc32 checksums.
     """
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(path, verify_checksums=True)
     problems: list[str] = []
     if not reader.has_checksums:
         log.warning("%s: no checksums recorded (converted before jaxvid recorded them); shapes and dtypes "

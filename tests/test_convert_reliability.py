@@ -213,11 +213,16 @@ def test_converted_tensors_match_source_and_checksums(converted):
     assert _cli("--verify", str(ckpt)).returncode == 0
 
 
-def test_flipped_bit_is_detected(converted, tmp_path):
+def test_flipped_bit_is_detected(converted, tmp_path, monkeypatch):
     from jaxvid.models import load_model
 
     ckpt = _copy_ckpt(converted, tmp_path)
     _flip_byte(ckpt)
+    reader = CheckpointReader(ckpt, verify_checksums=True)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        for key in reader.keys():
+            reader.read(key)
+    monkeypatch.setenv("JAXVID_VERIFY_CHECKSUMS", "1")  # the opt-in for every load path
     with pytest.raises(CheckpointError, match="fails its checksum"):
         load_model(ckpt)
     problems = verify_checkpoint(ckpt)
