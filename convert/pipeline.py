@@ -30,7 +30,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from convert.apply import check_rules, dominant_float_dtype, iter_converted
-from convert.checkpoint import CheckpointWriter, read_json_object
+from convert.checkpoint import CheckpointWriter, is_checkpoint, read_json_object
 from convert.keymap import Rule
 from convert.paths import allowed_root, check_disjoint, child, inside, plain_name
 from convert.safetensors_io import SafetensorsReader, read_header
@@ -389,9 +389,9 @@ def _make_parents(folder: Path) -> list[Path]:
 
 
 def check_paths(src: Path, dst: Path, *, overwrite: bool, dtype: str | None) -> str:
-    """Validate SRC/DST before touching anything; return the kind of source ('component', 'pipeline', 'set').
+    """Validate SRC/DST before touching anything; return 'pipeline' (model_index.json) or 'other'.
 
-    Needs no resolver except for telling a component set apart, done by the caller.
+    Telling a component folder from a component set needs the resolver: the caller does that.
     """
     if not src.is_dir():
         raise ValueError(f"SRC={str(src)!r} is not a folder; expected a diffusers component or pipeline folder")
@@ -472,10 +472,8 @@ def convert_path(
     return dst
 
 
-def iter_checkpoints(path: Path) -> Iterable[Path]:
+def iter_checkpoints(path: Path) -> list[Path]:
     """`path` itself if it is a jaxvid checkpoint, else every checkpoint one level below it."""
-    from convert.checkpoint import is_checkpoint
-
     if is_checkpoint(path):
         return [path]
     return [p for p in sorted(path.iterdir()) if p.is_dir() and is_checkpoint(p)] if path.is_dir() else []

@@ -118,7 +118,8 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        root = allowed_root(path if path.is_dir() else path.parent)
+        # a file named by the caller is trusted wherever it links; files found by name in a folder are not
+        root = allowed_root(path) if path.is_dir() else path.resolve().parent
         self.path = path
         self._index: dict[str, TensorInfo] = {}
         if path.is_file():
