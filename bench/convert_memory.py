@@ -6,7 +6,7 @@ whose dit/ is the 13.6B LongCatVideoTransformer3DModel (bf16, ~27 GB, sharded wi
 key names and torch shapes are jaxvid's key table run backwards from `LongCatConfig.longcat_video()`)
 plus tiny tokenizer/, scheduler/ and lora/ folders, converted as a whole folder as users do.
 Tensors are generated and written one at a time (the writer stays small). The folder is converted
-with `python -m convert.cli` in a subprocess while sampling that process's resident memory; wall
+with `python -m jaxvid.cli.convert` in a subprocess while sampling that process's resident memory; wall
 time and peak RSS are printed. Everything lives in a temp folder that is removed at the end.
 
     python bench/convert_memory.py [--model cogvideox|longcat] [--dir DIR] [--keep] [--layers N]
@@ -84,8 +84,8 @@ def run(workdir: Path, layers: int) -> dict[str, float]:
 
 
 def _measure_convert(src: Path, dst: Path) -> dict[str, float]:
-    """Run `python -m convert.cli src dst` in a subprocess; wall time and peak RSS (sampled and kernel's)."""
-    cmd = [sys.executable, "-m", "convert.cli", str(src), str(dst), "--quiet"]
+    """Run `python -m jaxvid.cli.convert src dst` in a subprocess; wall time and peak RSS (sampled and kernel's)."""
+    cmd = [sys.executable, "-m", "jaxvid.cli.convert", str(src), str(dst), "--quiet"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT)
     peak_sampled = 0

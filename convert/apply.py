@@ -32,6 +32,20 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
+def _is_float(dtype: Any) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def dtype_error(key: str, source_dtype: Any, target_dtype: Any) -> str | None:
+    """Why a source tensor cannot be cast to its target (int8/bool into a float parameter would be
+    silently reinterpreted as numbers: quantized or mask tensors are not weights); None if fine."""
+    src, dst = np.dtype(source_dtype), np.dtype(target_dtype)
+    if _is_float(src) != _is_float(dst) or (src.kind == "b") != (dst.kind == "b"):
+        return f"{key}: stored as {src.name}, the parameter is {dst.name} (quantized or non-float tensors are not supported)"
+    return None
+
+
 def check_rules(
     rules: Iterable[Rule],
     source: TensorSource,
@@ -44,7 +58,7 @@ def check_rules(
 
     Checks: every rule's source key exists, every source key is used once (or matches an `ignore`
     regex), every target path is known and filled exactly once (every slice of a stacked one), and
-    every transformed shape equals the target's.
+    every transformed shape equals the target's, and no integer/bool tensor fills a float parameter.
     """
     rules = list(rules)
     ignore_res = [re.compile(p) for p in ignore]
@@ -62,6 +76,8 @@ def check_rules(
     unknown_targets: list[str] = []
     dup_targets: list[str] = []
     shape_errors: list[str] = []
+    dtype_errors: list[str] = []
+    source_dtype = getattr(source, "dtype", None)
     for r in rules:
         path, index = r.target_path, r.target_index
         if path not in target:
@@ -83,6 +99,10 @@ def check_rules(
             except ValueError as e:
                 shape_errors.append(f"{r.source} -> {r.target}: {r.transform.name}: {e}")
                 continue
+            if source_dtype is not None and hasattr(target[path], "dtype"):
+                err = dtype_error(r.source, source_dtype(r.source), target[path].dtype)
+                if err:
+                    dtype_errors.append(err)
             if got != tshape:
                 shape_errors.append(
                     f"{r.source} {tuple(source.shape(r.source))} -{r.transform.name}-> {got} != {r.target} {tshape}"
@@ -107,6 +127,7 @@ def check_rules(
         ("target paths the model does not have", unknown_targets),
         ("target parameters filled twice", dup_targets),
         ("shape mismatches", shape_errors),
+        ("dtype mismatches", dtype_errors),
     ):
         if items:
             problems.append(_listing(title, items))
@@ -135,6 +156,9 @@ def iter_converted(
     for r in rules:
         arr = r.transform(source.read(r.source))
         dtype = np.dtype(target[r.target_path].dtype)
+        err = dtype_error(r.source, arr.dtype, dtype)
+        if err:
+            raise ConversionError(err)
         yield r, np.ascontiguousarray(arr.astype(dtype, copy=False))
 
 

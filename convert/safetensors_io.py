@@ -17,6 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from convert.paths import UnsafePathError, allowed_root, inside, plain_name
+
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -101,6 +103,8 @@ def _weight_map(index_file: Path) -> dict[str, str]:
         raise SafetensorsError(f"{index_file}: not a safetensors index (expected JSON with a 'weight_map'): {e}") from e
     if not isinstance(weight_map, dict):
         raise SafetensorsError(f"{index_file}: weight_map is a {type(weight_map).__name__}; expected an object")
+    for name in set(weight_map.values()):  # '../y' or '/etc/x' would open files outside the folder
+        plain_name(name, what=f"{index_file}: shard")
     return weight_map
 
 
@@ -108,11 +112,14 @@ class SafetensorsReader:
     """Index of every tensor in a .safetensors file or a folder of them; reads one at a time.
 
     `path` may be a .safetensors file, a folder with `*.safetensors.index.json` (sharded), or a
-    folder with exactly the .safetensors files of one model.
+    folder with exactly the .safetensors files of one model. Shard names must be plain names and
+    every file must resolve inside the folder (or its Hugging Face cache repo, see convert.paths).
     """
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
+        # a file named by the caller is trusted wherever it links; files found by name in a folder are not
+        root = allowed_root(path) if path.is_dir() else path.resolve().parent
         self.path = path
         self._index: dict[str, TensorInfo] = {}
         if path.is_file():
@@ -134,6 +141,10 @@ class SafetensorsReader:
         else:
             raise SafetensorsError(f"{path}: no such file or folder")
         for f in files:
+            try:
+                inside(f, root, what=str(path))
+            except UnsafePathError as e:
+                raise SafetensorsError(str(e)) from None
             for key, info in read_header(f).items():
                 if key in self._index:
                     raise SafetensorsError(f"{path}: tensor {key!r} appears in both {self._index[key].file.name} and {f.name}")

@@ -125,7 +125,7 @@ def run_demo(out: str | os.PathLike | None = None, *, seed: int = 0) -> dict[str
     import jax.numpy as jnp
     from flax import nnx
 
-    from convert.cli import convert_path
+    from jaxvid.cli.convert import convert_path
     from jaxvid.models import load_transformer
     from jaxvid.models.loading import count_params
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert import cli as convert_cli
+from jaxvid.cli import convert as convert_cli
 from jaxvid.models import load_transformer
 
 FIXTURES = ["tiny_2b_sincos", "tiny_5b_rope", "tiny_15_i2v_pt2"]

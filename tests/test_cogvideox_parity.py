@@ -23,8 +23,8 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from convert import cli as convert_cli  # noqa: E402
 from convert.keymaps.cogvideox import diffusers_shapes  # noqa: E402
+from jaxvid.cli import convert as convert_cli  # noqa: E402
 from jaxvid.models import load_transformer  # noqa: E402
 from jaxvid.models.cogvideox import CogVideoXConfig, rotary_table, sincos_table  # noqa: E402
 

@@ -5,7 +5,6 @@ Bad input must fail with a clear error naming the problem and leave no output fo
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -17,10 +16,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert import cli as convert_cli
+from convert import pipeline as convert_pipeline
 from convert.apply import ConversionError
 from convert.checkpoint import CheckpointReader, is_checkpoint
 from convert.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
+from jaxvid.cli import convert as convert_cli
 from jaxvid.demo import write_random_cogvideox
 from jaxvid.models import load_transformer
 from jaxvid.models.cogvideox import CogVideoXConfig
@@ -130,7 +130,7 @@ def test_unknown_config_key(component, tmp_path):
 
 
 def test_error_mid_write_leaves_nothing(component, tmp_path, monkeypatch):
-    real = convert_cli.iter_converted
+    real = convert_pipeline.iter_converted
 
     def failing(*args, **kwargs):
         for n, item in enumerate(real(*args, **kwargs)):
@@ -138,19 +138,18 @@ def test_error_mid_write_leaves_nothing(component, tmp_path, monkeypatch):
                 raise OSError("disk full (simulated)")
             yield item
 
-    monkeypatch.setattr(convert_cli, "iter_converted", failing)
+    monkeypatch.setattr(convert_pipeline, "iter_converted", failing)
     dst = tmp_path / "nested" / "out"
     assert convert_cli.main([str(component), str(dst), "--quiet"]) == 1
     assert not dst.exists() and not dst.parent.exists()
 
 
-def test_existing_output_needs_overwrite(component, tmp_path, caplog):
+def test_existing_output_needs_overwrite(component, tmp_path, capsys):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    with caplog.at_level(logging.ERROR):
-        assert convert_cli.main([str(component), str(dst), "--quiet"]) == 1
-    assert "already exists" in caplog.text
+    assert convert_cli.main([str(component), str(dst), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
     assert (dst / "keep.txt").read_text() == "mine"
     assert convert_cli.main([str(component), str(dst), "--overwrite", "--quiet"]) == 0
     assert is_checkpoint(dst) and not (dst / "keep.txt").exists()
@@ -160,7 +159,7 @@ def test_failed_overwrite_keeps_previous_output(component, tmp_path, monkeypatch
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    real_rename = convert_cli.os.rename
+    real_rename = convert_pipeline.os.rename
 
     def rename(a, b):
         # the new output's move into place fails (e.g. a full or read-only disk); moving the old one back works
@@ -168,7 +167,7 @@ def test_failed_overwrite_keeps_previous_output(component, tmp_path, monkeypatch
             raise OSError("rename failed (simulated)")
         return real_rename(a, b)
 
-    monkeypatch.setattr(convert_cli.os, "rename", rename)
+    monkeypatch.setattr(convert_pipeline.os, "rename", rename)
     assert convert_cli.main([str(component), str(dst), "--overwrite", "--quiet"]) == 1
     assert (dst / "keep.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "staging folder left behind"
@@ -237,14 +236,14 @@ def test_pipeline_folder(component, tmp_path):
     (src / "scheduler").mkdir()
     (src / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "CogVideoXDDIMScheduler"}')
     (src / "image_encoder").mkdir()  # a weighted component jaxvid does not support: skipped
-    (src / "image_encoder" / "config.json").write_text('{"_class_name": "SomeImageEncoder"}')
+    (src / "image_encoder" / "config.json").write_text('{"architectures": ["CLIPVisionModelWithProjection"]}')
     write_safetensors(src / "image_encoder" / "model.safetensors", {"w": np.zeros(2, np.float32)})
     index = {
         "_class_name": "CogVideoXPipeline",
         "tokenizer": ["transformers", "T5Tokenizer"],
         "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
         "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
-        "image_encoder": ["foo", "SomeImageEncoder"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
         "feature_extractor": [None, None],
     }
     (src / "model_index.json").write_text(json.dumps(index))

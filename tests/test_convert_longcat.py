@@ -19,10 +19,11 @@ import pytest
 import torch
 from flax import nnx
 
-from convert import cli as convert_cli
+from convert import pipeline as convert_pipeline
 from convert.apply import ConversionError
 from convert.checkpoint import CheckpointReader, is_checkpoint
 from convert.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
+from jaxvid.cli import convert as convert_cli
 from jaxvid.models import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +184,8 @@ def test_mismatched_component_weights(writable_source, tmp_path, monkeypatch):
     key = "decoder.conv_out.bias"
     _rewrite(writable_source / "vae", "diffusion_pytorch_model.safetensors", lambda t: t.__setitem__(key, t[key][:2]))
     written = []
-    real = convert_cli.write_component
-    monkeypatch.setattr(convert_cli, "write_component", lambda plan, dst, **kw: written.append(dst.name) or real(plan, dst, **kw))
+    real = convert_pipeline.write_component
+    monkeypatch.setattr(convert_pipeline, "write_component", lambda plan, dst, **kw: written.append(dst.name) or real(plan, dst, **kw))
     dst = tmp_path / "out"
     with pytest.raises(ConversionError, match=r"(?s)vae.*shape mismatches.*decoder\.conv_out\.bias"):
         convert_cli.convert_path(writable_source, dst, show_progress=False)
@@ -192,11 +193,12 @@ def test_mismatched_component_weights(writable_source, tmp_path, monkeypatch):
     _assert_nothing_left(dst)
 
 
-def test_missing_component_weight_via_cli(writable_source, tmp_path, caplog):
+def test_missing_component_weight_via_cli(writable_source, tmp_path, capsys):
     _rewrite(writable_source / "text_encoder", "model.safetensors", lambda t: t.pop("encoder.final_layer_norm.weight"))
     dst = tmp_path / "out"
-    assert convert_cli.main([str(writable_source), str(dst), "--quiet"]) == 1
-    assert "text_encoder" in caplog.text and "encoder.final_layer_norm.weight" in caplog.text
+    assert convert_cli.main([str(writable_source), str(dst), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "text_encoder" in err and "encoder.final_layer_norm.weight" in err
     _assert_nothing_left(dst)
 
 

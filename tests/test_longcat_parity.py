@@ -33,7 +33,7 @@ def _inputs(io):
 
 @pytest.mark.parametrize("case", ["dit_dense", "dit_cond1", "dit_bsa"])
 def test_fixture_parity_hf_folder_and_converted(case, fixtures_dir, tmp_path):
-    from convert.cli import convert_path
+    from jaxvid.cli.convert import convert_path
 
     folder = fixtures_dir / "longcat" / case
     io = np.load(folder / "io.npz")

@@ -216,7 +216,7 @@ def test_radial_plan_switches_inside_the_loop(tiny_pipe):
 
 def test_converted_folder_gives_the_same_video(tiny_pipe, tmp_path):
     """jaxvid-convert's output (jaxvid checkpoints + copied tokenizer/ and scheduler/) loads and matches."""
-    from convert.cli import convert_path
+    from jaxvid.cli.convert import convert_path
 
     converted = convert_path(tiny_pipe.tokenizer_dir.parent, tmp_path / "converted", show_progress=False)
     other = CogVideoXPipeline.from_pretrained(converted)

@@ -487,7 +487,7 @@ def test_add_longcat_arguments_keeps_existing_options():
 
 
 def test_converted_folder_loads_the_same_pipeline(pipe, folder, tmp_path):
-    from convert.cli import convert_path
+    from jaxvid.cli.convert import convert_path
 
     converted = convert_path(folder, tmp_path / "converted", dtype="fp32", show_progress=False)
     assert is_longcat_folder(converted)
