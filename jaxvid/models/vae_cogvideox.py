@@ -115,33 +115,33 @@ class CogVideoXVAEConfig:
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> CogVideoXVAEConfig:
-        """Read diffusers' `vae/config.json`; raises on features this port does not implement."""
-        d = {k: v for k, v in d.items() if k not in _BOOKKEEPING}
-        n = len(d.get("block_out_channels", (128, 256, 256, 512)))
+        """Read diffusers' `vae/config.json`; raises on features this port does not implement and on
+        values of the wrong type; unknown keys are ignored with one warning, as diffusers does."""
+        from jaxvid.models.hf_config import check_field_types, drop_unknown_keys
+
+        what = "CogVideoX VAE config.json"
+        d = {k: v for k, v in d.items() if k not in _BOOKKEEPING and not k.startswith("_")}
+        # Known keys that are not fields: each must have the one value this port implements.
         checks = {
-            "act_fn": lambda v: v == "silu",
-            "use_quant_conv": lambda v: not v,
-            "use_post_quant_conv": lambda v: not v,
-            "latents_mean": lambda v: v is None,
-            "latents_std": lambda v: v is None,
-            "down_block_types": lambda v: list(v) == [_DOWN_BLOCK] * n,
-            "up_block_types": lambda v: list(v) == [_UP_BLOCK] * n,
+            "act_fn": lambda v, n: v == "silu",
+            "use_quant_conv": lambda v, n: not v,
+            "use_post_quant_conv": lambda v, n: not v,
+            "latents_mean": lambda v, n: v is None,
+            "latents_std": lambda v, n: v is None,
+            "down_block_types": lambda v, n: isinstance(v, (list, tuple)) and list(v) == [_DOWN_BLOCK] * n,
+            "up_block_types": lambda v, n: isinstance(v, (list, tuple)) and list(v) == [_UP_BLOCK] * n,
         }
-        for key, ok in checks.items():
-            if key in d and not ok(d[key]):
-                raise ValueError(f"vae config {key}={d[key]!r} is not supported by jaxvid's CogVideoX VAE")
-            d.pop(key, None)
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"vae config has unknown keys {unknown}; expected a subset of {sorted(names)}")
-        if "block_out_channels" in d:
-            d["block_out_channels"] = tuple(d["block_out_channels"])
-        if "temporal_compression_ratio" in d:
-            ratio = d["temporal_compression_ratio"]
-            if float(ratio) != int(ratio):
-                raise ValueError(f"vae config temporal_compression_ratio={ratio!r}: expected an integer")
-            d["temporal_compression_ratio"] = int(ratio)
+        d = drop_unknown_keys(d, names | set(checks), what=what)
+        ratio = d.get("temporal_compression_ratio")
+        if isinstance(ratio, float) and ratio.is_integer():
+            d["temporal_compression_ratio"] = int(ratio)  # diffusers annotates it float and writes 4.0
+        d = check_field_types(cls, d, what=what)
+        n = len(d.get("block_out_channels", (128, 256, 256, 512)))
+        for key, ok in checks.items():
+            if key in d and not ok(d[key], n):
+                raise ValueError(f"{what}: {key}={d[key]!r} is not supported by jaxvid's CogVideoX VAE")
+            d.pop(key, None)
         return cls(**d)
 
     @classmethod
