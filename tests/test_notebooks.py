@@ -52,7 +52,9 @@ def test_notebooks_exist_and_are_committed_without_outputs():
         assert not dirty, f"{path.name}: cells {dirty} hold outputs; clear them before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# 03 runs two tiny pipelines end to end: the slowest test of the suite.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem.startswith("03") else p
+                                  for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from jupyter_client.manager import KernelManager
 
