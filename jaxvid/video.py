@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -56,41 +59,108 @@ def check_output(path: str | os.PathLike, fps: int, *, names: tuple[str, str] = 
 
 
 def save(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Path:
-    """Write uint8 frames [F, H, W, 3] to `path` (.mp4 via ffmpeg, or .gif).
+    """Write uint8 frames [F, H, W, 3] to `path` (.mp4 via ffmpeg, or .gif); returns the path written.
 
-    If an mp4 cannot be written (no ffmpeg backend), a .gif beside it is written instead and its
-    path returned, with a warning.
+    The file appears whole or not at all: frames go to a temp file beside the target, the writer's
+    exit status is checked, and only then is the temp file renamed over `path`. If an mp4 cannot
+    be written (no ffmpeg, or ffmpeg fails), a .gif beside it is written the same way instead, with
+    a warning. If that fails too (disk full, no permission) OSError is raised and no file is left.
     """
-    import imageio.v2 as imageio
-
     path = check_output(path, fps)
     frames = _check_frames(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".mp4" and not _has_ffmpeg():
-        gif = path.with_suffix(".gif")
-        log.warning("no ffmpeg for mp4 (pip install imageio-ffmpeg); writing %s instead", gif)
-        path = gif
+    mp4_error: Exception | None = None
     if path.suffix.lower() == ".mp4":
-        # yuv420p needs even sizes: pad odd ones by one edge row/column rather than rescaling.
-        ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
-        even = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else frames
-        try:
-            with warnings.catch_warnings():
-                # imageio-ffmpeg forks only to exec ffmpeg at once; JAX's fork warning does not apply.
-                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-                with imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", quality=8,
-                                        macro_block_size=1) as w:
-                    for f in even:
-                        w.append_data(f)
-            if path.stat().st_size == 0:
-                raise RuntimeError("ffmpeg wrote an empty file")
-            return path
-        except (ImportError, RuntimeError, OSError, ValueError) as e:
-            gif = path.with_suffix(".gif")
-            log.warning("mp4 export failed (%s); writing %s instead", e, gif)
-            path = gif
-    imageio.mimsave(path, list(frames), duration=1000 / fps, loop=0)
+        if _has_ffmpeg():
+            try:
+                _write_atomically(path, lambda tmp: _write_mp4(frames, tmp, fps))
+                return path
+            except OSError as e:
+                mp4_error = e
+                log.warning("mp4 export failed (%s); writing %s instead", _first_line(e), path.with_suffix(".gif"))
+        else:
+            log.warning("no ffmpeg for mp4 (pip install imageio-ffmpeg); writing %s instead", path.with_suffix(".gif"))
+        path = path.with_suffix(".gif")
+    try:
+        _write_atomically(path, lambda tmp: _write_gif(frames, tmp, fps))
+    except OSError as e:
+        before = f"; mp4: {_first_line(mp4_error)}" if mp4_error is not None else ""
+        raise OSError(f"path={str(path)!r}: could not write the video ({_first_line(e)}{before}); "
+                      "no file was written") from e
     return path
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Call write(tmp) on a temp file beside `path` (same suffix), then rename it to `path`."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        if tmp.stat().st_size == 0:
+            raise OSError("the writer produced an empty file")
+        tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; a video should read like any new file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
+    """H.264 in yuv420p through the ffmpeg binary of imageio-ffmpeg; OSError unless ffmpeg exits 0.
+
+    (imageio's writer does not check ffmpeg's exit status, so a full disk went unnoticed.)
+    """
+    import imageio_ffmpeg
+
+    # yuv420p needs even sizes: pad odd ones by one edge row/column rather than rescaling.
+    ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
+    even = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else frames
+    _, height, width, channels = even.shape
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error",
+        "-f", "rawvideo", "-pix_fmt", "rgb24" if channels == 3 else "gray", "-s", f"{width}x{height}",
+        "-r", str(fps), "-i", "-",
+        "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "10",  # imageio's quality=8
+        "-r", str(fps), "-f", "mp4", str(path),
+    ]
+    with tempfile.TemporaryFile() as err, warnings.catch_warnings():
+        # The child only execs ffmpeg; JAX's fork warning does not apply.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            for frame in even:
+                proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+        except OSError:
+            pass  # ffmpeg died (its exit status and message say why)
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            code = proc.wait()
+        if code != 0:
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip()
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            raise OSError(f"ffmpeg {how}" + (f": {message}" if message else ""))
+
+
+def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
+    from PIL import Image  # imageio's GIF writer is Pillow; called directly, a failed write raises once
+
+    images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
 
 
 def _read_error(path: str | os.PathLike, what: str, error: Exception) -> ValueError:

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: paths to ../shared/fixtures and GPU detection."""
+"""Shared pytest fixtures: the path to tests/fixtures and GPU detection."""
 from __future__ import annotations
 
 import os
@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The upstream-made fixtures live in the repo (a clone needs nothing beside it); JAXVID_FIXTURES
+# points the suite at another copy.
+FIXTURES_ROOT = REPO_ROOT / "tests" / "fixtures"
 
 
 def _fixtures_root() -> Path:
-    # CI clones the repo beside a read-only copy of shared/, so ../shared/fixtures is the contract.
     override = os.environ.get("JAXVID_FIXTURES")
-    return Path(override) if override else REPO_ROOT.parent / "shared" / "fixtures"
+    return Path(override) if override else FIXTURES_ROOT
 
 
 def has_gpu() -> bool:
@@ -39,7 +41,7 @@ def has_hopper() -> bool:
 def fixtures_dir() -> Path:
     root = _fixtures_root()
     if not root.is_dir():
-        pytest.fail(f"fixtures not found at {root}; set JAXVID_FIXTURES or place shared/ beside the repo")
+        pytest.fail(f"fixtures not found at {root}; they ship in tests/fixtures (or set JAXVID_FIXTURES)")
     return root
 
 

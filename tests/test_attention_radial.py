@@ -66,7 +66,7 @@ def _tile_oracle(i, j, tpf, block_size, decay, model_type):
     return frac > np.float32(0.6)
 
 
-def _mask_oracle(frames, tpf, block_size, decay, model_type, text):
+def _mask_oracle(frames, tpf, block_size, decay, model_type, text, keep_diagonal=True):
     video = frames * tpf
     n_blocks = -(-(video + text) // block_size)
     mask = np.zeros((n_blocks, n_blocks), bool)
@@ -77,6 +77,8 @@ def _mask_oracle(frames, tpf, block_size, decay, model_type, text):
             tile = _tile_oracle(i, j, tpf, block_size, decay, model_type)
             r0, c0 = (i * tpf) // block_size, (j * tpf) // block_size
             mask[r0:r0 + tile.shape[0], c0:c0 + tile.shape[1]] |= tile
+    if keep_diagonal:  # jaxvid keeps every diagonal block (upstream can drop it for tiny frames)
+        np.fill_diagonal(mask, True)
     return mask
 
 
@@ -151,3 +153,42 @@ def test_attend_radial_rejects_missing_or_mismatched_layout():
     layout = VideoLayout(frames=2, height=4, width=4)
     with pytest.raises(ValueError, match=r"expected \[B, 32, H, D\]"):
         attend(q, q, q, Radial(block_size=64), layout=layout)
+
+
+# ------------------------------------------------- small frames and dtypes (issue 16, item 11)
+
+@pytest.mark.parametrize("frames, height, width, text", [(4, 4, 4, 0), (8, 4, 4, 10), (6, 2, 3, 5)])
+def test_frames_smaller_than_a_block_keep_the_diagonal(frames, height, width, text):
+    """4 x 16 tokens with block 64 kept no block and returned zeros. Now every query block keeps its
+    own block: outputs equal the token-level reference (dense attention under the block mask) and
+    no row is zero."""
+    block = 64
+    layout = VideoLayout(frames=frames, height=height, width=width, text_tokens=text, text_first=False)
+    mask = radial_block_mask(frames, height * width, block_size=block, text_tokens=text)
+    assert mask.diagonal().all()
+    seq = layout.seq_len
+    q, k, v = jax.random.normal(jax.random.PRNGKey(2), (3, 1, seq, 2, 16), jnp.float32)
+    out = attend(q, k, v, Radial(block_size=block), layout=layout)
+    token_mask = np.repeat(np.repeat(mask, block, 0), block, 1)[:seq, :seq]
+    expected = _masked_dense(q, k, v, token_mask, 1 / math.sqrt(16))
+    assert float(jnp.linalg.norm(out - expected) / jnp.linalg.norm(expected)) <= 1e-5
+    assert float(jnp.abs(out).sum(axis=(-1, -2)).min()) > 0
+
+
+@pytest.mark.parametrize("bad", ["q", "k", "v"])
+def test_integer_qkv_is_a_type_error(bad):
+    """int32 q/k/v used to give all-zero outputs."""
+    from jaxvid.attention import dense_attention
+    from jaxvid.attention.radial import radial_attention
+
+    x = jnp.ones((1, 128, 2, 8), jnp.float32)
+    args = {name: (x.astype(jnp.int32) if name == bad else x) for name in ("q", "k", "v")}
+    layout = VideoLayout(frames=2, height=8, width=8)
+    with pytest.raises(TypeError, match=rf"attend: {bad} has dtype int32"):
+        attend(**args)
+    with pytest.raises(TypeError, match=rf"attend: {bad} has dtype int32"):
+        attend(**args, spec=Radial(block_size=64), layout=layout)
+    with pytest.raises(TypeError, match=rf"dense_attention: {bad} has dtype int32"):
+        dense_attention(**args)
+    with pytest.raises(TypeError, match=rf"radial_attention: {bad} has dtype int32"):
+        radial_attention(**args, num_frames=2, tokens_per_frame=64, block_size=64)

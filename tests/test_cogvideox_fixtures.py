@@ -1,4 +1,4 @@
-"""The shared diffusers-made fixtures (../shared/fixtures/cogvideox) load and reproduce io.npz.
+"""The shared diffusers-made fixtures (tests/fixtures/cogvideox) load and reproduce io.npz.
 
 Each fixture is loaded straight from its diffusers folder and after conversion with the CLI; the
 model computes its own positional embeddings from config.json and the input shape.

@@ -20,8 +20,7 @@ def test_from_hf_config_reads_fixture_configs(fixtures_dir):
     cfg = LongCatConfig.from_hf_config(d)
     assert cfg == LongCatConfig.tiny(enable_bsa=True, bsa_params=BSAParams(
         sparsity=0.75, cdf_threshold=None, chunk_3d_shape_q=(2, 2, 2), chunk_3d_shape_k=(2, 2, 2)))
-    with pytest.raises(ValueError, match="unsupported keys.*'mystery'"):
-        LongCatConfig.from_hf_config({**d, "mystery": 1})
+    assert LongCatConfig.from_hf_config({**d, "mystery": 1}) == cfg  # warns (tests/test_config_keys.py)
     with pytest.raises(ValueError, match="cp_split_hw"):
         LongCatConfig.from_hf_config({**d, "cp_split_hw": [2, 1]})
     assert LongCatConfig.from_hf_config({**d, "cp_split_hw": None}).cp_split_hw == (1, 1)

@@ -3,7 +3,9 @@
 Each notebook is executed with nbclient in a kernel that runs *this* interpreter (a kernelspec
 written to a temp dir, so a user-level "python3" kernel pointing at another Python cannot be
 picked up). JAXVID_NOTEBOOK_SCALE=small keeps shapes tiny; JAXVID_FIG_DIR sends the PNGs to a
-temp dir so the run never rewrites docs/. One test per notebook, so pytest-xdist spreads them.
+temp dir so the run never rewrites docs/. The kernel's TMPDIR is a folder of its own that must be
+empty once the kernel has exited: a notebook leaves nothing behind in the temp folder. One test
+per notebook, so pytest-xdist spreads them.
 """
 from __future__ import annotations
 
@@ -50,16 +52,21 @@ def test_notebooks_exist_and_are_committed_without_outputs():
         assert not dirty, f"{path.name}: cells {dirty} hold outputs; clear them before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# 03 runs two tiny pipelines end to end: the slowest test of the suite.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem.startswith("03") else p
+                                  for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from jupyter_client.manager import KernelManager
 
     fig_dir = tmp_path / "figures"
+    kernel_tmp = tmp_path / "kernel_tmp"
+    kernel_tmp.mkdir()
     # The kernel process inherits this environment.
     monkeypatch.setenv("JAXVID_NOTEBOOK_SCALE", "small")
     monkeypatch.setenv("JAXVID_FIG_DIR", str(fig_dir))
     monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TMPDIR", str(kernel_tmp))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     # With pytest-xdist each worker runs one kernel; keep XLA from oversubscribing the cores.
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false"))
@@ -72,6 +79,8 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         client.execute()
     except nbclient.exceptions.CellExecutionError as err:
         pytest.fail(f"{path.name} failed:\n{err}")
+    left = sorted(p.name for p in kernel_tmp.iterdir())
+    assert not left, f"{path.name} left {left} in its temp folder"
     pngs = sorted(p.name for p in fig_dir.glob("*.png"))
     assert pngs, f"{path.name} saved no figures under JAXVID_FIG_DIR"
     for png in fig_dir.glob("*.png"):

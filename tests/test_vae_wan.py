@@ -112,7 +112,7 @@ def test_config_from_saved_json(saved):
         ({"is_residual": True}, "is_residual"),
         ({"attn_scales": [0.5]}, "attn_scales"),
         ({"patch_size": 2}, "patch_size"),
-        ({"some_new_key": 1}, "some_new_key"),
+        ({"dim_mult": "1244"}, "dim_mult"),  # unknown keys only warn (tests/test_config_keys.py)
         ({"latents_std": [1.0]}, "latents_std"),
         ({"scale_factor_spatial": 16}, "scale_factor_spatial"),
         ({"temperal_downsample": [True, True, True]}, "temporal_downsample"),

@@ -1,4 +1,6 @@
 """Video export round trips and input validation."""
+import os
+
 import numpy as np
 import pytest
 
@@ -56,3 +58,43 @@ def test_mp4_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch):
     path = video.save(_frames(), tmp_path / "out.mp4")
     assert path.suffix == ".gif" and path.exists()
     assert video.load(path).shape == _frames().shape
+
+
+_WRITE_UNDER_LIMIT = """
+import resource, signal, sys
+import os
+
+import numpy as np
+from jaxvid import video
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+frames = np.random.default_rng(0).integers(0, 255, (12, 48, 64, 3), dtype=np.uint8)
+video.save(frames, sys.argv[1], fps=8)
+"""
+
+
+@pytest.mark.parametrize("name", ["out.mp4", "out.gif"])
+def test_failed_write_exits_nonzero_and_leaves_no_file(tmp_path, name):
+    """A real short write that runs out of space (RLIMIT_FSIZE) in a subprocess: non-zero exit, an
+    error naming the path, no partial file, and a file already at the target left as it was."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out_dir = tmp_path / "videos"
+    out_dir.mkdir()
+    old = out_dir / name
+    old.write_bytes(b"an older video")
+    result = subprocess.run([sys.executable, "-c", _WRITE_UNDER_LIMIT, str(old), "4096"], cwd=repo,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode != 0
+    assert "could not write the video" in result.stderr and "no file was written" in result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == [name]
+    assert old.read_bytes() == b"an older video"
+    # The same write with room succeeds and replaces the old file.
+    ok = subprocess.run([sys.executable, "-c", _WRITE_UNDER_LIMIT, str(old), str(1 << 30)], cwd=repo,
+                        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert ok.returncode == 0, ok.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == [name]
+    assert video.load(old).shape == (12, 48, 64, 3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 
 from jaxvid.attention.bsa import bsa_attention, select_blocks
-from jaxvid.attention.dense import dense_attention
+from jaxvid.attention.dense import check_float_qkv, dense_attention
 from jaxvid.attention.layout import VideoLayout
 from jaxvid.attention.plan import BSA, AttentionPlan, AttentionSpec, Dense, Radial, Scene
 from jaxvid.attention.radial import radial_attention, radial_block_mask
@@ -41,8 +41,9 @@ def attend(
     BSA(...) -> LongCat's block sparse attention over video-only sequences: needs `layout`
     (queries) and optionally `kv_layout` (keys, default = layout), both without text; a layout
     with a single frame runs dense, as upstream ("bsa will not be used in image sampling").
-    `scale` defaults to 1/sqrt(D).
+    `scale` defaults to 1/sqrt(D). q, k, v must be floating point (TypeError otherwise).
     """
+    check_float_qkv("attend", q, k, v)
     if spec is None or isinstance(spec, Dense):
         return dense_attention(q, k, v, scale=scale)
     if isinstance(spec, Radial):

@@ -9,8 +9,18 @@ import jax.numpy as jnp
 _CUDNN_MAX_HEAD_DIM = 128
 
 
+def check_float_qkv(fn: str, q, k, v) -> None:
+    """TypeError naming the argument unless q, k and v are floating point (ints gave all-zero outputs)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{fn}: {name} has dtype {dtype}; expected a floating dtype "
+                            "(float32, bfloat16 or float16)")
+
+
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
-    """Softmax attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] -> [B, Sq, H, D]."""
+    """Softmax attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] (floating) -> [B, Sq, H, D]."""
+    check_float_qkv("dense_attention", q, k, v)
     head_dim = q.shape[-1]
     if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and head_dim <= _CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0):

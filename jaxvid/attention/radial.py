@@ -1,7 +1,8 @@
 """Radial attention: a static block mask whose temporal window halves as frame distance doubles.
 
 Reimplements the mask construction of mit-han-lab/radial-attention (`radial_attn/attn_mask.py`,
-`gen_log_mask_shrinked`, commit 72788d4f) in numpy, bit-exact:
+`gen_log_mask_shrinked`, commit 72788d4f) in numpy, bit-exact
+(one exception, below):
 
 - token sequence = [video (frame-major); text], padded to a multiple of `block_size`;
 - for each frame pair (i, j) a token-level band |col - row| <= window(dist) inside the
@@ -12,7 +13,13 @@ Reimplements the mask construction of mit-han-lab/radial-attention (`radial_attn
   `shrinkMaskStrict` (a block is kept when > 60% of its non-empty columns are > 1/3 full) and OR-ed
   into the block mask;
 - every block row/column from `video_tokens // block_size` on (text and padding) is dense;
-- `wan` adds a first-frame attention sink (frame 0 columns full).
+- `wan` adds a first-frame attention sink (frame 0 columns full);
+- every diagonal block is kept: the one departure from upstream. Upstream shrinks each frame
+  tile over only the first ceil(tokens_per_frame / block_size) blocks of its canvas, so where a
+  frame boundary cuts a diagonal block the block can get too small a share and be dropped, and
+  with frames of at most a third of a block no block at all survives (4 frames x 16 tokens,
+  block 64: attention returned zeros). A query block always sees its own tokens here; the
+  upstream fixtures do not change.
 
 Window widths: `cogvideox` (the project's seed rule) dist 0 -> tokens_per_frame, 1 ->
 tokens_per_frame // 2; `wan` dist <= 1 -> tokens_per_frame; `hunyuan` dist <= 1 -> tokens_per_frame;
@@ -32,6 +39,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvid.attention.dense import check_float_qkv
 from jaxvid.attention.scene import scene_block_mask
 from pallas_kernels.api import block_sparse_attention
 from pallas_kernels.reference import block_mask_to_indices
@@ -127,6 +135,9 @@ def _radial_block_mask_cached(num_frames: int, tokens_per_frame: int, block_size
             r0 = (i * tokens_per_frame) // block_size
             c0 = (j * tokens_per_frame) // block_size
             mask[r0:r0 + tile.shape[0], c0:c0 + tile.shape[1]] |= tile
+    # Every query block keeps its own (diagonal) block; upstream can drop it (module docstring),
+    # down to an empty mask and all-zero outputs for frames of at most a third of a block.
+    np.fill_diagonal(mask, True)
     logger.info(
         "radial mask %s %dx%d (+%d text), block %d, decay %g: %dx%d blocks, density %.4f",
         model_type, num_frames, tokens_per_frame, text_tokens, block_size, decay_factor,
@@ -191,6 +202,7 @@ def radial_kv_tables(
     if scene_boundaries is not None:
         mask = mask & scene_block_mask(num_frames, tokens_per_frame, scene_boundaries, scene_adjacency,
                                        block_size=block_size, text_tokens=text_tokens)
+        np.fill_diagonal(mask, True)  # a query block always sees its own tokens
         logger.info("radial AND scene mask: density %.4f", mask.mean())
     indices, counts = block_mask_to_indices(np.asarray(mask))
     indices, counts = indices[None, None], counts[None, None]
@@ -222,6 +234,7 @@ def radial_attention(
     video) the sequence is rotated to [video; text] and back, so upstream's mask applies as is
     (attention is permutation-equivariant). S is padded to the block size; padded keys are masked.
     """
+    check_float_qkv("radial_attention", q, k, v)
     seq_len = num_frames * tokens_per_frame + text_tokens
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4 or x.shape[1] != seq_len:

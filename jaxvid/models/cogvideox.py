@@ -143,15 +143,17 @@ class CogVideoXConfig:
     # ---- config.json --------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> CogVideoXConfig:
-        """Read a diffusers config.json dict; unknown keys are an error (bookkeeping keys are skipped)."""
+        """Read a diffusers config.json dict: unknown keys are ignored with one warning (as diffusers
+        does; bookkeeping keys silently), a value of the wrong type is a ValueError naming the key."""
+        from jaxvid.models.hf_config import check_field_types, drop_unknown_keys
+
+        what = "CogVideoX transformer config.json"
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
         kwargs = {k: v for k, v in d.items() if k not in _BOOKKEEPING and not k.startswith("_")}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ValueError(f"CogVideoX config.json has keys jaxvid does not know: {unknown}")
+        kwargs = drop_unknown_keys(kwargs, names, what=what)
         if kwargs.get("out_channels", 1) is None:
-            raise ValueError("CogVideoX config.json out_channels=None; expected an integer")
-        return cls(**kwargs)
+            raise ValueError(f"{what}: out_channels=None; expected an integer")
+        return cls(**check_field_types(cls, kwargs, what=what))
 
     def to_hf_config(self) -> dict[str, Any]:
         """The diffusers config.json dict of this config (dtypes left out)."""

@@ -206,16 +206,23 @@ class LongCatConfig:
 
     @classmethod
     def from_hf_config(cls, d: Mapping[str, Any]) -> LongCatConfig:
-        """Read upstream's config.json (diffusers `save_pretrained` of LongCatVideoTransformer3DModel)."""
+        """Read upstream's config.json (diffusers `save_pretrained` of LongCatVideoTransformer3DModel).
+
+        Unknown keys are ignored with one warning (as diffusers does); a value of the wrong type is a
+        ValueError naming the key.
+        """
+        from jaxvid.models.hf_config import check_field_types, drop_unknown_keys
+
+        what = "LongCat transformer config.json"
         fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
-        unknown = sorted(set(d) - fields - _IGNORED_HF_KEYS)
-        if unknown:
-            raise ValueError(f"LongCat config.json has unsupported keys {unknown}")
-        kwargs = {k: v for k, v in d.items() if k in fields}
+        d = {k: v for k, v in d.items() if k not in _IGNORED_HF_KEYS and not k.startswith("_")}
+        kwargs = drop_unknown_keys(d, fields, what=what)
         if kwargs.get("cp_split_hw") is None:
             kwargs.pop("cp_split_hw", None)  # upstream's None means no split
+        kwargs = check_field_types(cls, kwargs, what=what)
         if isinstance(kwargs.get("bsa_params"), Mapping):
-            kwargs["bsa_params"] = BSAParams.from_dict(kwargs["bsa_params"])
+            params = check_field_types(BSAParams, kwargs["bsa_params"], what=f"{what} bsa_params")
+            kwargs["bsa_params"] = BSAParams.from_dict(params)
         return cls(**kwargs)
 
 

@@ -16,7 +16,10 @@ Spatial tiling (`CogVideoXVAETiling`) reproduces diffusers' `tiled_encode` / `ti
 overlapping tiles, each run through the full frame-batch loop, blended linearly with the tile
 above and to the left (using the already-blended neighbours, as upstream's in-place blend does),
 then cropped and stitched. Tiles of equal shape are stacked and run with `lax.map`, so each
-distinct tile shape is traced once and only one tile is live at a time.
+distinct tile shape is traced once and only one tile is live at a time. Unlike upstream, each tile
+keeps exactly one stride of output and tiles start on the latent grid, so the output always has
+the untiled size (upstream's 32 x 32 video with 16 px tiles comes out 36 x 34); for the released
+VAEs' default tiling the two geometries are the same.
 
 Not ported (inactive in every released CogVideoX VAE): quant_conv / post_quant_conv, latents
 mean/std, temb, dropout. `CogVideoXSafeConv3d`'s chunking is a PyTorch memory workaround with
@@ -112,33 +115,33 @@ class CogVideoXVAEConfig:
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> CogVideoXVAEConfig:
-        """Read diffusers' `vae/config.json`; raises on features this port does not implement."""
-        d = {k: v for k, v in d.items() if k not in _BOOKKEEPING}
-        n = len(d.get("block_out_channels", (128, 256, 256, 512)))
+        """Read diffusers' `vae/config.json`; raises on features this port does not implement and on
+        values of the wrong type; unknown keys are ignored with one warning, as diffusers does."""
+        from jaxvid.models.hf_config import check_field_types, drop_unknown_keys
+
+        what = "CogVideoX VAE config.json"
+        d = {k: v for k, v in d.items() if k not in _BOOKKEEPING and not k.startswith("_")}
+        # Known keys that are not fields: each must have the one value this port implements.
         checks = {
-            "act_fn": lambda v: v == "silu",
-            "use_quant_conv": lambda v: not v,
-            "use_post_quant_conv": lambda v: not v,
-            "latents_mean": lambda v: v is None,
-            "latents_std": lambda v: v is None,
-            "down_block_types": lambda v: list(v) == [_DOWN_BLOCK] * n,
-            "up_block_types": lambda v: list(v) == [_UP_BLOCK] * n,
+            "act_fn": lambda v, n: v == "silu",
+            "use_quant_conv": lambda v, n: not v,
+            "use_post_quant_conv": lambda v, n: not v,
+            "latents_mean": lambda v, n: v is None,
+            "latents_std": lambda v, n: v is None,
+            "down_block_types": lambda v, n: isinstance(v, (list, tuple)) and list(v) == [_DOWN_BLOCK] * n,
+            "up_block_types": lambda v, n: isinstance(v, (list, tuple)) and list(v) == [_UP_BLOCK] * n,
         }
-        for key, ok in checks.items():
-            if key in d and not ok(d[key]):
-                raise ValueError(f"vae config {key}={d[key]!r} is not supported by jaxvid's CogVideoX VAE")
-            d.pop(key, None)
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"vae config has unknown keys {unknown}; expected a subset of {sorted(names)}")
-        if "block_out_channels" in d:
-            d["block_out_channels"] = tuple(d["block_out_channels"])
-        if "temporal_compression_ratio" in d:
-            ratio = d["temporal_compression_ratio"]
-            if float(ratio) != int(ratio):
-                raise ValueError(f"vae config temporal_compression_ratio={ratio!r}: expected an integer")
-            d["temporal_compression_ratio"] = int(ratio)
+        d = drop_unknown_keys(d, names | set(checks), what=what)
+        ratio = d.get("temporal_compression_ratio")
+        if isinstance(ratio, float) and ratio.is_integer():
+            d["temporal_compression_ratio"] = int(ratio)  # diffusers annotates it float and writes 4.0
+        d = check_field_types(cls, d, what=what)
+        n = len(d.get("block_out_channels", (128, 256, 256, 512)))
+        for key, ok in checks.items():
+            if key in d and not ok(d[key], n):
+                raise ValueError(f"{what}: {key}={d[key]!r} is not supported by jaxvid's CogVideoX VAE")
+            d.pop(key, None)
         return cls(**d)
 
     @classmethod
@@ -590,38 +593,49 @@ def _blend_weights(extent: int, dtype: Any) -> Array:
     return jnp.asarray(np.arange(extent) / extent, dtype)
 
 
-def blend_v(above: Array, tile: Array, extent: int) -> Array:
-    """Linear cross-fade of `above`'s last rows into `tile`'s first rows (axis H of [B, F, H, W, C])."""
-    extent = min(above.shape[2], tile.shape[2], extent)
+def blend_v(above: Array, tile: Array, extent: int, offset: int | None = None) -> Array:
+    """Linear cross-fade of `above` into `tile`'s first rows (axis H of [B, F, H, W, C]).
+
+    Row r < extent of `tile` sits at row `offset + r` of `above` (default: `above`'s last
+    `extent` rows, upstream's alignment, right when the tiles overlap by exactly `extent`).
+    """
+    start = above.shape[2] - extent if offset is None else offset
+    extent = min(above.shape[2] - start, tile.shape[2], extent)
     if extent <= 0:
         return tile
     w = _blend_weights(extent, tile.dtype)[:, None, None]
-    mixed = above[:, :, -extent:] * (1 - w) + tile[:, :, :extent] * w
+    mixed = above[:, :, start:start + extent] * (1 - w) + tile[:, :, :extent] * w
     return jnp.concatenate([mixed, tile[:, :, extent:]], axis=2)
 
 
-def blend_h(left: Array, tile: Array, extent: int) -> Array:
-    """Linear cross-fade of `left`'s last columns into `tile`'s first columns (axis W)."""
-    extent = min(left.shape[3], tile.shape[3], extent)
+def blend_h(left: Array, tile: Array, extent: int, offset: int | None = None) -> Array:
+    """Linear cross-fade of `left` into `tile`'s first columns (axis W); `offset` as in `blend_v`."""
+    start = left.shape[3] - extent if offset is None else offset
+    extent = min(left.shape[3] - start, tile.shape[3], extent)
     if extent <= 0:
         return tile
     w = _blend_weights(extent, tile.dtype)[:, None]
-    mixed = left[:, :, :, -extent:] * (1 - w) + tile[:, :, :, :extent] * w
+    mixed = left[:, :, :, start:start + extent] * (1 - w) + tile[:, :, :, :extent] * w
     return jnp.concatenate([mixed, tile[:, :, :, extent:]], axis=3)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _TileGrid:
-    """Tile geometry of one tiled pass: input tiles `size` at stride `stride`; output tiles are
-    blended over `blend` rows/cols and cropped to `keep`. Pairs are (height, width)."""
+    """Tile geometry of one tiled pass, pairs are (height, width).
+
+    Input tiles of `size` start every `stride` input rows/cols; one input stride is `out_stride`
+    output rows/cols. Each tile keeps its first `out_stride` output rows/cols (the last tile keeps
+    what it has), so the stitched output has exactly the untiled size; neighbours cross-fade over
+    `blend` output rows/cols (at most their overlap) where they overlap.
+    """
 
     size: tuple[int, int]
     stride: tuple[int, int]
+    out_stride: tuple[int, int]
     blend: tuple[int, int]
-    keep: tuple[int, int]
 
     def __post_init__(self) -> None:
-        if min(self.size) < 1 or min(self.stride) < 1:
+        if min(self.size) < 1 or min(self.stride) < 1 or min(self.out_stride) < 1:
             raise ValueError(
                 f"tiling: tiles of {self.size} at stride {self.stride} (in latents or pixels); "
                 "expected tiles of at least one latent and overlap factors leaving a positive stride"
@@ -631,6 +645,10 @@ class _TileGrid:
 def run_tiled(fn: Callable[[Array], Array], x: Array, grid: _TileGrid) -> Array:
     """Apply `fn` to overlapping spatial tiles of x [B, F, H, W, C], blend and stitch the outputs.
 
+    The output has the size `fn(x)` would have for every input size (upstream keeps a fixed
+    `tile - blend` rows per tile, which overshoots when that differs from the stride, e.g. 36 x 34
+    for a 32 x 32 video with small tiles). Where upstream's geometry is consistent (blend ==
+    overlap, as for every released CogVideoX VAE at its default tiling) the result is upstream's.
     Tiles of one shape are stacked and mapped (`lax.map`), so each shape is traced once.
     """
     height, width = x.shape[2:4]
@@ -653,13 +671,14 @@ def run_tiled(fn: Callable[[Array], Array], x: Array, grid: _TileGrid) -> Array:
         row = []
         for j in cols:
             tile = outputs[(i, j)]
-            # Blend with the *blended* neighbours: upstream blends in place, tile by tile.
+            # Blend with the *blended* neighbours (upstream blends in place, tile by tile); the
+            # neighbour's rows from its out_stride on are the ones this tile's first rows cover.
             if i > 0:
-                tile = blend_v(blended[(i - grid.stride[0], j)], tile, grid.blend[0])
+                tile = blend_v(blended[(i - grid.stride[0], j)], tile, grid.blend[0], grid.out_stride[0])
             if j > 0:
-                tile = blend_h(blended[(i, j - grid.stride[1])], tile, grid.blend[1])
+                tile = blend_h(blended[(i, j - grid.stride[1])], tile, grid.blend[1], grid.out_stride[1])
             blended[(i, j)] = tile
-            row.append(tile[:, :, : grid.keep[0], : grid.keep[1]])
+            row.append(tile[:, :, : grid.out_stride[0], : grid.out_stride[1]])
         result_rows.append(jnp.concatenate(row, axis=3))
     return jnp.concatenate(result_rows, axis=2)
 
@@ -712,15 +731,17 @@ class AutoencoderKLCogVideoX(nnx.Module):
         return LatentDistribution(mean=mean, logvar=jnp.clip(logvar, -30.0, 20.0))
 
     def _encode_grid(self, t: CogVideoXVAETiling) -> _TileGrid:
-        lat_h = int(t.sample_min_height / self.cfg.spatial_compression)
-        lat_w = int(t.sample_min_width / self.cfg.spatial_compression)
-        blend = (int(lat_h * t.overlap_factor_height), int(lat_w * t.overlap_factor_width))
+        # Pixel tiles and strides are whole latents, so every tile's latents sit on the untiled
+        # latent grid (upstream strides by int(px * (1 - overlap)) pixels, the same number for
+        # the released VAEs' defaults, but off the grid for others, e.g. 13 px with 4 px latents).
+        s = self.cfg.spatial_compression
+        lat_h, lat_w = t.sample_min_height // s, t.sample_min_width // s
+        stride = (int(lat_h * (1 - t.overlap_factor_height)), int(lat_w * (1 - t.overlap_factor_width)))
         return _TileGrid(
-            size=(t.sample_min_height, t.sample_min_width),
-            stride=(int(t.sample_min_height * (1 - t.overlap_factor_height)),
-                    int(t.sample_min_width * (1 - t.overlap_factor_width))),
-            blend=blend,
-            keep=(lat_h - blend[0], lat_w - blend[1]),
+            size=(lat_h * s, lat_w * s),
+            stride=(stride[0] * s, stride[1] * s),
+            out_stride=stride,
+            blend=(int(lat_h * t.overlap_factor_height), int(lat_w * t.overlap_factor_width)),
         )
 
     # -- decode
@@ -741,14 +762,14 @@ class AutoencoderKLCogVideoX(nnx.Module):
         return jnp.transpose(out, (0, 4, 1, 2, 3))
 
     def _decode_grid(self, t: CogVideoXVAETiling) -> _TileGrid:
-        lat_h = int(t.sample_min_height / self.cfg.spatial_compression)
-        lat_w = int(t.sample_min_width / self.cfg.spatial_compression)
-        blend = (int(t.sample_min_height * t.overlap_factor_height), int(t.sample_min_width * t.overlap_factor_width))
+        s = self.cfg.spatial_compression
+        lat_h, lat_w = t.sample_min_height // s, t.sample_min_width // s
+        stride = (int(lat_h * (1 - t.overlap_factor_height)), int(lat_w * (1 - t.overlap_factor_width)))
         return _TileGrid(
             size=(lat_h, lat_w),
-            stride=(int(lat_h * (1 - t.overlap_factor_height)), int(lat_w * (1 - t.overlap_factor_width))),
-            blend=blend,
-            keep=(t.sample_min_height - blend[0], t.sample_min_width - blend[1]),
+            stride=stride,
+            out_stride=(stride[0] * s, stride[1] * s),
+            blend=(int(t.sample_min_height * t.overlap_factor_height), int(t.sample_min_width * t.overlap_factor_width)),
         )
 
     def __call__(self, x: Array, *, tiling: CogVideoXVAETiling | None = None) -> Array:

@@ -139,9 +139,13 @@ class WanVAEConfig:
     def from_hf_config(cls, d: dict[str, Any]) -> "WanVAEConfig":
         """Read diffusers' AutoencoderKLWan config.json (missing keys take diffusers' defaults).
 
-        Keys starting with "_" are bookkeeping and ignored; unknown keys and values of variants this
-        port does not implement (Wan 2.2's is_residual / patch_size, attn_scales) raise ValueError.
+        Keys starting with "_" are bookkeeping and ignored; unknown keys are ignored with one warning
+        (as diffusers does); values of variants this port does not implement (Wan 2.2's is_residual /
+        patch_size, attn_scales) and values of the wrong type raise ValueError.
         """
+        from jaxvid.models.hf_config import check_field_types, drop_unknown_keys
+
+        what = "AutoencoderKLWan config.json"
         d = {k: v for k, v in d.items() if not k.startswith("_")}  # _class_name, _diffusers_version, ...
         fixed = {"attn_scales": [], "is_residual": False, "patch_size": None}
         for key, supported in fixed.items():
@@ -156,16 +160,9 @@ class WanVAEConfig:
             "in_channels", "out_channels", "latents_mean", "latents_std",
         }
         ignored = {"dropout", "scale_factor_temporal", "scale_factor_spatial", *fixed}  # dropout: inference only
-        unknown = sorted(set(d) - known - ignored)
-        if unknown:
-            raise ValueError(f"AutoencoderKLWan config has unsupported keys {unknown}")
-        kwargs: dict[str, Any] = {}
-        for key in known & set(d):
-            value = d[key]
-            if isinstance(value, list):
-                value = tuple(value)
-            kwargs[renames.get(key, key)] = value
-        cfg = cls(**kwargs)
+        d = drop_unknown_keys(d, known | ignored, what=what)
+        kwargs = {renames.get(key, key): d[key] for key in known & set(d)}
+        cfg = cls(**check_field_types(cls, kwargs, what=what))
         for key, got in (("scale_factor_temporal", cfg.temporal_compression), ("scale_factor_spatial", cfg.spatial_compression)):
             if d.get(key) is not None and d[key] != got:
                 raise ValueError(f"AutoencoderKLWan config {key}={d[key]!r} contradicts the topology, which gives {got}")
