@@ -20,7 +20,7 @@ jaxvid's key tables backwards) plus MODEL_CARD.md, so `CogVideoXPipeline.from_pr
 loads it. It appears whole or not at all (written to a temporary sibling, then renamed).
 
 Deterministic from --seed: data, initialisation, noise and caption dropout all derive from it
-(`--time-budget` picks the step count from measured speed; the card records the count, and
+(`--time-budget` / `--vae-time-budget` pick the step counts from measured speed; the card records the count, and
 `--steps` with that count reproduces the run). On a GPU, bitwise reproducibility also needs
 XLA_FLAGS=--xla_gpu_deterministic_ops=true.
 """
@@ -89,7 +89,8 @@ class TrainConfig:
     ema_decay: float = 0.998
     shape_weight: float = 4.0  # extra loss weight on pixels / latents the shapes cover (they are ~8% of a frame)
     train_text_encoder: bool = True
-    time_budget: float | None = None  # seconds per stage: caps its steps from the measured step time
+    vae_time_budget: float | None = None  # seconds of VAE training: caps vae_steps from the measured step time
+    dit_time_budget: float | None = None  # likewise for the DiT stage
 
     def __post_init__(self) -> None:
         for name in ("vae_batch", "dit_batch", "warmup"):
@@ -314,7 +315,7 @@ def train_vae(cfg: TrainConfig, vae: AutoencoderKLCogVideoX, batches: Iterator) 
         return (_apply(params, updates, lr), opt, i + 1), loss
 
     state = (params, _TX.init(params), jnp.int32(0))
-    state, curve, steps, seconds = _run_stage("vae", step, state, batches, cfg.vae_steps, cfg.time_budget,
+    state, curve, steps, seconds = _run_stage("vae", step, state, batches, cfg.vae_steps, cfg.vae_time_budget,
                                               cfg.vae_lr, cfg.warmup)
     return nnx.merge(graphdef, state[0], rest), {"steps": steps, "seconds": seconds, "curve": curve}
 
@@ -380,7 +381,7 @@ def train_dit(cfg: TrainConfig, transformer: CogVideoXTransformer3D, t5: T5Encod
     # the frozen T5 travels as a jit argument: NNX modules must not close over arrays of another trace
     frozen = None if cfg.train_text_encoder else t5_params
     state = (trainable, trainable, _TX.init(trainable), jnp.int32(0), frozen)
-    state, curve, steps, seconds = _run_stage("dit", step, state, batches, cfg.dit_steps, cfg.time_budget,
+    state, curve, steps, seconds = _run_stage("dit", step, state, batches, cfg.dit_steps, cfg.dit_time_budget,
                                               cfg.dit_lr, cfg.warmup)
     ema = state[1]
     transformer = nnx.merge(dit_def, ema["dit"], dit_rest)
@@ -627,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-batch", type=int, default=d.dit_batch)
     p.add_argument("--vae-batch", type=int, default=d.vae_batch)
     p.add_argument("--frozen-text-encoder", action="store_true", help="keep T5 at its random init")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds per stage (caps the steps)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds of DiT training (caps --steps)")
+    p.add_argument("--vae-time-budget", type=float, default=None, help="seconds of VAE training (caps --vae-steps)")
     p.add_argument("--vae-from", default=None, help="reuse a trained vae/ folder (skips the VAE stage)")
     p.add_argument("--eval-seeds", type=int, default=2, help="held-out evaluation: seeds per prompt (0 = none)")
     p.add_argument("--gif", default=None, help="also write a GIF of the default prompt to this path")
@@ -641,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = TrainConfig(seed=args.seed, dit_steps=args.steps, vae_steps=args.vae_steps, dit_batch=args.dit_batch,
                       vae_batch=args.vae_batch, train_text_encoder=not args.frozen_text_encoder,
-                      time_budget=args.time_budget)
+                      dit_time_budget=args.time_budget, vae_time_budget=args.vae_time_budget)
     guidance = tuple(float(g) for g in args.eval_guidance.split(","))
     train(args.out, cfg, vae_from=args.vae_from, eval_seeds=tuple(range(args.eval_seeds)), eval_guidance=guidance)
     if args.gif:
