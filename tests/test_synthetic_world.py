@@ -125,3 +125,43 @@ def test_export_round_trips_through_the_real_loader(tmp_path):
         assert loaded.keys() == original.keys()
         for key in original:
             np.testing.assert_array_equal(loaded[key], original[key], err_msg=f"{name}: {key}")
+
+
+def _fake_tokenizer(captions):
+    class Tokens:
+        input_ids = np.asarray([[len(c), 1] + [0] * 224 for c in captions], np.int32)
+    return Tokens()
+
+
+def test_training_batches_do_not_depend_on_the_worker_count():
+    pytest.importorskip("optax")
+    from jaxvid.synthetic.train import Batches
+
+    runs = []
+    for workers in (1, 3):
+        batches = Batches(5, 4, _fake_tokenizer, dropout=0.5, two_shape_prob=0.5, workers=workers)
+        runs.append([next(batches) for _ in range(4)])
+        batches.close()
+    for a, b in zip(*runs):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    pixels, ids, masks = runs[0][0]
+    assert pixels.shape == (4, 3, world.FRAMES, world.SIZE, world.SIZE) and pixels.min() >= -1 and pixels.max() <= 1
+    assert masks.shape == (4, world.FRAMES, world.SIZE, world.SIZE) and ids.shape == (4, 226)
+
+
+def test_latent_mask_follows_the_causal_vae_frame_grouping():
+    pytest.importorskip("optax")
+    from jaxvid.synthetic.train import latent_mask
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((2, 9, 16, 16)) < 0.02
+    got = np.asarray(latent_mask(masks, 4, 4))
+    groups = [[0], [1, 2, 3, 4], [5, 6, 7, 8]]  # latent frame j <- pixel frames, as the causal VAE encodes them
+    want = np.zeros((2, 3, 4, 4), bool)
+    for b in range(2):
+        for j, frames in enumerate(groups):
+            for f in frames:
+                for y, x in zip(*np.nonzero(masks[b, f])):
+                    want[b, j, y // 4, x // 4] = True
+    np.testing.assert_array_equal(got, want)

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import queue
 import shutil
 import tempfile
 import threading
@@ -168,7 +167,6 @@ class Batches:
         self._tokenize = tokenizer
         self._ids: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
         self._next = 0
         self._ready: dict[int, Any] = {}
         self._cond = threading.Condition()
@@ -196,9 +194,6 @@ class Batches:
         pixels = video.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
         return np.ascontiguousarray(pixels.transpose(0, 4, 1, 2, 3)), self._ids_of(captions), masks
 
-    def __del__(self) -> None:
-        self.close()
-
     def _work(self, worker: int, workers: int) -> None:
         index = worker
         while True:
@@ -206,21 +201,26 @@ class Batches:
                 self._cond.wait_for(lambda: self._stop or index < self._next + self._ahead)
                 if self._stop:
                     return
-            item = self.make(index)
+            try:
+                item: Any = self.make(index)
+            except Exception as e:  # handed to the consumer, which re-raises it
+                item = e
             with self._cond:
                 self._ready[index] = item
                 self._cond.notify_all()
             index += workers
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         return self
 
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+    def __next__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with self._cond:
             self._cond.wait_for(lambda: self._next in self._ready)
             item = self._ready.pop(self._next)
             self._next += 1
             self._cond.notify_all()
+        if isinstance(item, Exception):
+            raise RuntimeError(f"rendering training batch {self._next - 1} failed") from item
         return item
 
     def close(self) -> None:
