@@ -539,9 +539,10 @@ track, bounding-box fill ratio); fraction right:
 
 ## Retrain
 
-    python -m jaxvid.synthetic.train --out DIR --seed {cfg.seed} --vae-steps {vae['steps']} --steps {dit['steps']}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
+    python -m jaxvid.synthetic.train --out DIR --seed {cfg.seed} --vae-steps {vae['steps']} --steps {dit['steps']} \\
+        --vae-batch {cfg.vae_batch} --dit-batch {cfg.dit_batch}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
 
-(one H200 GPU: about {vae['seconds'] + dit['seconds']:.0f} s of training; set
+({stats.get('device', 'unknown device')}: about {vae['seconds'] + dit['seconds']:.0f} s of training; set
 XLA_FLAGS=--xla_gpu_deterministic_ops=true for bitwise-identical weights).
 """
 
