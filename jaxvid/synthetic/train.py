@@ -1,0 +1,656 @@
+"""Train jaxvid's embedded default model: a tiny CogVideoX (T5 + VAE + DiT) on the synthetic world.
+
+    python -m jaxvid.synthetic.train --out DIR --steps 3000 --seed 0
+
+Two stages, both with optax (Adam, gradient clipping, warm-up then cosine decay):
+
+1. VAE: the CogVideoX VAE (jaxvid.models.vae_cogvideox) learns to reconstruct rendered videos
+   (L1 + MSE on [-1, 1] pixels, a small KL term). Its `scaling_factor` is then set to 1 / the
+   standard deviation of the posterior means, so the DiT sees unit-variance latents.
+2. DiT (jaxvid.models.cogvideox) and, unless --frozen-text-encoder, the T5 encoder
+   (jaxvid.models.t5), on the frozen VAE's scaled posterior means: v-prediction under the noise
+   schedule of the folder's CogVideoXDDIMScheduler config (scaled-linear betas, zero terminal
+   SNR), timesteps uniform in [0, 1000), captions replaced by "" with probability
+   --caption-dropout so classifier-free guidance works. The weights written are an exponential
+   moving average of the trained ones.
+
+The output folder has diffusers' layout (model_index.json, transformer/, vae/, text_encoder/,
+tokenizer/, scheduler/; safetensors in diffusers' / transformers' key layout, written by running
+jaxvid's key tables backwards) plus MODEL_CARD.md, so `CogVideoXPipeline.from_pretrained(DIR)`
+loads it. It appears whole or not at all (written to a temporary sibling, then renamed).
+
+Deterministic from --seed: data, initialisation, noise and caption dropout all derive from it
+(`--time-budget` / `--vae-time-budget` pick the step counts from measured speed; the card records the count, and
+`--steps` with that count reproduces the run). On a GPU, bitwise reproducibility also needs
+XLA_FLAGS=--xla_gpu_deterministic_ops=true.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxvid.models.cogvideox import CogVideoXConfig, CogVideoXTransformer3D
+from jaxvid.models.t5 import T5Config, T5Encoder
+from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+from jaxvid.schedulers.cogvideox_ddim import CogVideoXSchedulerConfig, alphas_cumprod
+from jaxvid.synthetic import world
+from jaxvid.synthetic.default_model import DEFAULT_GENERATION
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "model_configs", "train", "main", "SCHEDULER_CONFIG", "GENERATION_DEFAULTS"]
+
+MAX_TEXT_TOKENS = 226  # what CogVideoXPipeline tokenizes to by default; training sees the same padding
+# diffusers' CogVideoX-5b DDIM scheduler config (the tiny pipeline ships the same one)
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "clip_sample_range": 1.0, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True, "sample_max_value": 1.0, "set_alpha_to_one": True, "snr_shift_scale": 1.0,
+    "steps_offset": 0, "timestep_spacing": "trailing", "trained_betas": None,
+}
+# Generation settings the model was trained for (frames and size of the world); steps and guidance
+# as measured on the held-out prompts (see the model card).
+GENERATION_DEFAULTS = DEFAULT_GENERATION
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """Hyperparameters of both stages (the defaults are the shipped model's)."""
+
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    dit_steps: int = 3000
+    dit_batch: int = 64
+    dit_lr: float = 5e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    two_shape_prob: float = 0.2
+    ema_decay: float = 0.998
+    shape_weight: float = 4.0  # extra loss weight on pixels / latents the shapes cover (they are ~8% of a frame)
+    train_text_encoder: bool = True
+    vae_time_budget: float | None = None  # seconds of VAE training: caps vae_steps from the measured step time
+    dit_time_budget: float | None = None  # likewise for the DiT stage
+
+    def __post_init__(self) -> None:
+        for name in ("vae_batch", "dit_batch", "warmup"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a positive int")
+        for name in ("vae_steps", "dit_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected an int >= 0")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"TrainConfig.caption_dropout={self.caption_dropout!r}; expected a value in [0, 1)")
+
+
+def model_configs(scaling_factor: float = 1.0) -> tuple[CogVideoXConfig, CogVideoXVAEConfig, T5Config]:
+    """(transformer, VAE, text encoder) configs of the default model: 48 x 48 x 9 videos -> 8 x 3 x 12 x 12 latents."""
+    vae = CogVideoXVAEConfig(
+        latent_channels=8, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        sample_height=world.SIZE, sample_width=world.SIZE, scaling_factor=float(scaling_factor),
+    )
+    t5 = T5Config(vocab_size=200, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                  relative_attention_num_buckets=32, relative_attention_max_distance=64)
+    transformer = CogVideoXConfig(
+        num_attention_heads=4, attention_head_dim=32, in_channels=vae.latent_channels,
+        out_channels=vae.latent_channels, time_embed_dim=64, text_embed_dim=t5.d_model, num_layers=4,
+        sample_width=world.SIZE // vae.spatial_compression, sample_height=world.SIZE // vae.spatial_compression,
+        sample_frames=world.FRAMES, max_text_seq_length=MAX_TEXT_TOKENS, use_rotary_positional_embeddings=True,
+    )
+    return transformer, vae, t5
+
+
+# ============================================================================================ data
+
+
+def _tokenizer(folder: Path):
+    from jaxvid.tiny import _tokenizer_config, _write_json, tiny_spiece_model
+    from jaxvid.tokenizer import cogvideox_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(tiny_spiece_model())
+    _write_json(folder / "tokenizer_config.json", _tokenizer_config())
+    return cogvideox_tokenizer(folder, max_length=MAX_TEXT_TOKENS)
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """Grow a bool mask [..., H, W] by one pixel (3 x 3 neighbourhood)."""
+    padded = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)])
+    h, w = mask.shape[-2:]
+    out = np.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            out |= padded[..., dy:dy + h, dx:dx + w]
+    return out
+
+
+def latent_mask(masks: jax.Array, temporal: int, spatial: int) -> jax.Array:
+    """Pixel masks [B, F, H, W] -> latent masks [B, F', H / s, W / s]: latent frame 0 covers frame 0,
+    latent frame j >= 1 frames (j - 1) * temporal + 1 .. j * temporal (the causal VAE's grouping)."""
+    b, f, h, w = masks.shape
+    first = masks[:, :1]
+    rest = masks[:, 1:].reshape(b, (f - 1) // temporal, temporal, h, w).any(axis=2)
+    m = jnp.concatenate([first, rest], axis=1)
+    return m.reshape(b, m.shape[1], h // spatial, spatial, w // spatial, spatial).any(axis=(3, 5))
+
+
+class Batches:
+    """Seeded training batches, rendered ahead on worker threads (batch i depends only on (seed, i)).
+
+    Each batch: pixels float32 [B, 3, F, H, W] in [-1, 1], token ids int32 [B, 226] (the caption
+    replaced by "" with probability `dropout`) and the shapes' masks, bool [B, F, H, W] (dilated by a
+    pixel, so edges count as shape).
+    """
+
+    def __init__(self, seed: int, batch: int, tokenizer: Any, *, dropout: float, two_shape_prob: float,
+                 workers: int = 4, ahead: int = 8):
+        self.seed, self.batch, self.dropout, self.two_shape_prob = seed, batch, dropout, two_shape_prob
+        self._tokenize = tokenizer
+        self._ids: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+        self._ready: dict[int, Any] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._threads = [threading.Thread(target=self._work, args=(w, workers), daemon=True) for w in range(workers)]
+        self._ahead = ahead
+        for t in self._threads:
+            t.start()
+
+    def _ids_of(self, captions: list[str]) -> np.ndarray:
+        with self._lock:
+            missing = sorted({c for c in captions if c not in self._ids})
+            if missing:
+                for c, ids in zip(missing, self._tokenize(missing).input_ids):
+                    self._ids[c] = np.asarray(ids, np.int32)
+            return np.stack([self._ids[c] for c in captions])
+
+    def make(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, index])
+        scenes = [world.sample_scene(rng, two_shape_prob=self.two_shape_prob) for _ in range(self.batch)]
+        captions = [world.caption(s) if rng.random() >= self.dropout else "" for s in scenes]
+        video = world.render_batch(scenes)
+        background = np.asarray([world.BACKGROUNDS[s.background] for s in scenes], np.uint8)
+        masks = _dilate(np.any(video != background[:, None, None, None, :], axis=-1))
+        pixels = video.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        return np.ascontiguousarray(pixels.transpose(0, 4, 1, 2, 3)), self._ids_of(captions), masks
+
+    def _work(self, worker: int, workers: int) -> None:
+        index = worker
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or index < self._next + self._ahead)
+                if self._stop:
+                    return
+            try:
+                item: Any = self.make(index)
+            except Exception as e:  # handed to the consumer, which re-raises it
+                item = e
+            with self._cond:
+                self._ready[index] = item
+                self._cond.notify_all()
+            index += workers
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._next in self._ready)
+            item = self._ready.pop(self._next)
+            self._next += 1
+            self._cond.notify_all()
+        if isinstance(item, Exception):
+            raise RuntimeError(f"rendering training batch {self._next - 1} failed") from item
+        return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+
+# ======================================================================================= training
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 5% of `peak` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+_TX = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
+
+
+def _apply(params: Any, updates: Any, lr: jax.Array) -> Any:
+    return jax.tree.map(lambda p, u: p - lr * u, params, updates)
+
+
+def _run_stage(name: str, step_fn, state: Any, batches: Iterator, steps: int, budget: float | None,
+               peak: float, warmup: int) -> tuple[Any, list[tuple[int, float]], int, float]:
+    """Run `state, loss = step_fn(state, batch, lr)`; returns (state, [(step, mean loss)], steps done, seconds).
+
+    With a time budget the step count becomes min(steps, budget / measured step time), the budget
+    counting from the end of the first (compiling) step; it is fixed once steps 10..30 are timed
+    (inside the warm-up, so the schedule is unaffected).
+    """
+    total = steps
+    curve: list[tuple[int, float]] = []
+    window: list[jax.Array] = []
+    t0 = time.perf_counter()
+    t_compiled = t_mark = t0
+    every = max(1, steps // 30)
+    step = 0
+    while step < total:
+        lr = jnp.float32(learning_rate(step, total, peak, warmup))
+        state, loss = step_fn(state, next(batches), lr)
+        window.append(loss)
+        if step == 0:
+            jax.block_until_ready(loss)
+            t_compiled = time.perf_counter()
+            log.info("%s: first step (compiling) took %.1f s", name, t_compiled - t0)
+        if step == 10:
+            jax.block_until_ready(loss)
+            t_mark = time.perf_counter()
+        if step == 30 and budget is not None:
+            jax.block_until_ready(loss)
+            per_step = (time.perf_counter() - t_mark) / 20
+            total = max(31, min(steps, int(budget / per_step)))
+            every = max(1, total // 30)
+            log.info("%s: %.1f ms/step -> %d steps in the %.0f s budget", name, per_step * 1e3, total, budget)
+        step += 1
+        if step % every == 0 or step == total:
+            mean = float(np.mean(np.asarray(jax.device_get(window))))
+            curve.append((step, mean))
+            window = []
+            log.info("%s step %d/%d loss %.5f lr %.2e (%.0f s)", name, step, total, mean, float(lr),
+                     time.perf_counter() - t0)
+    return state, curve, total, time.perf_counter() - t0
+
+
+def _vae_loss(params, graphdef, rest, pixels, masks, key, kl_weight, shape_weight):
+    vae = nnx.merge(graphdef, params, rest)
+    post = vae.encode(pixels)
+    recon = vae.decode(post.sample(key))
+    err = recon - pixels  # [B, 3, F, H, W]
+    weight = 1.0 + shape_weight * masks[:, None].astype(jnp.float32)
+    weight = weight / jnp.mean(weight)
+    rec = jnp.mean(weight * (jnp.abs(err) + err * err))
+    kl = 0.5 * jnp.mean(post.mean ** 2 + jnp.exp(post.logvar) - 1.0 - post.logvar)
+    return rec + kl_weight * kl
+
+
+def train_vae(cfg: TrainConfig, vae: AutoencoderKLCogVideoX, batches: Iterator) -> tuple[AutoencoderKLCogVideoX, dict]:
+    graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
+    base_key = jax.random.key(cfg.seed + 1)
+
+    @jax.jit
+    def step(state, batch, lr):
+        params, opt, i = state
+        pixels, masks = jnp.asarray(batch[0]), jnp.asarray(batch[2])
+        loss, grads = jax.value_and_grad(_vae_loss)(params, graphdef, rest, pixels, masks,
+                                                    jax.random.fold_in(base_key, i), cfg.kl_weight, cfg.shape_weight)
+        updates, opt = _TX.update(grads, opt, params)
+        return (_apply(params, updates, lr), opt, i + 1), loss
+
+    state = (params, _TX.init(params), jnp.int32(0))
+    state, curve, steps, seconds = _run_stage("vae", step, state, batches, cfg.vae_steps, cfg.vae_time_budget,
+                                              cfg.vae_lr, cfg.warmup)
+    return nnx.merge(graphdef, state[0], rest), {"steps": steps, "seconds": seconds, "curve": curve}
+
+
+@jax.jit
+def _latent_means(graphdef, state, pixels):
+    return nnx.merge(graphdef, state).encode(pixels).mean
+
+
+def latent_std(vae: AutoencoderKLCogVideoX, batches: Iterator, n: int = 8) -> float:
+    """Standard deviation of the VAE's posterior means over n training batches."""
+    graphdef, state = nnx.split(vae)
+    means = [np.asarray(_latent_means(graphdef, state, jnp.asarray(next(batches)[0]))) for _ in range(n)]
+    return float(np.std(np.concatenate([m.ravel() for m in means])))
+
+
+def train_dit(cfg: TrainConfig, transformer: CogVideoXTransformer3D, t5: T5Encoder, vae: AutoencoderKLCogVideoX,
+              batches: Iterator) -> tuple[CogVideoXTransformer3D, T5Encoder, dict]:
+    scale = vae.cfg.scaling_factor
+    vae_def, vae_state = nnx.split(vae)
+    dit_def, dit_params, dit_rest = nnx.split(transformer, nnx.Param, ...)
+    t5_def, t5_params, t5_rest = nnx.split(t5, nnx.Param, ...)
+    table = jnp.asarray(alphas_cumprod(CogVideoXSchedulerConfig.from_hf_config(SCHEDULER_CONFIG)), jnp.float32)
+    base_key = jax.random.key(cfg.seed + 2)
+    n_train = table.shape[0]
+
+    def encode(t5_p, ids):
+        return nnx.merge(t5_def, t5_p, t5_rest)(ids)
+
+    def loss_fn(trainable, frozen_text, latents, ids, weight, key):
+        text = encode(trainable["t5"], ids) if cfg.train_text_encoder else frozen_text
+        dit = nnx.merge(dit_def, trainable["dit"], dit_rest)
+        k_t, k_n = jax.random.split(key)
+        t = jax.random.randint(k_t, (latents.shape[0],), 0, n_train)
+        noise = jax.random.normal(k_n, latents.shape, jnp.float32)
+        a = table[t][:, None, None, None, None]
+        noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
+        target = jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * latents  # v
+        pred = dit(noisy, text, t)
+        return jnp.mean(weight * (pred - target) ** 2)
+
+    @jax.jit
+    def step(state, batch, lr):
+        trainable, ema, opt, i, frozen_t5 = state
+        pixels, ids = jnp.asarray(batch[0]), jnp.asarray(batch[1])
+        # latents the shapes touch weigh more: the background is most of the loss but the easy part
+        m = latent_mask(jnp.asarray(batch[2]), vae.cfg.temporal_compression_ratio, vae.cfg.spatial_compression)
+        weight = 1.0 + cfg.shape_weight * m[:, :, None].astype(jnp.float32)  # [B, F', 1, h, w]
+        weight = weight / jnp.mean(weight)
+        mean = nnx.merge(vae_def, vae_state).encode(pixels).mean  # [B, C, F', h, w]
+        latents = jax.lax.stop_gradient(mean.transpose(0, 2, 1, 3, 4) * scale)
+        # a frozen T5 runs outside the gradient trace (its layer scan must see arrays of its own trace level)
+        frozen_text = None if cfg.train_text_encoder else encode(frozen_t5, ids)
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen_text, latents, ids, weight,
+                                                  jax.random.fold_in(base_key, i))
+        updates, opt = _TX.update(grads, opt, trainable)
+        trainable = _apply(trainable, updates, lr)
+        decay = jnp.minimum(cfg.ema_decay, (1.0 + i) / (10.0 + i))  # short warm-up of the average
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, trainable)
+        return (trainable, ema, opt, i + 1, frozen_t5), loss
+
+    trainable = {"dit": dit_params, **({"t5": t5_params} if cfg.train_text_encoder else {})}
+    # the frozen T5 travels as a jit argument: NNX modules must not close over arrays of another trace
+    frozen = None if cfg.train_text_encoder else t5_params
+    state = (trainable, trainable, _TX.init(trainable), jnp.int32(0), frozen)
+    state, curve, steps, seconds = _run_stage("dit", step, state, batches, cfg.dit_steps, cfg.dit_time_budget,
+                                              cfg.dit_lr, cfg.warmup)
+    ema = state[1]
+    transformer = nnx.merge(dit_def, ema["dit"], dit_rest)
+    t5 = nnx.merge(t5_def, ema["t5"] if cfg.train_text_encoder else t5_params, t5_rest)
+    return transformer, t5, {"steps": steps, "seconds": seconds, "curve": curve}
+
+
+# ======================================================================================== writing
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def write_pipeline(folder: Path, transformer: CogVideoXTransformer3D, vae: AutoencoderKLCogVideoX, t5: T5Encoder) -> None:
+    """Write the three networks, tokenizer, scheduler and model_index.json in diffusers' layout."""
+    from convert.keymaps.cogvideox import diffusers_shapes, transformer_rules
+    from convert.keymaps.t5 import encoder_rules
+    from convert.keymaps.vae_cogvideox import vae_rules
+    from convert.safetensors_io import write_safetensors
+    from jaxvid.models.loading import model_specs
+    from jaxvid.synthetic.export import to_source
+    from jaxvid.tiny import _DIFFUSERS_VERSION, _t5_hf_config, _vae_hf_config, _write_json, source_shapes
+
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    tcfg, vcfg, t5cfg = transformer.cfg, vae.cfg, t5.cfg
+    write_safetensors(folder / "transformer" / "diffusion_pytorch_model.safetensors",
+                      to_source(transformer, transformer_rules(tcfg), diffusers_shapes(tcfg)))
+    _write_json(folder / "transformer" / "config.json", {**tcfg.to_hf_config(), "_diffusers_version": _DIFFUSERS_VERSION})
+    rules = vae_rules(vcfg)
+    write_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors",
+                      to_source(vae, rules, source_shapes(rules, model_specs(AutoencoderKLCogVideoX, vcfg))))
+    _write_json(folder / "vae" / "config.json", _vae_hf_config(vcfg))
+    rules = encoder_rules(t5cfg)
+    write_safetensors(folder / "text_encoder" / "model.safetensors",
+                      to_source(t5, rules, source_shapes(rules, model_specs(T5Encoder, t5cfg))))
+    _write_json(folder / "text_encoder" / "config.json", _t5_hf_config(t5cfg))
+    _tokenizer(folder / "tokenizer")
+    _write_json(folder / "scheduler" / "scheduler_config.json",
+                {"_class_name": "CogVideoXDDIMScheduler", "_diffusers_version": _DIFFUSERS_VERSION, **SCHEDULER_CONFIG})
+    _write_json(folder / "model_index.json", {
+        "_class_name": "CogVideoXPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    })
+
+
+# ===================================================================================== evaluation
+
+
+def held_out_prompts() -> list[tuple[str, tuple[str, str, str]]]:
+    """(caption, (colour, shape, motion)) of every held-out one-shape combination."""
+    out = []
+    for combo in world.HELD_OUT:
+        scene = world.scene_from_combo(combo, np.random.default_rng(0))
+        out.append((world.caption(scene), combo[:3]))
+    return out
+
+
+def evaluate(folder: Path, prompts: list[tuple[str, tuple[str, str, str]]], *, seeds: Sequence[int] = (0,),
+             guidance_scale: float = GENERATION_DEFAULTS["guidance_scale"],
+             num_inference_steps: int = GENERATION_DEFAULTS["num_inference_steps"]) -> dict[str, Any]:
+    """Generate every prompt with the real pipeline and score it with the detector; returns accuracies."""
+    from jaxvid.pipelines.cogvideox import CogVideoXPipeline
+    from jaxvid.synthetic.detect import detect_one
+
+    pipe = CogVideoXPipeline.from_pretrained(folder)
+    hits = {"colour": 0, "shape": 0, "motion": 0, "all": 0}
+    n = 0
+    misses = []
+    for seed in seeds:
+        videos = pipe([p for p, _ in prompts], num_frames=world.FRAMES, height=world.SIZE, width=world.SIZE,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, progress=False)
+        for (prompt, want), video in zip(prompts, videos):
+            d = detect_one(video)
+            got = (d.colour, d.shape, d.motion) if d else (None, None, None)
+            for k, name in enumerate(("colour", "shape", "motion")):
+                hits[name] += got[k] == want[k]
+            hits["all"] += got == want
+            n += 1
+            if got != want:
+                misses.append(f"{prompt!r} (seed {seed}): saw {got}")
+    return {**{k: v / n for k, v in hits.items()}, "n": n, "misses": misses}
+
+
+def write_sample_gif(folder: str | os.PathLike, path: str | os.PathLike, prompt: str | None = None, seed: int = 0) -> Path:
+    """Generate `prompt` (default: DEFAULT_PROMPT, a held-out caption) with the pipeline at `folder`
+    and save it as a GIF at `path`, upscaled 4x (nearest) so the 48 px frames are visible."""
+    from jaxvid.pipelines.cogvideox import CogVideoXPipeline
+    from jaxvid.synthetic.default_model import DEFAULT_PROMPT
+    from jaxvid.video import save
+
+    pipe = CogVideoXPipeline.from_pretrained(folder)
+    kw = {k: GENERATION_DEFAULTS[k] for k in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale")}
+    frames = pipe(prompt or DEFAULT_PROMPT, seed=seed, progress=False, **kw)
+    frames = frames.repeat(4, axis=1).repeat(4, axis=2)
+    return save(frames, Path(path).with_suffix(".gif"), fps=GENERATION_DEFAULTS["fps"])
+
+
+# ======================================================================================== card
+
+
+def _card(cfg: TrainConfig, stats: dict[str, Any], sizes: dict[str, int], params: dict[str, int]) -> str:
+    vae, dit = stats["vae"], stats["dit"]
+
+    def curve(c: list[tuple[int, float]]) -> str:
+        picks = c if len(c) <= 12 else [c[int(round(i * (len(c) - 1) / 11))] for i in range(12)]
+        return ", ".join(f"{s}: {v:.4f}" for s, v in picks)
+
+    held = "\n".join(f"- a {c} {s} {'standing still' if m == 'still' else 'moving ' + m} on a {b} background"
+                     for c, s, m, b in world.HELD_OUT)
+    ev_lines = "\n".join(f"- guidance {g}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in r.items())
+                         for g, r in stats.get("eval_by_guidance", {}).items())
+    return f"""# jaxvid default model: a tiny CogVideoX trained on a synthetic world
+
+A text-to-video CogVideoX pipeline (T5 encoder, CogVideoX VAE, CogVideoX DiT with 3D RoPE; diffusers'
+folder layout, DDIM v-prediction scheduler) that draws what its caption says: one or two flat shapes
+(circle, square, triangle) in red, green, blue, yellow or white, moving left, right, up or down or
+standing still, on a black, white or gray background, as {world.FRAMES} frames of {world.SIZE} x {world.SIZE} pixels.
+
+    a green square moving up on a black background
+    a red circle moving right and a blue triangle standing still on a white background
+
+## Data
+Rendered on the fly by `jaxvid/synthetic/world.py` (numpy, seeded): shapes of {world.SHAPE_SIZE} px moving
+{world.SPEED:g} px per frame, a caption from the template above; {cfg.two_shape_prob:.0%} of the videos hold two shapes.
+These {len(world.HELD_OUT)} one-shape combinations never appear in training, alone or inside a two-shape scene
+(each of their words, and each pair of them, does):
+
+{held}
+
+## Training ({stats.get('device', 'unknown device')})
+- seed {cfg.seed}; optax Adam, global-norm clipping 1, {cfg.warmup} warm-up steps, cosine decay to 5 %.
+- VAE: {vae['steps']} steps of batch {cfg.vae_batch}, lr {cfg.vae_lr:g}, L1 + MSE + {cfg.kl_weight:g} KL, {vae['seconds']:.0f} s;
+  pixels under a shape (dilated by 1 px) weigh {1 + cfg.shape_weight:g} x the background's.
+  Loss (step: mean loss since the previous entry): {curve(vae['curve'])}.
+  scaling_factor = 1 / std of the posterior means = {stats['scaling_factor']:.4f}.
+- DiT{' + T5' if cfg.train_text_encoder else ' (T5 frozen at its random init)'}: {dit['steps']} steps of batch {cfg.dit_batch}, lr {cfg.dit_lr:g},
+  v-prediction MSE (latents a shape touches weigh {1 + cfg.shape_weight:g} x), caption dropout {cfg.caption_dropout:g},
+  EMA {cfg.ema_decay:g}, {dit['seconds']:.0f} s.
+  Loss: {curve(dit['curve'])}.
+
+## Evaluation
+Held-out captions, generated with `CogVideoXPipeline.from_pretrained` ({GENERATION_DEFAULTS['num_inference_steps']} DDIM steps,
+guidance {GENERATION_DEFAULTS['guidance_scale']}) and read back by `jaxvid/synthetic/detect.py` (colour masks, centroid
+track, bounding-box fill ratio); fraction right:
+
+{ev_lines}
+
+## Size
+{json.dumps(params)} parameters; files: {json.dumps(sizes)} bytes.
+
+## Retrain
+
+    python -m jaxvid.synthetic.train --out DIR --seed {cfg.seed} --vae-steps {vae['steps']} --steps {dit['steps']} \\
+        --vae-batch {cfg.vae_batch} --dit-batch {cfg.dit_batch}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
+
+({stats.get('device', 'unknown device')}: about {vae['seconds'] + dit['seconds']:.0f} s of training; set
+XLA_FLAGS=--xla_gpu_deterministic_ops=true for bitwise-identical weights).
+"""
+
+
+# =========================================================================================== main
+
+
+def _count(model: nnx.Module) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLike | None = None,
+          eval_seeds: Sequence[int] = (0,), eval_guidance: Sequence[float] = (GENERATION_DEFAULTS["guidance_scale"],)
+          ) -> dict[str, Any]:
+    """Train both stages (or load the VAE from `vae_from`, a pipeline's vae/ folder) and write `out`."""
+    from jaxvid.models.loading import load_model
+
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"out={str(out)!r} exists; expected a new folder (nothing is overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokenizer = _tokenizer(tmp / "tokenizer")
+        tcfg, vcfg, t5cfg = model_configs()
+        keys = np.random.SeedSequence(cfg.seed).generate_state(3)
+        stats: dict[str, Any] = {"device": jax.devices()[0].device_kind}
+
+        vae_batches = Batches(cfg.seed * 2 + 0, cfg.vae_batch, tokenizer, dropout=0.0,
+                              two_shape_prob=cfg.two_shape_prob)
+        if vae_from is None:
+            vae = AutoencoderKLCogVideoX(vcfg, rngs=nnx.Rngs(int(keys[0])))
+            vae, stats["vae"] = train_vae(cfg, vae, vae_batches)
+        else:
+            vae = load_model(vae_from, expect=("AutoencoderKLCogVideoX",))
+            card = json.loads((Path(vae_from).parent / "train_stats.json").read_text())
+            stats["vae"] = card["vae"]
+        std = latent_std(vae, vae_batches)
+        vae_batches.close()
+        # only the top-level config's scaling_factor is read (by the pipeline and the writer)
+        vae.cfg = dataclasses.replace(vae.cfg, scaling_factor=float(1.0 / std))
+        stats["scaling_factor"] = 1.0 / std
+
+        transformer = CogVideoXTransformer3D(tcfg, rngs=nnx.Rngs(int(keys[1])))
+        t5 = T5Encoder(t5cfg, rngs=nnx.Rngs(int(keys[2])))
+        dit_batches = Batches(cfg.seed * 2 + 1, cfg.dit_batch, tokenizer, dropout=cfg.caption_dropout,
+                              two_shape_prob=cfg.two_shape_prob)
+        if cfg.dit_steps:
+            transformer, t5, stats["dit"] = train_dit(cfg, transformer, t5, vae, dit_batches)
+        else:
+            stats["dit"] = {"steps": 0, "seconds": 0.0, "curve": []}
+        dit_batches.close()
+
+        write_pipeline(tmp, transformer, vae, t5)
+        (tmp / "train_stats.json").write_text(json.dumps({k: v for k, v in stats.items()}, indent=1) + "\n")
+        if cfg.dit_steps and eval_seeds:
+            for scale in eval_guidance:
+                result = evaluate(tmp, held_out_prompts(), seeds=eval_seeds, guidance_scale=scale)
+                log.info("held-out accuracy at guidance %g: %s", scale, {k: v for k, v in result.items() if k != "misses"})
+                for m in result["misses"]:
+                    log.info("miss: %s", m)
+                stats.setdefault("eval_by_guidance", {})[str(scale)] = {k: v for k, v in result.items() if k != "misses"}
+                if scale == GENERATION_DEFAULTS["guidance_scale"]:
+                    stats["eval"] = result
+        sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*.safetensors"))}
+        params = {"transformer": _count(transformer), "vae": _count(vae), "text_encoder": _count(t5)}
+        (tmp / "MODEL_CARD.md").write_text(_card(cfg, stats, sizes, params))
+        (tmp / "train_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s (%d bytes)", out, _folder_bytes(out))
+    return stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m jaxvid.synthetic.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="new folder to write the pipeline to")
+    p.add_argument("--steps", type=int, default=d.dit_steps, help="DiT steps")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dit-batch", type=int, default=d.dit_batch)
+    p.add_argument("--vae-batch", type=int, default=d.vae_batch)
+    p.add_argument("--frozen-text-encoder", action="store_true", help="keep T5 at its random init")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds of DiT training (caps --steps)")
+    p.add_argument("--vae-time-budget", type=float, default=None, help="seconds of VAE training (caps --vae-steps)")
+    p.add_argument("--vae-from", default=None, help="reuse a trained vae/ folder (skips the VAE stage)")
+    p.add_argument("--eval-seeds", type=int, default=2, help="held-out evaluation: seeds per prompt (0 = none)")
+    p.add_argument("--gif", default=None, help="also write a GIF of the default prompt to this path")
+    p.add_argument("--eval-guidance", default=str(GENERATION_DEFAULTS["guidance_scale"]),
+                   help="comma-separated guidance scales to evaluate at")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = TrainConfig(seed=args.seed, dit_steps=args.steps, vae_steps=args.vae_steps, dit_batch=args.dit_batch,
+                      vae_batch=args.vae_batch, train_text_encoder=not args.frozen_text_encoder,
+                      dit_time_budget=args.time_budget, vae_time_budget=args.vae_time_budget)
+    guidance = tuple(float(g) for g in args.eval_guidance.split(","))
+    train(args.out, cfg, vae_from=args.vae_from, eval_seeds=tuple(range(args.eval_seeds)), eval_guidance=guidance)
+    if args.gif:
+        log.info("wrote %s", write_sample_gif(args.out, args.gif))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
