@@ -6,13 +6,11 @@ random init of billions of parameters happens and no second copy is kept.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +23,18 @@ from convert.apply import check_rules, dominant_float_dtype, iter_assembled
 from convert.checkpoint import CheckpointReader, is_checkpoint
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
+from jaxvid.models.dtypes import resolve_dtype
+from jaxvid.models.registry import MODELS, ModelEntry, resolve
+
+_resolve = resolve  # the name convert/cli.py imports (until it moves to jaxvid/cli/convert.py)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelEntry:
-    """How to build and fill one model class: 'module:attr' strings, imported lazily."""
-
-    config: str  # class with from_hf_config(dict) -> frozen config (fields dtype, param_dtype)
-    model: str  # NNX module class, constructed as Model(cfg, *, rngs)
-    rules: str  # function cfg -> list[Rule]
-    ignore: tuple[str, ...] = ()  # regexes of source keys that carry no parameter (buffers)
-
-
-def _resolve(ref: str) -> Any:
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def rules_for(entry: ModelEntry, cfg: Any, source: Any) -> list[Rule]:
     """The entry's key table for `cfg`; tables that take `source_keys` (e.g. T5's tied embedding,
     stored under either of two names) also see which keys the checkpoint holds."""
-    fn = _resolve(entry.rules)
+    fn = resolve(entry.rules)
     if "source_keys" in inspect.signature(fn).parameters:
         return fn(cfg, source_keys=source.keys())
     return fn(cfg)
@@ -71,8 +58,6 @@ def class_name_of(config: dict[str, Any]) -> str:
 
 
 def entry_for(class_name: str) -> ModelEntry:
-    from jaxvid.models.registry import MODELS
-
     if class_name not in MODELS:
         raise ValueError(f"unknown model class {class_name!r}; jaxvid supports {sorted(MODELS)}")
     return MODELS[class_name]
@@ -120,9 +105,9 @@ def fill_model(
 
 def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None) -> Any:
     """The entry's config from a config.json dict; `dtype` (if given) sets param and compute dtype."""
-    cfg = _resolve(entry.config).from_hf_config(hf_config)
+    cfg = resolve(entry.config).from_hf_config(hf_config)
+    dtype = resolve_dtype(dtype)
     if dtype is not None:
-        dtype = jnp.dtype(dtype)
         cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     return cfg
 
@@ -136,7 +121,8 @@ def load_model(
 ) -> nnx.Module:
     """Load a model from a jaxvid checkpoint or a diffusers/transformers folder (config.json + safetensors).
 
-    `dtype` (e.g. jnp.bfloat16) sets both parameter and compute dtype; None uses the dtype that
+    `dtype` ("bf16" / "fp32" / "fp16", their long names, or a jnp dtype) sets both parameter and compute
+    dtype; None uses the dtype that
     holds most of the stored weights (a bf16 checkpoint loads as bf16, an fp32 one as fp32).
     `expect` restricts the accepted model classes (clear error otherwise).
     `config_overrides` replaces config.json entries before the config is built (same keys and
@@ -144,6 +130,7 @@ def load_model(
     only run-time switches make sense here, since the weights must still fit the model.
     """
     path = Path(path)
+    dtype = resolve_dtype(dtype)  # "bf16", "bfloat16", jnp.bfloat16, ...: the spellings load_pipeline takes
     hf_config = read_config(path)
     if config_overrides:
         unknown = sorted(set(config_overrides) - set(hf_config))
@@ -168,7 +155,7 @@ def load_model(
         ignore: tuple[str, ...] = ()
     else:
         rules, ignore = rules_for(entry, cfg, source), entry.ignore
-    model = fill_model(_resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path))
+    model = fill_model(resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path))
     log.info("loaded %s from %s", class_name, path)
     return model
 
