@@ -15,15 +15,13 @@ VIDEO_SUFFIXES = (".mp4", ".gif")
 
 def to_uint8_frames(video: np.ndarray, *, value_range: tuple[float, float] = (-1.0, 1.0),
                     rounding: str = "round") -> np.ndarray:
-    """Float frames [..., H, W, 3] in `value_range` ((-1, 1) or (0, 1)) -> uint8, the one converter.
+    """Float frames [..., H, W, C] in `value_range` ((-1, 1) or (0, 1)) -> uint8, the one converter.
 
     Values are mapped to [0, 1] (x / 2 + 0.5 for (-1, 1)), clipped, times 255, then rounded
     (rounding="round": diffusers' and torchvision's PIL output) or truncated ("truncate": LongCat
     upstream's `(x * 255).astype(np.uint8)`).
     """
     video = np.asarray(video, dtype=np.float32)
-    if video.ndim < 3 or video.shape[-1] != 3:
-        raise ValueError(f"video: expected [..., H, W, 3], got shape {video.shape}")
     if tuple(value_range) not in ((-1.0, 1.0), (0.0, 1.0)):
         raise ValueError(f"value_range={value_range!r}; expected (-1, 1) or (0, 1)")
     if rounding not in ("round", "truncate"):

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxvid.pipelines.longcat as longcat_pipeline
 from jaxvid.pipelines.longcat import (
     LongCatPipeline,
     _Keys,
@@ -31,8 +30,8 @@ from jaxvid.pipelines.longcat import (
     is_longcat_folder,
     refine_layout,
 )
-from jaxvid.synthetic.longcat import write_tiny_longcat
 from jaxvid.schedulers import flow_match
+from jaxvid.synthetic.longcat import write_tiny_longcat
 from jaxvid.tokenizer import longcat_tokenizer
 
 TOL = 1e-4

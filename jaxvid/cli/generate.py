@@ -17,7 +17,6 @@ import argparse
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -450,9 +449,3 @@ def run_generate(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`jaxvid generate ...` alone (the `jaxvid` command is jaxvid.cli.main)."""
-    from jaxvid.cli.main import main as jaxvid_main
-
-    return jaxvid_main(["generate", *(sys.argv[1:] if argv is None else argv)])
