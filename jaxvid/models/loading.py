@@ -40,20 +40,50 @@ def rules_for(entry: ModelEntry, cfg: Any, source: Any) -> list[Rule]:
     return fn(cfg)
 
 
+def read_json_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from `path`; ValueError naming the file and what is wrong (one line) otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object ({{...}}), got a {type(data).__name__}")
+    return data
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of a model folder, as a dict (clear one-line errors for a missing or malformed file)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path}: no config.json; expected a model folder (diffusers/transformers component or jaxvid checkpoint)")
-    return json.loads(cfg_file.read_text())
+    return read_json_file(cfg_file)
+
+
+def parse_config(config_cls: Any, hf_config: dict[str, Any], where: str | os.PathLike) -> Any:
+    """`config_cls.from_hf_config(hf_config)`, with any complaint about a value turned into one
+    ValueError line naming the file `where` (a config of the wrong type raises TypeError deep inside)."""
+    try:
+        return config_cls.from_hf_config(hf_config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{where}: {reason}") from None
 
 
 def class_name_of(config: dict[str, Any]) -> str:
     """The model class named by a config.json: diffusers' `_class_name` or transformers' `architectures`."""
-    if "_class_name" in config:
-        return config["_class_name"]
-    if config.get("architectures"):
-        return config["architectures"][0]
+    name = config.get("_class_name")
+    if name is None and isinstance(config.get("architectures"), list) and config["architectures"]:
+        name = config["architectures"][0]
+    if isinstance(name, str):
+        return name
+    if name is not None:
+        raise ValueError(f"config.json names the model class {name!r}; expected a string")
     raise ValueError("config.json names no model class (no '_class_name' or 'architectures')")
 
 
@@ -103,9 +133,11 @@ def fill_model(
     return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
 
 
-def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None) -> Any:
-    """The entry's config from a config.json dict; `dtype` (if given) sets param and compute dtype."""
-    cfg = resolve(entry.config).from_hf_config(hf_config)
+def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None,
+               where: str | os.PathLike = "config.json") -> Any:
+    """The entry's config from a config.json dict; `dtype` (if given) sets param and compute dtype.
+    Bad values raise one ValueError naming `where`."""
+    cfg = parse_config(resolve(entry.config), hf_config, where)
     dtype = resolve_dtype(dtype)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
@@ -149,7 +181,7 @@ def load_model(
     entry = entry_for(class_name)
     if dtype is None:
         dtype = dominant_float_dtype(source)
-    cfg = config_for(entry, hf_config, dtype)
+    cfg = config_for(entry, hf_config, dtype, where=path / "config.json")
     if isinstance(source, CheckpointReader):
         rules = [Rule(k, k) for k in source.keys()]  # converted: keys are target names already
         ignore: tuple[str, ...] = ()

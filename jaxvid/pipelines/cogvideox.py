@@ -20,7 +20,6 @@ the I2V image-latent sample.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -34,7 +33,7 @@ from flax import nnx
 
 from jaxvid.attention.plan import AttentionPlan
 from jaxvid.models.dtypes import DTYPES, resolve_dtype
-from jaxvid.models.loading import load_model
+from jaxvid.models.loading import load_model, parse_config
 from jaxvid.pipelines.loop import (
     CompiledFunction,
     Component,
@@ -171,7 +170,7 @@ def check_video_shape(tcfg: Any, vcfg: Any, num_frames: int, height: int, width:
 def read_pipeline_configs(path: str | os.PathLike) -> tuple[Any, Any, bool]:
     """(transformer config, VAE config, is image-to-video) of a pipeline folder, without loading weights."""
     from jaxvid.models.cogvideox import CogVideoXConfig
-    from jaxvid.models.loading import read_config
+    from jaxvid.models.loading import parse_config, read_config
     from jaxvid.models.vae_cogvideox import CogVideoXVAEConfig
 
     path = Path(path)
@@ -181,8 +180,8 @@ def read_pipeline_configs(path: str | os.PathLike) -> tuple[Any, Any, bool]:
     for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / name).is_dir():
             raise ValueError(f"model={str(path)!r}: missing the {name}/ folder a CogVideoX pipeline needs")
-    tcfg = CogVideoXConfig.from_hf_config(read_config(path / "transformer"))
-    vcfg = CogVideoXVAEConfig.from_hf_config(read_config(path / "vae"))
+    tcfg = parse_config(CogVideoXConfig, read_config(path / "transformer"), path / "transformer" / "config.json")
+    vcfg = parse_config(CogVideoXVAEConfig, read_config(path / "vae"), path / "vae" / "config.json")
     pipeline_class = index.get("_class_name", "")
     i2v = "ImageToVideo" in pipeline_class if pipeline_class else tcfg.in_channels == 2 * vcfg.latent_channels
     return tcfg, vcfg, i2v
@@ -296,10 +295,11 @@ def _denoise(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    from jaxvid.models.loading import read_json_file
+
+    if not path.is_file():
+        raise ValueError(f"{path}: missing")
+    return read_json_file(path)
 
 
 class CogVideoXPipeline:
@@ -379,7 +379,7 @@ class CogVideoXPipeline:
         text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",))
         pipe = cls(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer_dir=path / "tokenizer",
-            scheduler_config=CogVideoXSchedulerConfig.from_hf_config(sched_dict), scheduler=scheduler,
+            scheduler_config=parse_config(CogVideoXSchedulerConfig, sched_dict, sched_file), scheduler=scheduler,
             image_to_video=image_to_video,
         )
         log.info("loaded CogVideoX %s pipeline from %s in %.1f s (%s, %s scheduler)", "I2V" if image_to_video else "T2V", path,

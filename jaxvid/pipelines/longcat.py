@@ -39,7 +39,6 @@ LoRAs run at run time (`model(..., lora=...)`, the base weights untouched), as u
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -319,8 +318,9 @@ def is_longcat_folder(path: str | os.PathLike) -> bool:
     dit = Path(path) / "dit"
     if not (dit / "config.json").is_file():
         return False
+    config = read_config(dit)  # a malformed config.json is an error naming it, not "not LongCat"
     try:
-        return class_name_of(read_config(dit)) == "LongCatVideoTransformer3DModel"
+        return class_name_of(config) == "LongCatVideoTransformer3DModel"
     except ValueError:
         from convert.checkpoint import CheckpointReader, is_checkpoint
 
@@ -387,7 +387,7 @@ class LongCatPipeline:
         checkpoint. `dtype` (e.g. jnp.bfloat16, upstream's choice) sets every model's parameter and
         compute dtype; None keeps the stored dtypes.
         """
-        from jaxvid.models.loading import load_model
+        from jaxvid.models.loading import load_model, parse_config, read_json_file
 
         path = Path(path)
         if not path.is_dir():
@@ -402,7 +402,7 @@ class LongCatPipeline:
         sched_file = path / "scheduler" / "scheduler_config.json"
         if not sched_file.is_file():
             raise ValueError(f"{sched_file}: missing; expected the FlowMatchEulerDiscreteScheduler config")
-        scheduler = flow_match.FlowMatchConfig.from_hf_config(json.loads(sched_file.read_text()))
+        scheduler = parse_config(flow_match.FlowMatchConfig, read_json_file(sched_file), sched_file)
         lora_dir = path / LORA_DIR if (path / LORA_DIR).is_dir() else None
         return cls(tokenizer_dir=path / "tokenizer", text_encoder=text_encoder, vae=vae, dit=dit,
                    scheduler=scheduler, lora_dir=lora_dir, progress=progress)
