@@ -16,9 +16,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | 
     kv_lengths: int [B], only the first kv_lengths[b] keys of item b are attended (text tokens).
     """
     head_dim = q.shape[-1]
-    lengths = None if kv_lengths is None else kv_lengths.astype(jnp.int32)
+    lengths = {} if kv_lengths is None else {"key_value_seq_lengths": kv_lengths.astype(jnp.int32)}
     if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and head_dim <= _CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0):
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
-                                            implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **lengths)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla", **lengths)
