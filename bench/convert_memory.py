@@ -35,8 +35,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from jaxvid.demo import write_random_cogvideox  # noqa: E402
 from jaxvid.models.cogvideox import CogVideoXConfig  # noqa: E402
+from jaxvid.synthetic.cogvideox import write_random_cogvideox  # noqa: E402
 
 log = logging.getLogger("bench.convert_memory")
 

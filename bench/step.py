@@ -65,7 +65,7 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False) -> dict:
     from flax import nnx
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.random_weights import random_model
+    from jaxvid.synthetic.random_weights import random_model
 
     bf16 = jnp.bfloat16
     key = jax.random.key(1)

@@ -41,7 +41,7 @@ def _case(case: DecodeCase, repeats: int, smoke: bool) -> dict:
     from flax import nnx
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.random_weights import random_model
+    from jaxvid.synthetic.random_weights import random_model
 
     bf16 = jnp.bfloat16
     c, f, h, w = case.latent

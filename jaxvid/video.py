@@ -16,12 +16,22 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
-def to_uint8_frames(video: np.ndarray) -> np.ndarray:
-    """Float video in [-1, 1], [F, H, W, 3] -> uint8 [F, H, W, 3] (rounded as torchvision/diffusers do)."""
+def to_uint8_frames(video: np.ndarray, *, value_range: tuple[float, float] = (-1.0, 1.0),
+                    rounding: str = "round") -> np.ndarray:
+    """Float frames [..., H, W, C] in `value_range` ((-1, 1) or (0, 1)) -> uint8, the one converter.
+
+    Values are mapped to [0, 1] (x / 2 + 0.5 for (-1, 1)), clipped, times 255, then rounded
+    (rounding="round": diffusers' and torchvision's PIL output) or truncated ("truncate": LongCat
+    upstream's `(x * 255).astype(np.uint8)`).
+    """
     video = np.asarray(video, dtype=np.float32)
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"video: expected [F, H, W, 3], got shape {video.shape}")
-    return np.clip(np.round((video + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    if tuple(value_range) not in ((-1.0, 1.0), (0.0, 1.0)):
+        raise ValueError(f"value_range={value_range!r}; expected (-1, 1) or (0, 1)")
+    if rounding not in ("round", "truncate"):
+        raise ValueError(f"rounding={rounding!r}; expected 'round' or 'truncate'")
+    x = video / np.float32(2.0) + np.float32(0.5) if value_range[0] == -1.0 else video
+    x = np.clip(x, np.float32(0.0), np.float32(1.0)) * np.float32(255.0)
+    return (np.round(x) if rounding == "round" else x).astype(np.uint8)
 
 
 def _has_ffmpeg() -> bool:

@@ -4,7 +4,8 @@
                            kv_len=None, implementation=None) -> out
 
 implementation=None picks "mosaic" (the Pallas Mosaic GPU kernel) on Hopper GPUs and "portable"
-(pure jnp, any backend) elsewhere. "mosaic", "portable" and "reference" force one.
+(pure jnp, any backend) elsewhere. "mosaic", "portable" and "reference" force one. The Mosaic
+kernel's TuningConfig is chosen here (`heuristics.default_config`) unless the caller passes one.
 """
 from __future__ import annotations
 
@@ -69,7 +70,12 @@ def block_sparse_attention(
     impl = resolve_implementation(implementation)
     kwargs = dict(block_q=block_q, block_kv=block_kv, scale=scale, kv_len=kv_len)
     if impl == "mosaic":
-        from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
+        from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu, validate_mgpu_args
+        from pallas_kernels.heuristics import default_config
+
+        if config is None:  # the kernel configuration is chosen here, never by models or the kernel
+            validate_mgpu_args(q, k, v, kv_indices, kv_counts, config=None, **kwargs)
+            config = default_config(head_dim=q.shape[-1], block_q=block_q, block_kv=block_kv, dtype=q.dtype)
         return block_sparse_attention_mgpu(q, k, v, kv_indices, kv_counts, config=config, **kwargs)
     if config is not None:
         raise ValueError(f"config={config!r} only applies to implementation='mosaic' (got {impl!r})")

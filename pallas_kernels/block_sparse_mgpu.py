@@ -503,21 +503,20 @@ def block_sparse_attention_mgpu(
     block_kv: int,
     scale: float | None = None,
     kv_len: int | jax.Array | None = None,
-    config: TuningConfig | None = None,
+    config: TuningConfig,
 ) -> jax.Array:
     """Block-sparse attention on a Hopper GPU (the contract in pallas_kernels/api.py).
 
     q, k, v: [B, S, H, D] bf16 or fp16, D in {64, 128}, S a multiple of block_q and block_kv;
     kv_indices int32 [B or 1, H or 1, S/block_q, M] sorted; kv_counts int32 [B or 1, H or 1,
     S/block_q]; kv_len: int or int32 scalar, keys at positions >= kv_len get no weight.
-    Returns [B, S, H, D] in q's dtype; rows of a query block with count 0 are zeros.
+    Returns [B, S, H, D] in q's dtype; rows of a query block with count 0 are zeros. `config` is
+    chosen by the caller (pallas_kernels.api picks `heuristics.default_config` when none is given).
     """
+    if config is None:
+        raise ValueError("config=None; pass a TuningConfig (pallas_kernels.api.block_sparse_attention picks one)")
     validate_mgpu_args(q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv,
                        scale=scale, kv_len=kv_len, config=config)
-    if config is None:
-        from pallas_kernels.heuristics import default_config
-        config = default_config(head_dim=q.shape[-1], block_q=block_q, block_kv=block_kv,
-                                dtype=q.dtype)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     seq = k.shape[1]

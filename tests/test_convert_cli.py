@@ -21,9 +21,9 @@ from convert.apply import ConversionError
 from convert.checkpoint import CheckpointReader, is_checkpoint
 from convert.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
 from jaxvid.cli import convert as convert_cli
-from jaxvid.demo import write_random_cogvideox
 from jaxvid.models import load_transformer
 from jaxvid.models.cogvideox import CogVideoXConfig
+from jaxvid.synthetic.cogvideox import write_random_cogvideox
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -90,9 +90,9 @@ def test_overlapping_src_dst_refused(component, tmp_path, capsys, case):
 
 def test_relative_paths_load(tmp_path, monkeypatch):
     from jaxvid import load_pipeline
-    from jaxvid.generate import add_generate_parser
+    from jaxvid.cli.generate import add_generate_parser
     from jaxvid.models import load_model, load_transformer
-    from jaxvid.tiny import write_tiny_pipeline
+    from jaxvid.synthetic.cogvideox import write_tiny_pipeline
 
     write_tiny_pipeline(tmp_path / "pipe")
     monkeypatch.chdir(tmp_path)

@@ -4,7 +4,7 @@ Held-out captions (jaxvid.synthetic.world.HELD_OUT) go through the real pipeline
 (CogVideoXPipeline.from_pretrained on the shipped folder: tokenizer -> T5 -> DDIM loop with CFG ->
 VAE), and the detector (colour masks, centroid track, bounding-box fill ratio; validated on the
 world's own videos in test_synthetic_world.py) reads colour, shape and motion back. The random tiny
-pipeline (jaxvid.tiny) is the chance baseline.
+pipeline (jaxvid.synthetic.cogvideox) is the chance baseline.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_default_model_follows_held_out_captions():
 
 @pytest.mark.slow
 def test_random_tiny_model_scores_about_chance(tmp_path):
-    from jaxvid.tiny import write_tiny_pipeline
+    from jaxvid.synthetic.cogvideox import write_tiny_pipeline
 
     accuracy, _ = _accuracy(write_tiny_pipeline(tmp_path / "tiny"))
     # chance of colour, shape and motion all right is about 1/5 * 1/3 * 1/5 = 1/75

@@ -9,8 +9,8 @@ import pytest
 
 from jaxvid import video
 from jaxvid.attention.plan import AttentionPlan, Radial
-from jaxvid.generate import add_generate_parser, attention_plan
-from jaxvid.tiny import write_tiny_pipeline
+from jaxvid.cli.generate import add_generate_parser, attention_plan
+from jaxvid.synthetic.cogvideox import write_tiny_pipeline
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -30,7 +30,7 @@ def test_tiny_default_writes_a_video(tmp_path, caplog):
         assert run(["--output", str(out), "--no-progress"]) == 0
     frames = video.load(out)
     assert frames.shape == (9, 32, 32, 3) and frames.dtype == np.uint8
-    summary = [r.getMessage() for r in caplog.records if r.name == "jaxvid.generate" and "wrote" in r.getMessage()]
+    summary = [r.getMessage() for r in caplog.records if r.name == "jaxvid.cli.generate" and "wrote" in r.getMessage()]
     assert summary and "compile" in summary[0] and "s/step" in summary[0] and "total" in summary[0]
 
 
@@ -85,7 +85,7 @@ def test_attention_options_build_the_plan():
 def test_generate_routes_longcat_folders_and_rejects_modes_for_cogvideox(tmp_path, caplog):
     """`jaxvid generate` hands a LongCat-Video folder to the LongCat CLI; CogVideoX accepts only t2v."""
     from jaxvid.cli import main
-    from jaxvid.pipelines.longcat_tiny import write_tiny_longcat
+    from jaxvid.synthetic.longcat import write_tiny_longcat
 
     longcat = write_tiny_longcat(tmp_path / "longcat")
     with caplog.at_level(logging.ERROR):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxvid.models.longcat import BSAParams, LongCatConfig, LongCatVideoTransformer3D, random_model
+from jaxvid.models.longcat import BSAParams, LongCatConfig, LongCatVideoTransformer3D
+from jaxvid.synthetic.random_weights import random_longcat as random_model
 
 forward = nnx.jit(lambda model, *args, **kw: model(*args, **kw))
 

@@ -18,7 +18,7 @@ import pytest
 
 from jaxvid.attention.plan import AttentionPlan
 from jaxvid.pipelines.cogvideox import CogVideoXPipeline, dpm_step_noise, generation_keys
-from jaxvid.tiny import tiny_configs, tiny_spiece_model
+from jaxvid.synthetic.cogvideox import tiny_configs, tiny_spiece_model
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -31,7 +31,7 @@ NEGATIVE = "blurry, low quality"
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    variant: str  # jaxvid.tiny variant: "t2v", "t2v-1.5", "i2v", "i2v-1.5"
+    variant: str  # jaxvid.synthetic.cogvideox variant: "t2v", "t2v-1.5", "i2v", "i2v-1.5"
     scheduler: str  # "ddim" | "dpm"
     dynamic_cfg: bool
     negative: str
@@ -160,7 +160,7 @@ def test_final_latents_match_diffusers(built, monkeypatch):
     extra = {"image": _image()} if case.variant.startswith("i2v") else {}
     got = jax_pipe(PROMPT, case.negative, **request, num_inference_steps=STEPS, guidance_scale=6.0,
                    use_dynamic_cfg=case.dynamic_cfg, seed=5, latents=noise, output_type="latent", progress=False,
-                   **extra)
+                   **extra).latents[0]
     err = rel_l2(got, expected[0])
     print(f"{case}: final latents rel L2 = {err:.2e}")
     assert got.shape == expected.shape[1:]
@@ -188,7 +188,7 @@ def test_same_shapes_do_not_recompile(built):
     jax_pipe("first prompt", **request, num_inference_steps=STEPS, seed=0, progress=False, **extra)
     compiled = jax_pipe._denoise.num_compiled
     frames = jax_pipe("another prompt", "a negative one", **request, num_inference_steps=STEPS, guidance_scale=4.5,
-                      use_dynamic_cfg=True, seed=1, progress=False, **extra)
+                      use_dynamic_cfg=True, seed=1, progress=False, **extra).frames[0]
     assert jax_pipe._denoise.num_compiled == compiled
     assert jax_pipe.last_timings["compile"] == 0.0
     assert frames.shape == (9, 32, 32, 3) and frames.dtype == np.uint8
@@ -196,7 +196,7 @@ def test_same_shapes_do_not_recompile(built):
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tmp_path_factory):
-    from jaxvid.tiny import write_tiny_pipeline
+    from jaxvid.synthetic.cogvideox import write_tiny_pipeline
 
     return CogVideoXPipeline.from_pretrained(write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe"))
 
@@ -205,10 +205,12 @@ def tiny_pipe(tmp_path_factory):
 def test_radial_plan_switches_inside_the_loop(tiny_pipe):
     """dense_timesteps >= steps is exactly dense; fewer dense steps change the result; one executable per plan."""
     kw = dict(num_frames=17, height=64, width=64, num_inference_steps=2, seed=3, output_type="latent", progress=False)
-    dense = tiny_pipe(PROMPT, **kw)
+    dense = tiny_pipe(PROMPT, **kw).latents
     radial = dict(block_size=64, dense_layers=1)
-    all_dense_steps = tiny_pipe(PROMPT, attention=AttentionPlan.radial_cogvideox(dense_timesteps=2, **radial), **kw)
-    one_dense_step = tiny_pipe(PROMPT, attention=AttentionPlan.radial_cogvideox(dense_timesteps=1, **radial), **kw)
+    all_dense_steps = tiny_pipe(PROMPT, attention=AttentionPlan.radial_cogvideox(dense_timesteps=2, **radial),
+                                **kw).latents
+    one_dense_step = tiny_pipe(PROMPT, attention=AttentionPlan.radial_cogvideox(dense_timesteps=1, **radial),
+                               **kw).latents
     np.testing.assert_array_equal(all_dense_steps, dense)
     assert np.isfinite(one_dense_step).all()
     assert rel_l2(one_dense_step, dense) > 1e-4
@@ -222,7 +224,7 @@ def test_converted_folder_gives_the_same_video(tiny_pipe, tmp_path):
     converted = convert_path(tiny_pipe.tokenizer_dir.parent, tmp_path / "converted", show_progress=False)
     other = CogVideoXPipeline.from_pretrained(converted)
     kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, seed=4, progress=False)
-    np.testing.assert_array_equal(other(PROMPT, **kw), tiny_pipe(PROMPT, **kw))
+    np.testing.assert_array_equal(other(PROMPT, **kw).frames, tiny_pipe(PROMPT, **kw).frames)
 
 
 @pytest.mark.slow  # one of the slowest on 2 cores (issue 16 item 17); -m 'not slow' skips
@@ -230,8 +232,8 @@ def test_bf16_runs_close_to_fp32(tiny_pipe):
     other = CogVideoXPipeline.from_pretrained(tiny_pipe.tokenizer_dir.parent, dtype="bf16")
     assert jnp.dtype(other.transformer.module.cfg.dtype) == jnp.bfloat16
     kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, seed=4, progress=False, output_type="latent")
-    ref = tiny_pipe(PROMPT, **kw)
-    got = other(PROMPT, **kw)
+    ref = tiny_pipe(PROMPT, **kw).latents
+    got = other(PROMPT, **kw).latents
     assert got.dtype == np.float32 and rel_l2(got, ref) < 5e-2
 
 

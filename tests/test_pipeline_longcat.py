@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxvid.pipelines.longcat as longcat_pipeline
 from jaxvid.pipelines.longcat import (
     LongCatPipeline,
     _Keys,
@@ -31,8 +30,8 @@ from jaxvid.pipelines.longcat import (
     is_longcat_folder,
     refine_layout,
 )
-from jaxvid.pipelines.longcat_tiny import write_tiny_longcat
 from jaxvid.schedulers import flow_match
+from jaxvid.synthetic.longcat import write_tiny_longcat
 from jaxvid.tokenizer import longcat_tokenizer
 
 TOL = 1e-4
@@ -81,7 +80,7 @@ def _component(fn, module):
     """module.<method> through the pipeline's thin jitted wrapper (nnx.merge + one call): sharing its
     compilations saves ~1 min of CPU compile time; the pipeline logic under test is all outside it."""
     graphdef, state = nnx.split(module)
-    return lambda *args: fn(state, *args, graphdef=graphdef)
+    return lambda *args: fn(graphdef, state, *args)
 
 
 class Reference:
@@ -90,8 +89,8 @@ class Reference:
     def __init__(self, pipe: LongCatPipeline, folder):
         self.p, self.folder = pipe, folder
         self.dtype = pipe.dit.cfg.dtype
-        self.t5 = _component(longcat_pipeline._encode_text, pipe.text_encoder)
-        self.vae_encode = _component(longcat_pipeline._vae_encode, pipe.vae)
+        self.t5 = _component(pipe._encode_text, pipe.text_encoder)
+        self.vae_encode = _component(pipe._vae_encode, pipe.vae)
         # the pipeline's decode wrapper also denormalises and post-processes (pipeline logic): not shared
         self.vae_decode = nnx.jit(lambda vae, z: vae.decode(z))
 
@@ -260,7 +259,7 @@ def ref(pipe, folder):
 
 def test_t2v_matches_reference_latents_and_frames(pipe, ref):
     out = pipe.generate_t2v(PROMPT, NEGATIVE, height=32, width=32, num_frames=5, num_inference_steps=3,
-                            guidance_scale=4.0, seed=1, max_sequence_length=L)
+                            guidance_scale=4.0, seed=1, max_sequence_length=L, output_type="np")
     want = ref.generate_t2v(32, 32, 5, 3, 4.0, seed=1)
     assert out.latents.shape == (1, 4, 2, 4, 4)
     assert len(pipe.progress.step_times) == 3  # the progress callback ticked once per step
@@ -325,7 +324,7 @@ def test_long_video_is_repeated_continuation(pipe, ref):
     video = _frames(9, 32, 32, seed=5)
     got = pipe.generate_long(PROMPT, video=video, num_segments=2, num_frames=9, num_cond_frames=5, height=32,
                              width=32, num_inference_steps=3, guidance_scale=1.0, enhance_hf=False, seed=5,
-                             max_sequence_length=L)
+                             max_sequence_length=L).frames[0]
     assert got.dtype == np.uint8 and got.shape == (9 + 2 * 4, 32, 32, 3)
     np.testing.assert_array_equal(got[:9], video)
     current, pieces = video, [video]
@@ -349,7 +348,7 @@ def test_refine_with_lora_bsa_and_conditioning_matches_reference(pipe, ref):
     stage1 = _frames(5, 32, 64, seed=6)
     cond_video = _frames(6, 64, 128, seed=7)
     out = pipe.generate_refine(PROMPT, stage1, video=cond_video, num_cond_frames=2, height=64, width=128,
-                               num_inference_steps=4, seed=6, max_sequence_length=L)
+                               num_inference_steps=4, seed=6, max_sequence_length=L, output_type="np")
     want_latents, want_frames = ref.generate_refine(stage1, cond_video, 2, 64, 128, 4, seed=6)
     assert out.latents.shape == (1, 4, 8, 8, 16)  # 4 clean + 4 noisy latent frames (BSA granularity)
     err = rel_l2(out.latents, want_latents)
@@ -449,12 +448,12 @@ def test_frames_to_uint8_truncates_like_upstream():
 
 def test_cli_t2v_writes_a_video(folder, tmp_path):
     from jaxvid import video
-    from jaxvid.pipelines.longcat_cli import main
+    from jaxvid.cli.main import main
 
     out = tmp_path / "clip.mp4"
-    rc = main(["--model", str(folder), "--mode", "t2v", "--prompt", PROMPT, "--height", "32", "--width", "32",
-               "--num-frames", "5", "--steps", "3", "--max-sequence-length", str(L), "--dtype", "fp32",
-               "--no-progress", "--output", str(out)])
+    rc = main(["generate", "--model", str(folder), "--mode", "t2v", "--prompt", PROMPT, "--height", "32",
+               "--width", "32", "--num-frames", "5", "--steps", "3", "--max-sequence-length", str(L), "--dtype",
+               "fp32", "--no-progress", "--output", str(out)])
     assert rc == 0
     written = out if out.exists() else out.with_suffix(".gif")
     frames = video.load(written)
@@ -467,23 +466,22 @@ def test_cli_t2v_writes_a_video(folder, tmp_path):
     (["--mode", "continue", "--prompt", "p", "--video", "missing.mp4"], "no such file"),
 ])
 def test_cli_rejects_bad_requests(folder, argv, message, caplog):
-    from jaxvid.pipelines.longcat_cli import main
+    from jaxvid.cli.main import main
 
     with caplog.at_level("ERROR"):
-        assert main(["--model", str(folder), *argv]) == 2
+        assert main(["generate", "--model", str(folder), *argv]) == 2
     assert message in caplog.text
 
 
-def test_add_longcat_arguments_keeps_existing_options():
+def test_generate_parser_takes_the_longcat_options():
     import argparse
 
-    from jaxvid.pipelines.longcat_cli import add_longcat_arguments
+    from jaxvid.cli.generate import add_generate_parser
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--guidance", type=float, default=None)
-    add_longcat_arguments(parser)
-    args = parser.parse_args(["--model", "m", "--mode", "refine", "--video", "v.mp4", "--spatial-refine-only"])
+    add_generate_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["generate", "--model", "m", "--mode", "refine", "--video", "v.mp4",
+                              "--spatial-refine-only"])
     assert (args.mode, args.video, args.spatial_refine_only, args.guidance) == ("refine", "v.mp4", True, None)
 
 

@@ -8,8 +8,8 @@ import jaxvid
 def test_load_pipeline_picks_the_pipeline_by_folder(tmp_path):
     from jaxvid.pipelines.cogvideox import CogVideoXPipeline
     from jaxvid.pipelines.longcat import LongCatPipeline
-    from jaxvid.pipelines.longcat_tiny import write_tiny_longcat
-    from jaxvid.tiny import write_tiny_pipeline
+    from jaxvid.synthetic.cogvideox import write_tiny_pipeline
+    from jaxvid.synthetic.longcat import write_tiny_longcat
 
     cog = jaxvid.load_pipeline(write_tiny_pipeline(tmp_path / "cog", seed=0))
     assert isinstance(cog, CogVideoXPipeline)

@@ -18,11 +18,16 @@ def check_float_qkv(fn: str, q, k, v) -> None:
                             "(float32, bfloat16 or float16)")
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
-    """Softmax attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] (floating) -> [B, Sq, H, D]."""
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+                    kv_lengths: jax.Array | None = None) -> jax.Array:
+    """Softmax attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] -> [B, Sq, H, D].
+
+    kv_lengths: int [B], only the first kv_lengths[b] keys of item b are attended (text tokens).
+    """
     check_float_qkv("dense_attention", q, k, v)
     head_dim = q.shape[-1]
+    lengths = {} if kv_lengths is None else {"key_value_seq_lengths": kv_lengths.astype(jnp.int32)}
     if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and head_dim <= _CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0):
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **lengths)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla", **lengths)

@@ -15,7 +15,8 @@ How callers use it:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +80,13 @@ class Radial:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class BSA:
-    """LongCat's block sparse attention (jaxvid.attention.bsa); selection is dynamic, per call."""
+    """LongCat's block sparse attention (jaxvid.attention.bsa); selection is dynamic, per call.
+
+    Also upstream's `bsa_params` (config.json, `BSA.from_dict`): sparsity keeps
+    int((1 - sparsity) * n_key_chunks) key chunks per query chunk (top-k), cdf_threshold the chunks
+    whose softmax mass adds up to it (both: CDF with a top-k floor); chunk_3d_shape_q / _k are the
+    (t, h, w) token chunks of queries / keys.
+    """
 
     sparsity: float | None = 0.9375
     cdf_threshold: float | None = None
@@ -103,6 +110,23 @@ class BSA:
             raise ValueError(f"BSA.sparsity={self.sparsity!r}; expected a float in [0, 1) or None")
         if self.cdf_threshold is not None and not 0.0 < self.cdf_threshold <= 1.0:
             raise ValueError(f"BSA.cdf_threshold={self.cdf_threshold!r}; expected a float in (0, 1] or None")
+
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BSA:
+        """From upstream's `bsa_params` (config.json): sparsity, cdf_threshold, chunk_3d_shape_q/_k."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"bsa_params={d!r}; expected a mapping (sparsity, cdf_threshold, chunk_3d_shape_q, "
+                             "chunk_3d_shape_k)")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"bsa_params has unknown keys {sorted(unknown)}; expected sparsity, cdf_threshold, "
+                             "chunk_3d_shape_q, chunk_3d_shape_k")
+        return cls(**d)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `jaxvid.attention.bsa.bsa_attention`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 AttentionSpec = Dense | Radial | BSA

@@ -50,11 +50,12 @@ class JaxvidResolver:
         return sorted(c for c in MODELS if self.supports(c))
 
     def target(self, class_name: str, hf_config: dict[str, Any], source: Any, dtype: np.dtype) -> Target:
-        from jaxvid.models.loading import _resolve, config_for, entry_for, model_specs, rules_for
+        from jaxvid.models.loading import config_for, entry_for, model_specs, rules_for
+        from jaxvid.models.registry import resolve
 
         entry = entry_for(class_name)
         cfg = config_for(entry, hf_config, dtype)
-        specs = model_specs(_resolve(entry.model), cfg)
+        specs = model_specs(resolve(entry.model), cfg)
         return Target(specs=specs, rules=rules_for(entry, cfg, source), ignore=entry.ignore,
                       param_dtype=np.dtype(cfg.param_dtype))
 

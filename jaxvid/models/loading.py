@@ -6,13 +6,11 @@ random init of billions of parameters happens and no second copy is kept.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,54 +23,69 @@ from convert.apply import check_rules, dominant_float_dtype, iter_assembled
 from convert.checkpoint import CheckpointReader, is_checkpoint
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
+from jaxvid.models.dtypes import resolve_dtype
+from jaxvid.models.registry import MODELS, ModelEntry, resolve
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelEntry:
-    """How to build and fill one model class: 'module:attr' strings, imported lazily."""
-
-    config: str  # class with from_hf_config(dict) -> frozen config (fields dtype, param_dtype)
-    model: str  # NNX module class, constructed as Model(cfg, *, rngs)
-    rules: str  # function cfg -> list[Rule]
-    ignore: tuple[str, ...] = ()  # regexes of source keys that carry no parameter (buffers)
-
-
-def _resolve(ref: str) -> Any:
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def rules_for(entry: ModelEntry, cfg: Any, source: Any) -> list[Rule]:
     """The entry's key table for `cfg`; tables that take `source_keys` (e.g. T5's tied embedding,
     stored under either of two names) also see which keys the checkpoint holds."""
-    fn = _resolve(entry.rules)
+    fn = resolve(entry.rules)
     if "source_keys" in inspect.signature(fn).parameters:
         return fn(cfg, source_keys=source.keys())
     return fn(cfg)
 
 
+def read_json_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from `path`; ValueError naming the file and what is wrong (one line) otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object ({{...}}), got a {type(data).__name__}")
+    return data
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of a model folder, as a dict (clear one-line errors for a missing or malformed file)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path}: no config.json; expected a model folder (diffusers/transformers component or jaxvid checkpoint)")
-    return json.loads(cfg_file.read_text())
+    return read_json_file(cfg_file)
+
+
+def parse_config(config_cls: Any, hf_config: dict[str, Any], where: str | os.PathLike) -> Any:
+    """`config_cls.from_hf_config(hf_config)`, with any complaint about a value turned into one
+    ValueError line naming the file `where` (a config of the wrong type raises TypeError deep inside)."""
+    try:
+        return config_cls.from_hf_config(hf_config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{where}: {reason}") from None
 
 
 def class_name_of(config: dict[str, Any]) -> str:
     """The model class named by a config.json: diffusers' `_class_name` or transformers' `architectures`."""
-    if "_class_name" in config:
-        return config["_class_name"]
-    if config.get("architectures"):
-        return config["architectures"][0]
+    name = config.get("_class_name")
+    if name is None and isinstance(config.get("architectures"), list) and config["architectures"]:
+        name = config["architectures"][0]
+    if isinstance(name, str):
+        return name
+    if name is not None:
+        raise ValueError(f"config.json names the model class {name!r}; expected a string")
     raise ValueError("config.json names no model class (no '_class_name' or 'architectures')")
 
 
 def entry_for(class_name: str) -> ModelEntry:
-    from jaxvid.models.registry import MODELS
-
     if class_name not in MODELS:
         raise ValueError(f"unknown model class {class_name!r}; jaxvid supports {sorted(MODELS)}")
     return MODELS[class_name]
@@ -118,11 +131,13 @@ def fill_model(
     return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
 
 
-def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None) -> Any:
-    """The entry's config from a config.json dict; `dtype` (if given) sets param and compute dtype."""
-    cfg = _resolve(entry.config).from_hf_config(hf_config)
+def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None,
+               where: str | os.PathLike = "config.json") -> Any:
+    """The entry's config from a config.json dict; `dtype` (if given) sets param and compute dtype.
+    Bad values raise one ValueError naming `where`."""
+    cfg = parse_config(resolve(entry.config), hf_config, where)
+    dtype = resolve_dtype(dtype)
     if dtype is not None:
-        dtype = jnp.dtype(dtype)
         cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     return cfg
 
@@ -136,7 +151,8 @@ def load_model(
 ) -> nnx.Module:
     """Load a model from a jaxvid checkpoint or a diffusers/transformers folder (config.json + safetensors).
 
-    `dtype` (e.g. jnp.bfloat16) sets both parameter and compute dtype; None uses the dtype that
+    `dtype` ("bf16" / "fp32" / "fp16", their long names, or a jnp dtype) sets both parameter and compute
+    dtype; None uses the dtype that
     holds most of the stored weights (a bf16 checkpoint loads as bf16, an fp32 one as fp32).
     `expect` restricts the accepted model classes (clear error otherwise).
     `config_overrides` replaces config.json entries before the config is built (same keys and
@@ -144,6 +160,7 @@ def load_model(
     only run-time switches make sense here, since the weights must still fit the model.
     """
     path = Path(path)
+    dtype = resolve_dtype(dtype)  # "bf16", "bfloat16", jnp.bfloat16, ...: the spellings load_pipeline takes
     hf_config = read_config(path)
     if config_overrides:
         unknown = sorted(set(config_overrides) - set(hf_config))
@@ -162,13 +179,13 @@ def load_model(
     entry = entry_for(class_name)
     if dtype is None:
         dtype = dominant_float_dtype(source)
-    cfg = config_for(entry, hf_config, dtype)
+    cfg = config_for(entry, hf_config, dtype, where=path / "config.json")
     if isinstance(source, CheckpointReader):
         rules = [Rule(k, k) for k in source.keys()]  # converted: keys are target names already
         ignore: tuple[str, ...] = ()
     else:
         rules, ignore = rules_for(entry, cfg, source), entry.ignore
-    model = fill_model(_resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path))
+    model = fill_model(resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path))
     log.info("loaded %s from %s", class_name, path)
     return model
 

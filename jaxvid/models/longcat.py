@@ -24,7 +24,6 @@ context-parallel split (`cp_split_hw` other than [1, 1]) is not supported (shard
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -35,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvid.attention import attend
+from jaxvid.attention import BSA, AttentionPlan, Dense, VideoLayout, attend
+from jaxvid.attention.dense import dense_attention
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ __all__ = [
     "LongCatConfig",
     "LongCatVideoTransformer3D",
     "LoRAFactors",
-    "random_params",
-    "random_model",
 ]
 
 _EPS = 1e-6
@@ -75,48 +73,18 @@ def _int_tuple(name: str, value: Any, n: int) -> tuple[int, ...]:
     return out
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class BSAParams:
-    """Upstream's `bsa_params`: how block sparse attention selects key chunks.
-
-    sparsity: keep int((1 - sparsity) * n_key_chunks) chunks per query chunk (top-k), or None.
-    cdf_threshold: keep the chunks whose softmax mass adds up to this, or None (both: CDF with a
-    top-k floor). chunk_3d_shape_q / _k: (t, h, w) token chunk of queries / keys.
-    """
-
-    sparsity: float | None = 0.9375
-    cdf_threshold: float | None = None
-    chunk_3d_shape_q: tuple[int, int, int] = (4, 4, 4)
-    chunk_3d_shape_k: tuple[int, int, int] = (4, 4, 4)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "chunk_3d_shape_q", _int_tuple("bsa_params.chunk_3d_shape_q", self.chunk_3d_shape_q, 3))
-        object.__setattr__(self, "chunk_3d_shape_k", _int_tuple("bsa_params.chunk_3d_shape_k", self.chunk_3d_shape_k, 3))
-        if self.sparsity is None and self.cdf_threshold is None:
-            raise ValueError("bsa_params: sparsity and cdf_threshold are both None; give at least one")
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"bsa_params.sparsity={self.sparsity!r}; expected a float in [0, 1) or None")
-        if self.cdf_threshold is not None and not 0.0 < self.cdf_threshold <= 1.0:
-            raise ValueError(f"bsa_params.cdf_threshold={self.cdf_threshold!r}; expected a float in (0, 1] or None")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> BSAParams:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"bsa_params has unknown keys {sorted(unknown)}; expected sparsity, cdf_threshold, "
-                             "chunk_3d_shape_q, chunk_3d_shape_k")
-        return cls(**d)
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `jaxvid.attention.bsa.bsa_attention`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+# Upstream's `bsa_params` are the attention layer's BSA spec (jaxvid.attention.plan.BSA): one class,
+# read from config.json by `BSA.from_dict`; the old name stays for code written against it.
+BSAParams = BSA
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class LongCatConfig:
     """LongCat-Video DiT hyperparameters (upstream `LongCatVideoTransformer3DModel.__init__`).
 
-    enable_bsa / bsa_params: block sparse self-attention (only for latents with > 1 frame).
+    enable_bsa / bsa_params: the model's default attention (config.json's switches): BSA with these
+    parameters when enabled (only for latents with > 1 frame), else dense; `attention_plan()` turns
+    them into the AttentionPlan the forward pass uses when it is given none.
     text_tokens_zero_pad: zero the padded text embeddings and let every text token be attended.
     cp_split_hw: upstream's context-parallel split; only (1, 1) (single device) is supported.
     """
@@ -132,7 +100,7 @@ class LongCatConfig:
     frequency_embedding_size: int = 256
     patch_size: tuple[int, int, int] = (1, 2, 2)
     enable_bsa: bool = False
-    bsa_params: BSAParams | None = None
+    bsa_params: BSA | None = None
     cp_split_hw: tuple[int, int] = (1, 1)
     text_tokens_zero_pad: bool = False
     dtype: Any = jnp.float32
@@ -153,9 +121,9 @@ class LongCatConfig:
             raise ValueError(f"LongCatConfig.cp_split_hw={self.cp_split_hw}; only (1, 1) is supported "
                              "(jaxvid shards over devices with a mesh, not upstream's context-parallel split)")
         if isinstance(self.bsa_params, Mapping):
-            object.__setattr__(self, "bsa_params", BSAParams.from_dict(self.bsa_params))
-        if self.bsa_params is not None and not isinstance(self.bsa_params, BSAParams):
-            raise ValueError(f"LongCatConfig.bsa_params={self.bsa_params!r}; expected BSAParams, a dict or None")
+            object.__setattr__(self, "bsa_params", BSA.from_dict(self.bsa_params))
+        if self.bsa_params is not None and not isinstance(self.bsa_params, BSA):
+            raise ValueError(f"LongCatConfig.bsa_params={self.bsa_params!r}; expected a BSA spec, a dict or None")
         if self.enable_bsa and self.bsa_params is None:
             raise ValueError("LongCatConfig.enable_bsa=True needs bsa_params (upstream asserts the same)")
         if self.hidden_size % self.num_heads:
@@ -189,8 +157,7 @@ class LongCatConfig:
         base = dict(
             in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
             mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=(1, 2, 2),
-            enable_bsa=False, bsa_params=BSAParams(sparsity=0.9375, chunk_3d_shape_q=(4, 4, 4),
-                                                   chunk_3d_shape_k=(4, 4, 4)),
+            enable_bsa=False, bsa_params=BSA(sparsity=0.9375, chunk_3d_shape_q=(4, 4, 4), chunk_3d_shape_k=(4, 4, 4)),
             text_tokens_zero_pad=True,
         )
         return cls(**{**base, **overrides})
@@ -221,9 +188,13 @@ class LongCatConfig:
             kwargs.pop("cp_split_hw", None)  # upstream's None means no split
         kwargs = check_field_types(cls, kwargs, what=what)
         if isinstance(kwargs.get("bsa_params"), Mapping):
-            params = check_field_types(BSAParams, kwargs["bsa_params"], what=f"{what} bsa_params")
-            kwargs["bsa_params"] = BSAParams.from_dict(params)
+            params = check_field_types(BSA, kwargs["bsa_params"], what=f"{what} bsa_params")
+            kwargs["bsa_params"] = BSA.from_dict(params)
         return cls(**kwargs)
+
+    def attention_plan(self) -> AttentionPlan:
+        """The plan config.json asks for: BSA (bsa_params) on every layer and step when enable_bsa, else dense."""
+        return AttentionPlan(sparse=self.bsa_params) if self.enable_bsa else AttentionPlan.dense()
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,11 +393,11 @@ class CaptionEmbedder(nnx.Module):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Plan:
-    """What one forward pass does (static: Python values fixed at trace time)."""
+    """What one forward pass does in a run of layers (static: Python values fixed at trace time)."""
 
     grid: tuple[int, int, int]  # (T, H', W') of the tokens in hidden_states
     num_cond_latents: int
-    bsa: BSAParams | None  # set when BSA runs in this pass
+    spec: Dense | BSA  # the self-attention of these layers (from the AttentionPlan)
     use_cache: bool
     return_kv: bool
     skip_crs_attn: bool
@@ -437,13 +408,12 @@ class _Plan:
 
 
 def _self_attend(q, k, v, frames_q: int, frames_k: int, plan: _Plan) -> jax.Array:
-    """Softmax attention q [B, Sq, H, D] over k/v [B, Sk, H, D]: dense, or BSA on the 3D grid."""
-    if plan.bsa is None:
-        return attend(q, k, v, scale=q.shape[-1] ** -0.5)
-    from jaxvid.attention.bsa import bsa_attention  # the BSA module is only needed when BSA runs
-
+    """Softmax attention q [B, Sq, H, D] over k/v [B, Sk, H, D] through `attend`: dense, or BSA on the 3D grid."""
     _, h, w = plan.grid
-    return bsa_attention(q, k, v, (frames_q, h, w), (frames_k, h, w), **plan.bsa.as_kwargs())
+    # BSA keeps its own 1/sqrt(D) default (upstream's); the dense path is upstream's D ** -0.5
+    scale = None if isinstance(plan.spec, BSA) else q.shape[-1] ** -0.5
+    return attend(q, k, v, plan.spec, layout=VideoLayout(frames=frames_q, height=h, width=w),
+                  kv_layout=VideoLayout(frames=frames_k, height=h, width=w), scale=scale)
 
 
 class Attention(nnx.Module):
@@ -491,9 +461,7 @@ class Attention(nnx.Module):
 
 def _text_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array) -> jax.Array:
     """q [B, N, H, D] over the first kv_lengths[b] of k/v [B, L, H, D]; zero where no key is valid."""
-    on_gpu = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths.astype(jnp.int32),
-                                       implementation="cudnn" if on_gpu else "xla")
+    out = dense_attention(q, k, v, kv_lengths=kv_lengths)
     return jnp.where((kv_lengths > 0)[:, None, None, None], out, jnp.zeros_like(out))
 
 
@@ -592,6 +560,23 @@ class FinalLayer(nnx.Module):
 KVCache = dict[int, tuple[jax.Array, jax.Array]]
 
 
+def bsa_plan(default: BSA | None, params: BSA | Mapping[str, Any] | None = None, **overrides: Any) -> AttentionPlan:
+    """The AttentionPlan of `enable_bsa(params, **overrides)`: `params` (a BSA spec or a bsa_params dict)
+    or else `default` (the config's bsa_params), with single fields replaced by `overrides`."""
+    if isinstance(params, Mapping):
+        params = BSA.from_dict(params)
+    params = params or default
+    if params is None:
+        raise ValueError("enable_bsa: the config has no bsa_params; pass params=BSA(...)")
+    if overrides:
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(BSA)})
+        if unknown:
+            raise ValueError(f"enable_bsa: unknown BSA fields {unknown}; expected sparsity, cdf_threshold, "
+                             "chunk_3d_shape_q, chunk_3d_shape_k, implementation")
+        params = dataclasses.replace(params, **overrides)
+    return AttentionPlan(sparse=params)
+
+
 class LongCatVideoTransformer3D(nnx.Module):
     """LongCat-Video DiT. Parameter names follow upstream's checkpoint (blocks stacked on axis 0)."""
 
@@ -611,32 +596,29 @@ class LongCatVideoTransformer3D(nnx.Module):
         if cfg.enable_bsa:
             log.info("LongCat: block sparse attention enabled %s", cfg.bsa_params)
 
-    # ---- switches -------------------------------------------------------------------------
+    # ---- switches (upstream's names; they set the default plan) -----------------------------
 
-    def enable_bsa(self, params: BSAParams | Mapping[str, Any] | None = None, **overrides: Any) -> None:
-        """Use block sparse self-attention (for latents with more than one frame).
+    def attention_plan(self) -> AttentionPlan:
+        """The plan a call without `attention=` uses: the config's (enable_bsa, bsa_params)."""
+        return self.cfg.attention_plan()
 
-        `params` replaces the config's bsa_params; `overrides` change single fields
-        (e.g. `sparsity=0.875`). Changes the graph: re-split the model before jitting again.
+    def enable_bsa(self, params: BSA | Mapping[str, Any] | None = None, **overrides: Any) -> AttentionPlan:
+        """Make BSA the default self-attention (for latents with more than one frame); returns its plan.
+
+        A convenience over `model(..., attention=AttentionPlan(sparse=BSA(...)))`: `params` replaces the
+        config's bsa_params, `overrides` change single fields (e.g. `sparsity=0.875`). The module's
+        config changes, so re-split the model before jitting again (or pass plans explicitly).
         """
-        if isinstance(params, Mapping):
-            params = BSAParams.from_dict(params)
-        params = params or self.cfg.bsa_params
-        if params is None:
-            raise ValueError("enable_bsa: the config has no bsa_params; pass params=BSAParams(...)")
-        if overrides:
-            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(BSAParams)})
-            if unknown:
-                raise ValueError(f"enable_bsa: unknown BSAParams fields {unknown}; expected sparsity, cdf_threshold, "
-                                 "chunk_3d_shape_q, chunk_3d_shape_k")
-            params = dataclasses.replace(params, **overrides)
-        self.cfg = dataclasses.replace(self.cfg, enable_bsa=True, bsa_params=params)
-        log.info("LongCat: block sparse attention enabled %s", params)
+        plan = bsa_plan(self.cfg.bsa_params, params, **overrides)
+        self.cfg = dataclasses.replace(self.cfg, enable_bsa=True, bsa_params=plan.sparse)
+        log.info("LongCat: block sparse attention enabled %s", plan.sparse)
+        return plan
 
-    def disable_bsa(self) -> None:
-        """Back to dense self-attention."""
+    def disable_bsa(self) -> AttentionPlan:
+        """Back to dense self-attention by default; returns the dense plan."""
         self.cfg = dataclasses.replace(self.cfg, enable_bsa=False)
         log.info("LongCat: block sparse attention disabled")
+        return AttentionPlan.dense()
 
     # ---- forward --------------------------------------------------------------------------
 
@@ -652,6 +634,7 @@ class LongCatVideoTransformer3D(nnx.Module):
         skip_crs_attn: bool = False,
         *,
         lora: Mapping[str, LoRAFactors] | None = None,
+        attention: AttentionPlan | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Predict the flow for latents [B, C, T, H, W]; returns [B, C_out, T, H, W] float32.
 
@@ -663,17 +646,26 @@ class LongCatVideoTransformer3D(nnx.Module):
         kv_cache_dict: {layer: (k, v)} of the conditioning frames from a `return_kv` call (batch 1 or B).
         skip_crs_attn: skip cross-attention (as when caching the conditioning frames).
         lora: run-time LoRA updates, module path -> LoRAFactors (see jaxvid.models.lora).
+        attention: the (static) AttentionPlan: its first `dense_layers` blocks run dense, the rest with
+        `plan.sparse` (Dense() or BSA(...)); None = the config's plan (`attention_plan()`). Dense
+        timesteps are the denoising loop's business (jaxvid.pipelines.loop.with_plan_switch).
         """
         cfg = self.cfg
         b, t, h, w = self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                                         num_cond_latents, return_kv, kv_cache_dict, skip_crs_attn)
         grid = (t, h // cfg.patch_size[1], w // cfg.patch_size[2])
         use_cache = bool(kv_cache_dict)
-        bsa = cfg.bsa_params if (cfg.enable_bsa and t > 1) else None
-        if bsa is not None:
-            self._check_bsa(bsa, grid, num_cond_latents, use_cache)
-        plan = _Plan(grid=grid, num_cond_latents=int(num_cond_latents), bsa=bsa, use_cache=use_cache,
+        attention = cfg.attention_plan() if attention is None else attention
+        if not isinstance(attention, AttentionPlan) or not isinstance(attention.sparse, (Dense, BSA)):
+            raise ValueError(f"attention={attention!r}; expected None or an AttentionPlan whose sparse spec is "
+                             "Dense() or BSA(...) (LongCat's self-attention)")
+        # BSA only for latents with more than one frame ("bsa will not be used in image sampling")
+        sparse = attention.sparse if t > 1 else Dense()
+        if isinstance(sparse, BSA):
+            self._check_bsa(sparse, grid, num_cond_latents, use_cache)
+        plan = _Plan(grid=grid, num_cond_latents=int(num_cond_latents), spec=sparse, use_cache=use_cache,
                      return_kv=return_kv, skip_crs_attn=skip_crs_attn)
+        n_dense = cfg.depth if isinstance(sparse, Dense) else attention.layer_split(cfg.depth)[0]
         lora = dict(lora or {})
         dtype = cfg.dtype
 
@@ -694,11 +686,7 @@ class LongCatVideoTransformer3D(nnx.Module):
         cache = self._stack_cache(kv_cache_dict) if use_cache else None
         block_lora = _sub_lora(lora, "blocks")
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
-        def run_blocks(x, block, layer_cache, layer_lora):
-            return block(x, y, y_lengths, t_emb, rope, plan, layer_cache, layer_lora)
-
-        x, new_kv = run_blocks(x, self.blocks, cache, block_lora)
+        x, new_kv = self._run_blocks(x, (y, y_lengths, t_emb, rope), plan, n_dense, cache, block_lora)
 
         x = self.final_layer(x, t_emb, grid[0], _sub_lora(lora, "final_layer"))
         out = self._unpatchify(x, grid).astype(_F32)
@@ -706,6 +694,29 @@ class LongCatVideoTransformer3D(nnx.Module):
             k_all, v_all = new_kv
             return out, {i: (k_all[i], v_all[i]) for i in range(cfg.depth)}
         return out
+
+    def _run_blocks(self, x, inputs, plan: _Plan, n_dense: int, cache, block_lora):
+        """The stacked blocks as one scan per run of layers: blocks [0, n_dense) dense, the rest `plan.spec`.
+
+        Returns x and the stacked (k, v) of every layer (None unless plan.return_kv).
+        """
+        depth = self.cfg.depth
+        graphdef, state = nnx.split(self.blocks)
+        segments = [(a, z, spec) for a, z, spec in ((0, n_dense, Dense()), (n_dense, depth, plan.spec)) if z > a]
+        outputs = []
+        for start, stop, spec in segments:
+            layer_plan = dataclasses.replace(plan, spec=spec)
+            xs = jax.tree.map(lambda a: a[start:stop], (state, cache, block_lora))
+
+            def body(x, layer, layer_plan=layer_plan):
+                layer_state, layer_cache, layer_lora = layer
+                return nnx.merge(graphdef, layer_state)(x, *inputs, layer_plan, layer_cache, layer_lora)
+
+            x, kv = jax.lax.scan(body, x, xs)
+            outputs.append(kv)
+        if not plan.return_kv:
+            return x, None
+        return x, jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
 
     def _text(self, y, mask, skip_crs_attn, b, lora):
         """Caption embedding [B, L, D] with the valid tokens moved first (stable), and their counts [B]."""
@@ -788,7 +799,7 @@ class LongCatVideoTransformer3D(nnx.Module):
         return b, t, h, w
 
     @staticmethod
-    def _check_bsa(bsa: BSAParams, grid, num_cond_latents: int, use_cache: bool) -> None:
+    def _check_bsa(bsa: BSA, grid, num_cond_latents: int, use_cache: bool) -> None:
         t, h, w = grid
         if use_cache:
             parts = [("queries", (t, h, w), bsa.chunk_3d_shape_q), ("keys", (t + num_cond_latents, h, w),
@@ -805,37 +816,3 @@ class LongCatVideoTransformer3D(nnx.Module):
             if any(s % c for s, c in zip(shape, chunk)):
                 raise ValueError(f"BSA: token grid {shape} (T, H/patch, W/patch) of the {what} is not divisible by "
                                  f"the chunk shape {chunk}; pick latent sizes that are, or disable_bsa()")
-
-
-# --------------------------------------------------------------------------------------------
-# Random weights at any size (benchmarks)
-# --------------------------------------------------------------------------------------------
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "std", "mean"))
-def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, std: float, mean: float) -> jax.Array:
-    return (jax.random.normal(key, shape, _F32) * std + mean).astype(dtype)
-
-
-def random_params(cfg: LongCatConfig, seed: int = 0, *, std: float = 0.02) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, Param state) of a model with N(0, std^2) weights in cfg.param_dtype, norms around 1.
-
-    Built abstractly (no PyTorch checkpoint, no float32 copy of the model): each leaf is drawn on the
-    default device by one jitted function per leaf shape (XLA's RngBitGenerator keys: cheap to
-    compile), so the 13.6B model in bf16 needs ~27 GB there and nothing else.
-    """
-    abstract = nnx.eval_shape(lambda: LongCatVideoTransformer3D(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    keys = jax.random.split(jax.random.key(seed, impl="rbg"), len(flat))
-    filled = []
-    for (path, var), key in zip(flat, keys):
-        spec = var.get_value()
-        is_norm = str(path[-1]) == "weight" and "norm" in ".".join(str(p) for p in path)
-        value = _normal(key, tuple(spec.shape), jnp.dtype(spec.dtype), std, 1.0 if is_norm else 0.0)
-        filled.append((path, var.replace(value)))
-    return graphdef, nnx.from_flat_state(filled)
-
-
-def random_model(cfg: LongCatConfig, seed: int = 0, *, std: float = 0.02) -> LongCatVideoTransformer3D:
-    """`random_params` merged into a model."""
-    return nnx.merge(*random_params(cfg, seed, std=std))

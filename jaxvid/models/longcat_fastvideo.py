@@ -26,9 +26,10 @@ from convert.keymaps.longcat_fastvideo import (
     fastvideo_linear_parts,
 )
 from convert.safetensors_io import SafetensorsReader
-from jaxvid.models.loading import _resolve, class_name_of, config_for, entry_for, fill_model, read_config, rules_for
+from jaxvid.models.loading import class_name_of, config_for, entry_for, fill_model, read_config, rules_for
 from jaxvid.models.longcat import LongCatConfig
 from jaxvid.models.lora import LoRA, LoRALayer, _linear_targets, _param_shapes
+from jaxvid.models.registry import resolve
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def load_longcat_fastvideo(path: str | os.PathLike, *, dtype: Any | None = None)
     raw = SafetensorsReader(path)
     cfg = config_for(entry, hf_config, dtype if dtype is not None else dominant_float_dtype(raw))
     source = FastVideoSource(raw, cfg, what=str(path))
-    model = fill_model(_resolve(entry.model), cfg, rules_for(entry, cfg, source), source, ignore=entry.ignore,
+    model = fill_model(resolve(entry.model), cfg, rules_for(entry, cfg, source), source, ignore=entry.ignore,
                        what=str(path))
     log.info("loaded FastVideo-layout LongCat DiT from %s", path)
     return model

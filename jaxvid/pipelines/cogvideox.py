@@ -20,7 +20,6 @@ the I2V image-latent sample.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -31,30 +30,59 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 from jaxvid.attention.plan import AttentionPlan
-from jaxvid.models.loading import load_model
-from jaxvid.pipelines.loop import CompiledFunction, StepProgress, denoise_loop
+from jaxvid.models.dtypes import DTYPES, resolve_dtype
+from jaxvid.models.loading import load_model, parse_config
+from jaxvid.pipelines.loop import (
+    CompiledFunction,
+    Component,
+    StepProgress,
+    denoise_loop,
+    guided_prediction,
+    with_plan_switch,
+)
+from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
+from jaxvid.pipelines.settings import Sampling, VideoGeometry
 from jaxvid.schedulers import cogvideox_ddim, cogvideox_dpm
 from jaxvid.schedulers.cogvideox_ddim import INIT_NOISE_SIGMA, CogVideoXSchedulerConfig
-from jaxvid.schedulers.guidance import classifier_free_guidance, cogvideox_guidance_scales, split_cfg_batch
+from jaxvid.schedulers.guidance import classifier_free_guidance, cogvideox_guidance_scales
 from jaxvid.tokenizer import COGVIDEOX_MAX_LENGTH, TextTokenizer, cogvideox_tokenizer
 
 __all__ = [
-    "CogVideoXPipeline", "GenerationKeys", "generation_keys", "dpm_step_noise", "preprocess_image", "to_uint8",
-    "check_video_shape", "read_pipeline_configs", "DTYPES",
+    "CogVideoXPipeline", "GenerationKeys", "generation_keys", "dpm_step_noise", "preprocess_image",
+    "check_video_shape", "read_pipeline_configs", "DTYPES", "default_fps", "default_geometry",
 ]
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = {"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}
-DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "float32": jnp.float32,
-          "fp16": jnp.float16, "float16": jnp.float16}
+# CogVideoX 1.5's model card size (height, width); its config's sample size is the RoPE grid's maximum.
+MODEL_1_5_SIZE = (768, 1360)
 # diffusers' CogVideoX 1.5 I2V pipeline passes ofs = 2.0 for every sample.
 I2V_OFS = 2.0
 _TRANSFORMERS = ("CogVideoXTransformer3DModel",)
-_OUTPUT_TYPES = ("np", "latent")
+# diffusers' export fps: 8 for CogVideoX, 16 for CogVideoX 1.5 (patch_size_t set)
+FPS, FPS_1_5 = 8, 16
+
+
+DEFAULT_STEPS = 50
+
+
+def default_geometry(tcfg: Any, vcfg: Any) -> VideoGeometry:
+    """Frames and size when none are asked for: the transformer's sample size, as diffusers' pipelines
+    default. CogVideoX 1.5 configs give the RoPE grid's maximum (300 x 300 latents) instead of a size
+    to generate at, so those are capped at the model card's 768 x 1360. Needs the configs only."""
+    s = vcfg.spatial_compression
+    height, width = tcfg.sample_height * s, tcfg.sample_width * s
+    if tcfg.patch_size_t is not None:
+        height, width = min(height, MODEL_1_5_SIZE[0]), min(width, MODEL_1_5_SIZE[1])
+    return VideoGeometry(num_frames=tcfg.sample_frames, height=height, width=width)
+
+
+def default_fps(tcfg: Any) -> int:
+    """The frame rate a CogVideoX transformer's videos are made for (8; 16 for 1.5)."""
+    return FPS_1_5 if tcfg.patch_size_t is not None else FPS
 
 
 # ============================================================================================
@@ -112,12 +140,6 @@ def preprocess_image(image: Any, height: int, width: int) -> np.ndarray:
     return (pixels * 2.0 - 1.0).transpose(2, 0, 1)[None]
 
 
-def to_uint8(video: jax.Array) -> jax.Array:
-    """VAE output [B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3] (clamp(x / 2 + 0.5), * 255, round)."""
-    x = jnp.clip(video.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
-    return jnp.round(x * 255.0).astype(jnp.uint8).transpose(0, 2, 3, 4, 1)
-
-
 def check_video_shape(tcfg: Any, vcfg: Any, num_frames: int, height: int, width: int) -> None:
     """Raise ValueError naming the argument if a CogVideoX transformer config `tcfg` and VAE config
     `vcfg` cannot make a video of num_frames x height x width (needs configs only, no weights)."""
@@ -148,7 +170,7 @@ def check_video_shape(tcfg: Any, vcfg: Any, num_frames: int, height: int, width:
 def read_pipeline_configs(path: str | os.PathLike) -> tuple[Any, Any, bool]:
     """(transformer config, VAE config, is image-to-video) of a pipeline folder, without loading weights."""
     from jaxvid.models.cogvideox import CogVideoXConfig
-    from jaxvid.models.loading import read_config
+    from jaxvid.models.loading import parse_config, read_config
     from jaxvid.models.vae_cogvideox import CogVideoXVAEConfig
 
     path = Path(path)
@@ -158,8 +180,8 @@ def read_pipeline_configs(path: str | os.PathLike) -> tuple[Any, Any, bool]:
     for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / name).is_dir():
             raise ValueError(f"model={str(path)!r}: missing the {name}/ folder a CogVideoX pipeline needs")
-    tcfg = CogVideoXConfig.from_hf_config(read_config(path / "transformer"))
-    vcfg = CogVideoXVAEConfig.from_hf_config(read_config(path / "vae"))
+    tcfg = parse_config(CogVideoXConfig, read_config(path / "transformer"), path / "transformer" / "config.json")
+    vcfg = parse_config(CogVideoXVAEConfig, read_config(path / "vae"), path / "vae" / "config.json")
     pipeline_class = index.get("_class_name", "")
     i2v = "ImageToVideo" in pipeline_class if pipeline_class else tcfg.in_channels == 2 * vcfg.latent_channels
     return tcfg, vcfg, i2v
@@ -201,10 +223,11 @@ def _encode_image(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array, ke
 
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, tiling: Any,
             scaling_factor: float) -> jax.Array:
-    """latents [B, F, C, h, w] -> uint8 frames [B, F', H, W, 3]."""
+    """latents [B, F, C, h, w] -> float32 frames [B, F', H, W, 3] in [0, 1] (clamp(x / 2 + 0.5), as diffusers)."""
     vae = nnx.merge(graphdef, state)
     z = latents.transpose(0, 2, 1, 3, 4) / scaling_factor
-    return to_uint8(vae.decode(z.astype(vae.cfg.dtype), tiling=tiling))
+    video = vae.decode(z.astype(vae.cfg.dtype), tiling=tiling)
+    return jnp.clip(video.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 4, 1)
 
 
 def _denoise(
@@ -233,27 +256,18 @@ def _denoise(
     ofs = None if spec.ofs is None else jnp.full((1,), spec.ofs, dtype)
 
     def predict(i: jax.Array, latents: jax.Array) -> jax.Array:
-        # Merged inside the loop body so the module lives at the loop's trace level (NNX checks this
-        # when a model runs its layers with nnx.scan).
-        model = nnx.merge(graphdef, state)
-        model_input = jnp.concatenate([latents, latents], axis=0) if spec.do_cfg else latents
-        if image_latents is not None:
-            model_input = jnp.concatenate([model_input, image_latents], axis=2)
-        timestep = jnp.broadcast_to(schedule.timesteps[i], (model_input.shape[0],))
+        def model_call(model_input: jax.Array) -> jax.Array:
+            # Merged inside the loop body so the module lives at the loop's trace level (NNX checks this
+            # when a model runs its layers with nnx.scan).
+            model = nnx.merge(graphdef, state)
+            if image_latents is not None:
+                model_input = jnp.concatenate([model_input, image_latents], axis=2)
+            timestep = jnp.broadcast_to(schedule.timesteps[i], (model_input.shape[0],))
+            return with_plan_switch(plan, i, lambda attention: model(
+                model_input, prompt_embeds, timestep, ofs, attention=attention).astype(jnp.float32))
 
-        def run(attention: AttentionPlan | None) -> jax.Array:
-            return model(model_input, prompt_embeds, timestep, ofs, attention=attention).astype(jnp.float32)
-
-        if plan is None or plan.is_dense:
-            pred = run(None)
-        elif plan.dense_timesteps == 0:
-            pred = run(plan)
-        else:
-            pred = lax.cond(plan.use_dense_at(i), lambda: run(None), lambda: run(plan))
-        if spec.do_cfg:
-            uncond, cond = split_cfg_batch(pred)
-            pred = classifier_free_guidance(uncond, cond, guidance_scales[i])
-        return pred
+        return guided_prediction(model_call, latents, do_cfg=spec.do_cfg,
+                                 combine=lambda uncond, cond: classifier_free_guidance(uncond, cond, guidance_scales[i]))
 
     if spec.scheduler == "ddim":
         def step(i, carry):
@@ -280,41 +294,20 @@ def _denoise(
 # ============================================================================================
 
 
-def _resolve_dtype(dtype: Any) -> Any:
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)} or a jnp dtype")
-        return DTYPES[dtype]
-    return jnp.dtype(dtype)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    from jaxvid.models.loading import read_json_file
 
-
-@dataclasses.dataclass
-class _Component:
-    """A loaded NNX module split once into its graphdef (static) and state (the jit argument)."""
-
-    module: nnx.Module
-    graphdef: nnx.GraphDef = dataclasses.field(init=False)
-    state: nnx.State = dataclasses.field(init=False)
-
-    def __post_init__(self) -> None:
-        self.graphdef, self.state = nnx.split(self.module)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing")
+    return read_json_file(path)
 
 
 class CogVideoXPipeline:
     """CogVideoX text-to-video, and image-to-video for the I2V checkpoints.
 
         pipe = CogVideoXPipeline.from_pretrained("THUDM/CogVideoX-2b folder", dtype="bf16")
-        frames = pipe("A panda playing guitar", num_frames=49, height=480, width=720)  # uint8 [49, 480, 720, 3]
-        jaxvid.video.save(frames, "out.mp4", fps=8)
+        out = pipe("A panda playing guitar", num_frames=49, height=480, width=720)  # out.frames uint8 [1, 49, 480, 720, 3]
+        jaxvid.video.save(out.frames[0], "out.mp4", fps=out.fps)
 
     `last_timings` holds the timings of the latest call (seconds): compile, steps, per_step,
     encode, decode, total.
@@ -333,9 +326,9 @@ class CogVideoXPipeline:
     ):
         if scheduler not in ("ddim", "dpm"):
             raise ValueError(f"scheduler={scheduler!r}; expected 'ddim' or 'dpm'")
-        self.transformer = _Component(transformer)
-        self.vae = _Component(vae)
-        self.text_encoder = _Component(text_encoder)
+        self.transformer = Component(transformer)
+        self.vae = Component(vae)
+        self.text_encoder = Component(text_encoder)
         self.tokenizer_dir = Path(tokenizer_dir)
         self._tokenizers: dict[int, TextTokenizer] = {}
         self.scheduler = scheduler
@@ -379,14 +372,14 @@ class CogVideoXPipeline:
             if class_name not in SCHEDULERS:
                 raise ValueError(f"{sched_file}: _class_name={class_name!r}; expected one of {sorted(SCHEDULERS)}")
             scheduler = SCHEDULERS[class_name]
-        dtype = _resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype)
         t0 = time.perf_counter()
         transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS)
         vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",))
         text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",))
         pipe = cls(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer_dir=path / "tokenizer",
-            scheduler_config=CogVideoXSchedulerConfig.from_hf_config(sched_dict), scheduler=scheduler,
+            scheduler_config=parse_config(CogVideoXSchedulerConfig, sched_dict, sched_file), scheduler=scheduler,
             image_to_video=image_to_video,
         )
         log.info("loaded CogVideoX %s pipeline from %s in %.1f s (%s, %s scheduler)", "I2V" if image_to_video else "T2V", path,
@@ -466,13 +459,18 @@ class CogVideoXPipeline:
             padded = jnp.concatenate([padded[:, : f % pt], padded], axis=1)
         return padded
 
-    def decode_latents(self, latents: jax.Array) -> np.ndarray:
-        """Latents [B, F, C, h, w] (scaled) -> uint8 frames [B, 1 + 4(F - 1), H, W, 3]."""
+    def decode_latents(self, latents: jax.Array, output_type: str = "uint8") -> np.ndarray:
+        """Latents [B, F, C, h, w] (scaled) -> frames [B, 1 + 4(F - 1), H, W, 3]: uint8 (rounded as
+        diffusers' PIL output), or float32 in [0, 1] with output_type="np"."""
         vcfg = self.vae.module.cfg
         frames = self._decode(self.vae.graphdef, self.vae.state, latents, self.vae_tiling, float(vcfg.scaling_factor))
-        return np.asarray(frames)
+        return finish_frames(frames, output_type, rounding="round")
 
     # ---- generation ---------------------------------------------------------------------
+    def default_geometry(self) -> VideoGeometry:
+        """The size this checkpoint generates at when none is asked for (see `default_geometry`)."""
+        return default_geometry(self.transformer.module.cfg, self.vae.module.cfg)
+
     def __call__(
         self,
         prompt: str | list[str],
@@ -488,23 +486,36 @@ class CogVideoXPipeline:
         image: Any = None,
         attention: AttentionPlan | None = None,
         latents: Any = None,
-        output_type: str = "np",
+        output_type: str = "uint8",
         max_sequence_length: int = COGVIDEOX_MAX_LENGTH,
         progress: bool = True,
-    ) -> np.ndarray:
-        """Generate a video; returns uint8 frames [F, H, W, 3] ([B, F, H, W, 3] for a list of prompts).
+    ) -> VideoOutput:
+        """Generate a video; returns a VideoOutput: frames uint8 [B, F, H, W, 3] (`.frames[0]` is the
+        first video), the final latents [B, F', C, h, w] float32 (padding frames included, as diffusers
+        returns them) and the fps (8; 16 for CogVideoX 1.5).
 
-        output_type="latent" returns the final latents [(B,) F', C, h, w] instead (float32, padding
-        frames included, as diffusers returns them). `latents` replaces the initial noise
-        ([B, F', C, h, w], F' padded to a multiple of patch_size_t for CogVideoX 1.5). `image`
-        (I2V models only, required there): a PIL image or an array [H, W, 3]. `attention`: None
-        (dense) or an AttentionPlan (its dense_timesteps switch inside the jitted loop).
+        output_type: "uint8", "np" (float32 frames in [0, 1]) or "latent" (no decoding, frames None).
+        `latents` replaces the initial noise ([B, F', C, h, w], F' padded to a multiple of
+        patch_size_t for CogVideoX 1.5). `image` (I2V models only, required there): a PIL image or an
+        array [H, W, 3]. `attention`: None (dense) or an AttentionPlan (its dense_timesteps switch
+        inside the jitted loop).
         """
+        check_output_type(output_type)
+        geometry = VideoGeometry(num_frames=num_frames, height=height, width=width)
+        sampling = Sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                            max_sequence_length=max_sequence_length)
+        return self.generate(prompt, negative_prompt, geometry, sampling, use_dynamic_cfg=use_dynamic_cfg,
+                             image=image, attention=attention, latents=latents, output_type=output_type,
+                             progress=progress)
+
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str], geometry: VideoGeometry,
+                 sampling: Sampling, *, use_dynamic_cfg: bool = False, image: Any = None,
+                 attention: AttentionPlan | None = None, latents: Any = None, output_type: str = "uint8",
+                 progress: bool = True) -> VideoOutput:
+        """`__call__` with the video size and the sampling settings passed whole."""
         t_start = time.perf_counter()
-        if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; expected one of {_OUTPUT_TYPES}")
-        single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        check_output_type(output_type)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt={prompt!r}; expected a string or a non-empty list of strings")
         negatives = [negative_prompt or ""] * len(prompts) if isinstance(negative_prompt, str) or negative_prompt is None \
@@ -518,25 +529,24 @@ class CogVideoXPipeline:
             raise ValueError("image was given, but this is a text-to-video model (no image conditioning)")
         if attention is not None and not isinstance(attention, AttentionPlan):
             raise ValueError(f"attention={attention!r}; expected None (dense) or an AttentionPlan")
-        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r}; expected a positive int")
+        num_inference_steps = sampling.num_inference_steps
         batch = len(prompts)
-        shape, additional_frames = self.latent_shape(batch, num_frames, height, width)
+        shape, additional_frames = self.latent_shape(batch, geometry.num_frames, geometry.height, geometry.width)
         tcfg = self.transformer.module.cfg
         dtype = jnp.dtype(tcfg.dtype)
-        keys = generation_keys(seed)
+        keys = generation_keys(sampling.seed)
         timings: dict[str, float] = {"compile": 0.0}
 
         # 1. Text embeddings: [negative; positive] with CFG (diffusers: guidance_scale > 1)
         t0 = time.perf_counter()
-        do_cfg = guidance_scale > 1.0
-        embeds = self.encode_prompt(negatives + prompts if do_cfg else prompts, max_sequence_length)
+        do_cfg = sampling.do_cfg
+        embeds = self.encode_prompt(negatives + prompts if do_cfg else prompts, sampling.max_sequence_length)
         timings["compile"] += self._encode_text.last_compile_seconds
 
         # 2. Image latents (I2V)
         image_latents = None
         if self.image_to_video:
-            first = self.encode_image(image, height, width, keys.image, batch)
+            first = self.encode_image(image, geometry.height, geometry.width, keys.image, batch)
             timings["compile"] += self._encode_image.last_compile_seconds
             image_latents = self.image_latents_for(first, shape)
         jax.block_until_ready((embeds, image_latents))
@@ -544,8 +554,9 @@ class CogVideoXPipeline:
 
         # 3. Schedule, guidance and initial noise
         module = cogvideox_ddim if self.scheduler == "ddim" else cogvideox_dpm
-        schedule = module.set_timesteps(self.scheduler_config, int(num_inference_steps))
-        scales = cogvideox_guidance_scales(guidance_scale, np.asarray(schedule.timesteps), use_dynamic_cfg=use_dynamic_cfg)
+        schedule = module.set_timesteps(self.scheduler_config, num_inference_steps)
+        scales = cogvideox_guidance_scales(sampling.guidance_scale, np.asarray(schedule.timesteps),
+                                           use_dynamic_cfg=use_dynamic_cfg)
         if latents is None:
             noise = self._initial_noise(keys.latents, shape, dtype)
             timings["compile"] += self._initial_noise.last_compile_seconds
@@ -563,7 +574,7 @@ class CogVideoXPipeline:
         args = (tr.graphdef, spec, tr.state, noise, embeds, image_latents, schedule,
                 jnp.asarray(scales, jnp.float32), keys.dpm)
         timings["compile"] += self._denoise.prepare(*args)  # compile before the bar starts
-        self.progress.start(int(num_inference_steps))
+        self.progress.start(num_inference_steps)
         t0 = time.perf_counter()
         try:
             out = jax.block_until_ready(self._denoise(*args))
@@ -573,19 +584,20 @@ class CogVideoXPipeline:
         timings["per_step"] = timings["steps"] / num_inference_steps
 
         # 5. Decode
-        if output_type == "latent":
-            result = np.asarray(out.astype(jnp.float32))
-        else:
+        frames = None
+        if output_type != "latent":
             t0 = time.perf_counter()
-            result = self.decode_latents(out[:, additional_frames:])
+            frames = self.decode_latents(out[:, additional_frames:], output_type)
             timings["compile"] += self._decode.last_compile_seconds
             timings["decode"] = time.perf_counter() - t0 - self._decode.last_compile_seconds
+        result = VideoOutput(frames=frames, latents=np.asarray(out.astype(jnp.float32)), fps=default_fps(tcfg),
+                             output_type=output_type)
         timings["total"] = time.perf_counter() - t_start
         self.last_timings = timings
         log.info(
             "generated %s %s in %.2f s: compile %.2f s, %d steps at %.3f s/step, encode %.2f s, decode %.2f s",
-            "latents" if output_type == "latent" else "frames", tuple(result.shape[1:] if single else result.shape),
+            "latents" if frames is None else "frames", tuple((result.latents if frames is None else frames).shape),
             timings["total"], timings["compile"], num_inference_steps, timings["per_step"], timings["encode"],
             timings.get("decode", 0.0),
         )
-        return result[0] if single else result
+        return result

@@ -39,8 +39,6 @@ LoRAs run at run time (`model(..., lora=...)`, the base weights untouched), as u
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
 import math
 import os
@@ -54,14 +52,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvid.pipelines.loop import StepProgress, denoise_loop
+from jaxvid.attention.plan import AttentionPlan
+from jaxvid.pipelines.longcat_buckets import bucket_size
+from jaxvid.pipelines.loop import (
+    CompiledFunction,
+    Component,
+    StepProgress,
+    denoise_loop,
+    guided_prediction,
+    with_plan_switch,
+)
+from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
+from jaxvid.pipelines.settings import Sampling, check_positive_int
 from jaxvid.schedulers import flow_match, guidance
+from jaxvid.video import to_uint8_frames
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_NEGATIVE_PROMPT",
-    "LongCatOutput",
     "LongCatPipeline",
     "bucket_size",
     "frames_to_uint8",
@@ -88,54 +97,8 @@ REFINE_T_THRESH = 0.5
 # check_inputs); refinement asks 4x more (its buckets are the "F64" tables).
 PATCH_SPATIAL = 2
 REFINE_SPATIAL_EXTRA = 4
-OUTPUT_TYPES = ("np", "latent")
-
-# ---------------------------------------------------------------------------------------------
-# Aspect-ratio buckets (upstream longcat_video/utils/bukcet_config.py): ratio h / w -> (h, w)
-# ---------------------------------------------------------------------------------------------
-
-_BUCKETS_480P = {  # ASPECT_RATIO_627: scale factor 16 or 32
-    0.26: (320, 1216), 0.31: (352, 1120), 0.38: (384, 1024), 0.43: (416, 960), 0.52: (448, 864),
-    0.58: (480, 832), 0.67: (512, 768), 0.74: (544, 736), 0.86: (576, 672), 0.95: (608, 640),
-    1.05: (640, 608), 1.17: (672, 576), 1.29: (704, 544), 1.35: (736, 544), 1.50: (768, 512),
-    1.67: (800, 480), 1.73: (832, 480), 2.00: (896, 448), 2.31: (960, 416), 2.58: (992, 384),
-    2.75: (1056, 384), 3.09: (1088, 352), 3.70: (1184, 320), 3.80: (1216, 320), 3.90: (1248, 320),
-    4.00: (1280, 320),
-}
-_BUCKETS_720P = {  # ASPECT_RATIO_960: scale factor 16 or 32
-    0.25: (480, 1920), 0.29: (512, 1792), 0.32: (544, 1696), 0.36: (576, 1600), 0.40: (608, 1504),
-    0.49: (672, 1376), 0.54: (704, 1312), 0.59: (736, 1248), 0.69: (800, 1152), 0.74: (832, 1120),
-    0.82: (864, 1056), 0.88: (896, 1024), 0.94: (928, 992), 1.00: (960, 960), 1.07: (992, 928),
-    1.14: (1024, 896), 1.22: (1056, 864), 1.31: (1088, 832), 1.35: (1120, 832), 1.44: (1152, 800),
-    1.70: (1248, 736), 2.00: (1344, 672), 2.05: (1376, 672), 2.47: (1504, 608), 2.53: (1536, 608),
-    2.83: (1632, 576), 3.06: (1664, 544), 3.12: (1696, 544), 3.62: (1856, 512), 3.93: (1888, 480),
-    4.00: (1920, 480),
-}
-_BUCKETS_720P_F64 = {  # ASPECT_RATIO_960_F64: scale factor 64 (refinement)
-    0.22: (448, 2048), 0.29: (512, 1792), 0.36: (576, 1600), 0.45: (640, 1408), 0.55: (704, 1280),
-    0.63: (768, 1216), 0.76: (832, 1088), 0.88: (896, 1024), 1.00: (960, 960), 1.14: (1024, 896),
-    1.31: (1088, 832), 1.50: (1152, 768), 1.58: (1216, 768), 1.82: (1280, 704), 1.91: (1344, 704),
-    2.20: (1408, 640), 2.30: (1472, 640), 2.67: (1536, 576), 2.89: (1664, 576), 3.62: (1856, 512),
-    3.75: (1920, 512),
-}
-_BUCKETS = {("480p", 16): _BUCKETS_480P, ("480p", 32): _BUCKETS_480P, ("720p", 16): _BUCKETS_720P,
-            ("720p", 32): _BUCKETS_720P, ("720p", 64): _BUCKETS_720P_F64}
-
-
-def bucket_size(height: int, width: int, resolution: str, scale_factor_spatial: int = 16) -> tuple[int, int]:
-    """Upstream `get_condition_shape`: the (h, w) bucket whose ratio h / w is closest to height / width.
-
-    Ties go to the first bucket in the table, as upstream's stable sort does.
-    """
-    table = _BUCKETS.get((resolution, scale_factor_spatial))
-    if table is None:
-        raise ValueError(f"resolution={resolution!r} with spatial scale {scale_factor_spatial}: expected one of "
-                         f"{sorted(set(_BUCKETS))} (resolution, scale)")
-    if height < 1 or width < 1:
-        raise ValueError(f"condition size {height}x{width}: expected positive height and width")
-    ratio = height / width
-    return table[min(table, key=lambda r: abs(r - ratio))]
-
+# upstream's demos write 15 fps videos; refinement doubles the frames (30 fps)
+FPS, REFINE_FPS = 15, 30
 
 # ---------------------------------------------------------------------------------------------
 # Frames in and out
@@ -197,7 +160,17 @@ def resize_linear_align_corners(x: jax.Array, axis: int, size: int) -> jax.Array
 
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     """Frames in [0, 1] -> uint8 as upstream's demos do it: `(x * 255).astype(np.uint8)` (truncating)."""
-    return (np.clip(np.asarray(frames, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+    return to_uint8_frames(frames, value_range=(0.0, 1.0), rounding="truncate")
+
+
+def resize_frames(frames: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """PIL bicubic resize of uint8 frames [F, H, W, 3] to (height, width), as the demos put outputs back
+    at the input's size."""
+    from PIL import Image
+
+    if frames.shape[1:3] == tuple(size_hw):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize(size_hw[::-1], Image.Resampling.BICUBIC)) for f in frames])
 
 
 class RefineLayout(NamedTuple):
@@ -232,13 +205,6 @@ def refine_layout(num_frames: int, num_cond_frames: int, temporal: int = 4,
     return RefineLayout(ncl, num_cond_frames, added, nnl * temporal - num_noise_frames)
 
 
-class LongCatOutput(NamedTuple):
-    """frames: float32 [B, F, H, W, 3] in [0, 1] (None with output_type="latent"); latents: [B, C, T, h, w]."""
-
-    frames: np.ndarray | None
-    latents: jax.Array
-
-
 class _Keys(NamedTuple):
     """The random streams of one generate call, all from `seed`."""
 
@@ -258,19 +224,17 @@ class _Keys(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode_text(state, input_ids, attention_mask, *, graphdef):
+def _encode_text(graphdef, state, input_ids, attention_mask):
+    """ids, mask int32 [B, L] -> umT5 last hidden state [B, L, D]."""
     return nnx.merge(graphdef, state)(input_ids, attention_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _vae_encode(state, frames, key, *, graphdef):
+def _vae_encode(graphdef, state, frames, key):
     """frames [B, 3, F, H, W] in [-1, 1] -> VAE latents [B, z, F', h, w] (posterior sample; not normalised)."""
     return nnx.merge(graphdef, state).encode(frames, key=key)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _vae_decode(state, latents, *, graphdef):
+def _vae_decode(graphdef, state, latents):
     """DiT latents [B, z, T, h, w] -> frames float32 [B, F, H, W, 3] in [0, 1] (upstream's postprocess 'np')."""
     vae = nnx.merge(graphdef, state)
     z = vae.denormalize_latents(latents.astype(vae.cfg.dtype))
@@ -290,41 +254,47 @@ def _fresh_model(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.Module:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _LoopSpec:
-    """Static shape of a denoising run: conditioning frames, KV cache, CFG, the DiT's compute dtype."""
+    """Static shape of a denoising run: conditioning frames, KV cache, CFG, the DiT's compute dtype,
+    the attention plan (its dense timesteps switch inside the loop) and the scheduler config."""
 
     num_cond_latents: int
     use_kv_cache: bool
     do_cfg: bool
     dtype: Any
+    attention: AttentionPlan
+    scheduler: flow_match.FlowMatchConfig
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "scheduler", "progress"))
-def _denoise(state, lora, latents, embeds, mask, schedule: flow_match.FlowMatchState, guidance_scale, *,
-             graphdef, spec: _LoopSpec, scheduler: flow_match.FlowMatchConfig, progress: StepProgress | None):
+def _denoise(graphdef, spec: _LoopSpec, progress: StepProgress | None, state, lora, latents, embeds, mask,
+             schedule: flow_match.FlowMatchState, guidance_scale):
     """Upstream's denoising loop. latents float32 [B, C, T, h, w] (first num_cond_latents clean);
     embeds [B or 2B, 1, L, D], mask [B or 2B, L] -> denoised latents [B, C, T, h, w] float32."""
-    dtype, nc = spec.dtype, spec.num_cond_latents
+    dtype, nc, scheduler = spec.dtype, spec.num_cond_latents, spec.scheduler
     kv_cache = None
     if spec.use_kv_cache:
-        # _cache_clean_latents: one pass over the clean frames at timestep 0, no text
+        # _cache_clean_latents: one pass over the clean frames at timestep 0, no text (the plan's
+        # sparse attention, as upstream caches with the model's current attention)
         cond = latents[:, :, :nc]
         zero_t = jnp.zeros(cond.shape[:1] + cond.shape[2:3], dtype)
         _, kv_cache = _fresh_model(graphdef, state)(cond.astype(dtype), zero_t, None, None, return_kv=True,
-                                                    skip_crs_attn=True, lora=lora)
+                                                    skip_crs_attn=True, lora=lora, attention=spec.attention)
         if spec.do_cfg and cond.shape[0] > 1:  # uncond and cond halves share the clean frames
             kv_cache = jax.tree.map(lambda a: jnp.concatenate([a, a]), kv_cache)
         latents = latents[:, :, nc:]
 
     def step(i, x):
-        model_in = jnp.concatenate([x, x]) if spec.do_cfg else x
-        timestep = jnp.full(model_in.shape[:1] + model_in.shape[2:3], schedule.timesteps[i], jnp.float32)
-        timestep = timestep.astype(dtype)
-        if nc and not spec.use_kv_cache:
-            timestep = timestep.at[:, :nc].set(0)
-        pred = _fresh_model(graphdef, state)(model_in.astype(dtype), timestep, embeds, mask, num_cond_latents=nc,
-                                             kv_cache_dict=kv_cache, lora=lora)
-        if spec.do_cfg:
-            pred = guidance.longcat_guidance(*guidance.split_cfg_batch(pred), guidance_scale)
+        def model_call(model_in):
+            timestep = jnp.full(model_in.shape[:1] + model_in.shape[2:3], schedule.timesteps[i], jnp.float32)
+            timestep = timestep.astype(dtype)
+            if nc and not spec.use_kv_cache:
+                timestep = timestep.at[:, :nc].set(0)
+            model = _fresh_model(graphdef, state)
+            return with_plan_switch(spec.attention, i, lambda attention: model(
+                model_in.astype(dtype), timestep, embeds, mask, num_cond_latents=nc, kv_cache_dict=kv_cache,
+                lora=lora, attention=attention))
+
+        pred = guided_prediction(model_call, x, do_cfg=spec.do_cfg,
+                                 combine=lambda uncond, cond: guidance.longcat_guidance(uncond, cond, guidance_scale))
         velocity = -pred  # upstream: "negate for scheduler compatibility"
         if nc and not spec.use_kv_cache:  # the clean frames keep their latents
             return x.at[:, :, nc:].set(flow_match.step(scheduler, schedule, velocity[:, :, nc:], x[:, :, nc:], i))
@@ -348,8 +318,9 @@ def is_longcat_folder(path: str | os.PathLike) -> bool:
     dit = Path(path) / "dit"
     if not (dit / "config.json").is_file():
         return False
+    config = read_config(dit)  # a malformed config.json is an error naming it, not "not LongCat"
     try:
-        return class_name_of(read_config(dit)) == "LongCatVideoTransformer3DModel"
+        return class_name_of(config) == "LongCatVideoTransformer3DModel"
     except ValueError:
         from convert.checkpoint import CheckpointReader, is_checkpoint
 
@@ -364,10 +335,7 @@ def _check_prompt(prompt: Any, what: str = "prompt") -> list[str]:
     raise ValueError(f"{what}={prompt!r}: expected a string or a non-empty list of strings")
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
-    return int(value)
+_positive_int = check_positive_int
 
 
 class LongCatPipeline:
@@ -378,7 +346,12 @@ class LongCatPipeline:
     pipe.enable_loras(["cfg_step_lora"])                                        # distilled
     fast = pipe.generate_t2v("a cat ...", num_inference_steps=16, use_distill=True, guidance_scale=1.0)
     pipe.enable_loras(["refinement_lora"]); pipe.enable_bsa()                   # 720p refinement
-    hd = pipe.generate_refine("a cat ...", stage1_video=frames_to_uint8(fast.frames[0]))
+    hd = pipe.generate_refine("a cat ...", stage1_video=fast.frames[0])         # frames uint8 [1, 186, 704, 1280, 3]
+
+    Every mode returns a VideoOutput (uint8 frames as upstream's demos write them, `output_type="np"`
+    for floats in [0, 1], "latent" for no decoding; the final latents; the fps). Attention: the DiT's
+    plan (`enable_bsa()` / `disable_bsa()` set it, as upstream's switches do), or `denoise(...,
+    attention=plan)`; the plan is a static argument of the one jitted loop, so the DiT is split once.
     """
 
     def __init__(self, *, tokenizer_dir: str | os.PathLike, text_encoder: nnx.Module, vae: nnx.Module,
@@ -387,9 +360,7 @@ class LongCatPipeline:
         from jaxvid.models.lora import LoRALibrary
 
         self.tokenizer_dir = Path(tokenizer_dir)
-        self.text_encoder = text_encoder
-        self.vae = vae
-        self.dit = dit
+        self.components = {"dit": Component(dit), "text_encoder": Component(text_encoder), "vae": Component(vae)}
         self.scheduler = scheduler
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self.loras = LoRALibrary(dit.cfg)
@@ -397,8 +368,10 @@ class LongCatPipeline:
         self._tokenizers: dict[int, Any] = {}
         self._lora_cache: tuple[Any, Any] = (None, None)
         self.last_timings: dict[str, float] = {}
-        self._text_split = nnx.split(text_encoder)
-        self._vae_split = nnx.split(vae)
+        self._encode_text = CompiledFunction(_encode_text, static_argnums=(0,))
+        self._vae_encode = CompiledFunction(_vae_encode, static_argnums=(0,))
+        self._vae_decode = CompiledFunction(_vae_decode, static_argnums=(0,))
+        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1, 2))
         if vae.cfg.z_dim != dit.cfg.in_channels:
             raise ValueError(f"vae z_dim={vae.cfg.z_dim} != dit in_channels={dit.cfg.in_channels}")
         if text_encoder.cfg.d_model != dit.cfg.caption_channels:
@@ -414,7 +387,7 @@ class LongCatPipeline:
         checkpoint. `dtype` (e.g. jnp.bfloat16, upstream's choice) sets every model's parameter and
         compute dtype; None keeps the stored dtypes.
         """
-        from jaxvid.models.loading import load_model
+        from jaxvid.models.loading import load_model, parse_config, read_json_file
 
         path = Path(path)
         if not path.is_dir():
@@ -429,12 +402,24 @@ class LongCatPipeline:
         sched_file = path / "scheduler" / "scheduler_config.json"
         if not sched_file.is_file():
             raise ValueError(f"{sched_file}: missing; expected the FlowMatchEulerDiscreteScheduler config")
-        scheduler = flow_match.FlowMatchConfig.from_hf_config(json.loads(sched_file.read_text()))
+        scheduler = parse_config(flow_match.FlowMatchConfig, read_json_file(sched_file), sched_file)
         lora_dir = path / LORA_DIR if (path / LORA_DIR).is_dir() else None
         return cls(tokenizer_dir=path / "tokenizer", text_encoder=text_encoder, vae=vae, dit=dit,
                    scheduler=scheduler, lora_dir=lora_dir, progress=progress)
 
     # ---- properties --------------------------------------------------------------------------
+
+    @property
+    def dit(self) -> nnx.Module:
+        return self.components["dit"].module
+
+    @property
+    def text_encoder(self) -> nnx.Module:
+        return self.components["text_encoder"].module
+
+    @property
+    def vae(self) -> nnx.Module:
+        return self.components["vae"].module
 
     @property
     def vae_scale_factor_spatial(self) -> int:
@@ -474,12 +459,14 @@ class LongCatPipeline:
     def disable_all_loras(self) -> None:
         self.loras.disable_all()
 
-    def enable_bsa(self, **overrides: Any) -> None:
-        """Block sparse self-attention in the DiT (upstream enables it for 720p refinement)."""
-        self.dit.enable_bsa(**overrides)
+    def enable_bsa(self, **overrides: Any) -> AttentionPlan:
+        """Block sparse self-attention in the DiT from now on (upstream enables it for 720p refinement);
+        returns the plan (the DiT's bsa_params with `overrides`, e.g. sparsity=0.875)."""
+        return self.dit.enable_bsa(**overrides)
 
-    def disable_bsa(self) -> None:
-        self.dit.disable_bsa()
+    def disable_bsa(self) -> AttentionPlan:
+        """Dense self-attention from now on; returns the dense plan."""
+        return self.dit.disable_bsa()
 
     # ---- text ------------------------------------------------------------------------------------
 
@@ -492,9 +479,9 @@ class LongCatPipeline:
 
     def _t5(self, prompts: list[str], num_videos_per_prompt: int, max_sequence_length: int):
         tokens = self._tokenizer(max_sequence_length)(prompts)
-        graphdef, state = self._text_split
-        embeds = _encode_text(state, jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask),
-                              graphdef=graphdef).astype(self.dit_dtype)
+        text = self.components["text_encoder"]
+        embeds = self._encode_text(text.graphdef, text.state, jnp.asarray(tokens.input_ids),
+                                   jnp.asarray(tokens.attention_mask)).astype(self.dit_dtype)
         mask = jnp.asarray(tokens.attention_mask)
         embeds = jnp.repeat(embeds, num_videos_per_prompt, axis=0)[:, None]
         return embeds, jnp.repeat(mask, num_videos_per_prompt, axis=0)
@@ -557,8 +544,7 @@ class LongCatPipeline:
 
     @staticmethod
     def _check_output_type(output_type: str) -> None:
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+        check_output_type(output_type)
 
     # ---- building blocks -------------------------------------------------------------------------
 
@@ -567,14 +553,12 @@ class LongCatPipeline:
         shape = (batch, self.dit.cfg.in_channels, latent_frames, height // s, width // s)
         return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
-    def _prompt_batch(self, prompt, negative_prompt, guidance_scale: float, num_videos_per_prompt: int,
-                      max_sequence_length: int, seed: int | jax.Array):
+    def _prompt_batch(self, prompt, negative_prompt, sampling: Sampling):
         """Text embeddings ([uncond; cond] under CFG) + mask, the batch size and the seed's keys."""
-        _positive_int("num_videos_per_prompt", num_videos_per_prompt)
-        embeds, mask = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
-                                          num_videos_per_prompt=num_videos_per_prompt,
-                                          max_sequence_length=max_sequence_length)
-        return embeds, mask, len(_check_prompt(prompt)) * num_videos_per_prompt, _Keys.from_seed(seed)
+        embeds, mask = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=sampling.do_cfg,
+                                          num_videos_per_prompt=sampling.num_videos_per_prompt,
+                                          max_sequence_length=sampling.max_sequence_length)
+        return embeds, mask, len(_check_prompt(prompt)) * sampling.num_videos_per_prompt, _Keys.from_seed(sampling.seed)
 
     def _initial_latents(self, latents: jax.Array | None, key: jax.Array, batch: int, latent_frames: int,
                          height: int, width: int, dtype) -> jax.Array:
@@ -589,41 +573,50 @@ class LongCatPipeline:
 
     def encode_frames(self, frames: np.ndarray | jax.Array, key: jax.Array | None, dtype) -> jax.Array:
         """frames float [B, 3, F, H, W] in [-1, 1] -> normalised DiT latents in `dtype` (posterior sample with key)."""
-        graphdef, state = self._vae_split
+        vae = self.components["vae"]
         frames = jnp.asarray(frames).astype(self.vae.cfg.dtype)
-        latents = _vae_encode(state, frames, key, graphdef=graphdef).astype(dtype)
+        latents = self._vae_encode(vae.graphdef, vae.state, frames, key).astype(dtype)
         return self.vae.normalize_latents(latents)
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         """DiT latents [B, z, T, h, w] -> float32 frames [B, 1 + 4(T-1), 8h, 8w, 3] in [0, 1]."""
-        graphdef, state = self._vae_split
-        return np.asarray(_vae_decode(state, latents, graphdef=graphdef))
+        vae = self.components["vae"]
+        return np.asarray(self._vae_decode(vae.graphdef, vae.state, latents))
 
     def denoise(self, latents: jax.Array, embeds: jax.Array, mask: jax.Array, schedule: flow_match.FlowMatchState,
-                *, guidance_scale: float, num_cond_latents: int = 0, use_kv_cache: bool = False) -> jax.Array:
-        """The jitted loop over `schedule` (CFG when guidance_scale > 1; embeds then [uncond; cond])."""
+                *, guidance_scale: float, num_cond_latents: int = 0, use_kv_cache: bool = False,
+                attention: AttentionPlan | None = None) -> jax.Array:
+        """The jitted loop over `schedule` (CFG when guidance_scale > 1; embeds then [uncond; cond]).
+
+        attention: the AttentionPlan (None: the DiT's, as enable_bsa / disable_bsa left it); its dense
+        timesteps switch inside the loop, its dense layers run as a separate scan.
+        """
         do_cfg = guidance_scale > 1.0
+        attention = self.dit.attention_plan() if attention is None else attention
+        if not isinstance(attention, AttentionPlan):
+            raise ValueError(f"attention={attention!r}; expected None or an AttentionPlan")
         if embeds.shape[0] != latents.shape[0] * (2 if do_cfg else 1):
             raise ValueError(f"embeds batch {embeds.shape[0]} does not fit latents batch {latents.shape[0]} "
                              f"(CFG {'on' if do_cfg else 'off'})")
         spec = _LoopSpec(num_cond_latents=int(num_cond_latents), use_kv_cache=bool(use_kv_cache), do_cfg=do_cfg,
-                         dtype=self.dit_dtype)
-        graphdef, state = nnx.split(self.dit)  # after enable_bsa the graph differs: split per call
+                         dtype=self.dit_dtype, attention=attention, scheduler=self.scheduler)
+        dit = self.components["dit"]
         num_steps = int(schedule.timesteps.shape[0])
+        args = (dit.graphdef, spec, self.progress, dit.state, self._lora_factors(), latents, embeds, mask, schedule,
+                jnp.float32(guidance_scale))
+        compile_seconds = self._denoise.prepare(*args)  # compile before the bar starts
         self.progress.start(num_steps)
         t0 = time.perf_counter()
         try:
-            out = _denoise(state, self._lora_factors(), latents, embeds, mask, schedule, jnp.float32(guidance_scale),
-                           graphdef=graphdef, spec=spec, scheduler=self.scheduler, progress=self.progress)
-            out = jax.block_until_ready(out)
+            out = jax.block_until_ready(self._denoise(*args))
         finally:
             self.progress.close()
         total = time.perf_counter() - t0
         ticks = self.progress.step_times
-        # the first tick also waits for compilation (and the KV-cache pass); later ones are pure steps
+        # the first tick also waits for the KV-cache pass; later ones are pure steps
         per_step = float(np.median(ticks[1:])) if len(ticks) > 1 else total
-        self.last_timings = {"denoise": total, "per_step": per_step, "steps": num_steps,
-                             "compile_and_first_step": ticks[0] if ticks else total}
+        self.last_timings = {"compile": compile_seconds, "denoise": total, "per_step": per_step, "steps": num_steps,
+                             "compile_and_first_step": compile_seconds + (ticks[0] if ticks else total)}
         log.info("denoised %d steps in %.2f s (%.3f s/step after the first)", num_steps, total, per_step)
         return out
 
@@ -634,27 +627,31 @@ class LongCatPipeline:
             self._lora_cache = (key, self.loras.runtime(dtype=self.dit_dtype))
         return self._lora_cache[1]
 
-    def _finish(self, latents: jax.Array, output_type: str, frame_slice: slice | None = None) -> LongCatOutput:
+    def _finish(self, latents: jax.Array, output_type: str, frame_slice: slice | None = None,
+                fps: int = FPS) -> VideoOutput:
         if output_type == "latent":
-            return LongCatOutput(None, latents)
+            return VideoOutput(frames=None, latents=latents, fps=fps, output_type=output_type)
         frames = self.decode(latents)
         if frame_slice is not None:
             frames = frames[:, frame_slice]
-        return LongCatOutput(frames, latents)
+        # uint8 as upstream's demos write them: (x * 255).astype(uint8), truncating
+        return VideoOutput(frames=finish_frames(frames, output_type, rounding="truncate"), latents=latents, fps=fps,
+                           output_type=output_type)
 
     # ---- modes -----------------------------------------------------------------------------------
 
     def generate_t2v(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                      height: int = 480, width: int = 832, num_frames: int = 93, num_inference_steps: int = 50,
                      use_distill: bool = False, guidance_scale: float = 4.0, num_videos_per_prompt: int = 1,
-                     seed: int | jax.Array = 0, latents: jax.Array | None = None, output_type: str = "np",
-                     max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> LongCatOutput:
+                     seed: int | jax.Array = 0, latents: jax.Array | None = None, output_type: str = "uint8",
+                     max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> VideoOutput:
         """Text to video (upstream generate_t2v). Distilled: cfg_step LoRA enabled, 16 steps, use_distill, g = 1."""
         self._check_output_type(output_type)
         self._check_size(height, width, self.vae_scale_factor_spatial * PATCH_SPATIAL)
         latent_frames = self._check_num_frames(num_frames)
-        embeds, mask, batch, keys = self._prompt_batch(prompt, negative_prompt, guidance_scale,
-                                                       num_videos_per_prompt, max_sequence_length, seed)
+        sampling = Sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                            max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt)
+        embeds, mask, batch, keys = self._prompt_batch(prompt, negative_prompt, sampling)
         schedule = self.schedule(num_inference_steps, use_distill=use_distill)
         latents = self._initial_latents(latents, keys.noise, batch, latent_frames, height, width, jnp.float32)
         out = self.denoise(jnp.asarray(latents, jnp.float32), embeds, mask, schedule, guidance_scale=guidance_scale)
@@ -665,7 +662,7 @@ class LongCatPipeline:
                      height: int | None = None, width: int | None = None, num_frames: int = 93,
                      num_inference_steps: int = 50, use_distill: bool = False, guidance_scale: float = 4.0,
                      num_videos_per_prompt: int = 1, seed: int | jax.Array = 0, latents: jax.Array | None = None,
-                     output_type: str = "np", max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> LongCatOutput:
+                     output_type: str = "uint8", max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> VideoOutput:
         """Image to video (upstream generate_i2v): image uint8 [H, W, 3] becomes the first latent frame."""
         self._check_output_type(output_type)
         image = _as_image(image)
@@ -674,8 +671,9 @@ class LongCatPipeline:
         latent_frames = self._check_num_frames(num_frames)
         if latent_frames < 2:
             raise ValueError(f"num_frames={num_frames}: image-to-video needs more than one latent frame (>= 5 frames)")
-        embeds, mask, batch, keys = self._prompt_batch(prompt, negative_prompt, guidance_scale,
-                                                       num_videos_per_prompt, max_sequence_length, seed)
+        sampling = Sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                            max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt)
+        embeds, mask, batch, keys = self._prompt_batch(prompt, negative_prompt, sampling)
         schedule = self.schedule(num_inference_steps, use_distill=use_distill)
         latents = self._initial_latents(latents, keys.noise, batch, latent_frames, height, width, jnp.float32)
         pixels = preprocess_frames(image[None], height, width)[None]  # [1, 3, 1, H, W]
@@ -689,9 +687,9 @@ class LongCatPipeline:
                     height: int | None = None, width: int | None = None, num_frames: int = 93,
                     num_cond_frames: int = 13, num_inference_steps: int = 50, use_distill: bool = False,
                     guidance_scale: float = 4.0, num_videos_per_prompt: int = 1, seed: int | jax.Array = 0,
-                    latents: jax.Array | None = None, output_type: str = "np",
+                    latents: jax.Array | None = None, output_type: str = "uint8",
                     max_sequence_length: int = MAX_SEQUENCE_LENGTH, use_kv_cache: bool = True,
-                    enhance_hf: bool = True) -> LongCatOutput:
+                    enhance_hf: bool = True) -> VideoOutput:
         """Video continuation (upstream generate_vc): the last num_cond_frames of `video` (uint8 [F, H, W, 3])
         condition; the output's first num_cond_frames frames are their reconstruction."""
         self._check_output_type(output_type)
@@ -708,8 +706,9 @@ class LongCatPipeline:
             raise ValueError(f"num_cond_frames={num_cond_frames}: expected 1 + {t}k frames (e.g. 13), at most the "
                              f"video's {video.shape[0]} frames and fewer than num_frames={num_frames}")
         num_cond_latents = 1 + (num_cond_frames - 1) // t
-        embeds, mask, batch, keys = self._prompt_batch(prompt, negative_prompt, guidance_scale,
-                                                       num_videos_per_prompt, max_sequence_length, seed)
+        sampling = Sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                            max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt)
+        embeds, mask, batch, keys = self._prompt_batch(prompt, negative_prompt, sampling)
         schedule = self.schedule(num_inference_steps, use_distill=use_distill)
         if enhance_hf:
             schedule = flow_match.state_from_timesteps(flow_match.enhance_hf_timesteps(np.asarray(schedule.timesteps)))
@@ -727,40 +726,45 @@ class LongCatPipeline:
                       height: int = 480, width: int = 832, num_inference_steps: int = 50,
                       use_distill: bool = False, guidance_scale: float = 4.0, seed: int = 0,
                       max_sequence_length: int = MAX_SEQUENCE_LENGTH, use_kv_cache: bool = True,
-                      enhance_hf: bool = True) -> np.ndarray:
+                      enhance_hf: bool = True) -> VideoOutput:
         """run_demo_long_video: a t2v segment (or `video`), then num_segments continuations, each conditioned
-        on the last num_cond_frames frames of the previous one -> uint8 frames [F, H, W, 3].
+        on the last num_cond_frames frames of the previous one -> VideoOutput with uint8 frames [1, F, H, W, 3]
+        (no latents: the segments' latents do not join into one tensor).
 
         Frames pass between segments as upstream's uint8 (truncated); segment s uses seed + s.
         """
         _positive_int("num_segments", num_segments)
+        sampling = Sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                            max_sequence_length=max_sequence_length)
+        common = dict(num_frames=num_frames, height=height, width=width, use_distill=use_distill,
+                      **self._sampling_kwargs(sampling))
         if video is None:
-            first = self.generate_t2v(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
-                                      num_inference_steps=num_inference_steps, use_distill=use_distill,
-                                      guidance_scale=guidance_scale, seed=seed,
-                                      max_sequence_length=max_sequence_length)
-            video = frames_to_uint8(first.frames[0])
+            video = self.generate_t2v(prompt, negative_prompt, **common).frames[0]
         video = _as_frames(video, "video")
         frames, current = [video], video
         for segment in range(num_segments):
             log.info("long video: segment %d/%d", segment + 1, num_segments)
-            out = self.generate_vc(current, prompt, negative_prompt, height=height, width=width,
-                                   num_frames=num_frames, num_cond_frames=num_cond_frames,
-                                   num_inference_steps=num_inference_steps, use_distill=use_distill,
-                                   guidance_scale=guidance_scale, seed=seed + segment + 1,
-                                   max_sequence_length=max_sequence_length, use_kv_cache=use_kv_cache,
-                                   enhance_hf=enhance_hf)
-            new = frames_to_uint8(out.frames[0])
+            out = self.generate_vc(current, prompt, negative_prompt, num_cond_frames=num_cond_frames,
+                                   use_kv_cache=use_kv_cache, enhance_hf=enhance_hf,
+                                   **{**common, "seed": seed + segment + 1})
+            new = out.frames[0]  # uint8 as upstream passes frames between segments (truncated)
             frames.append(new[num_cond_frames:])
             current = new
-        return np.concatenate(frames)
+        return VideoOutput(frames=np.concatenate(frames)[None], latents=None, fps=FPS)
+
+    @staticmethod
+    def _sampling_kwargs(sampling: Sampling) -> dict[str, Any]:
+        """The keyword arguments of the mode methods that a Sampling holds."""
+        return dict(num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
+                    seed=sampling.seed, max_sequence_length=sampling.max_sequence_length,
+                    num_videos_per_prompt=sampling.num_videos_per_prompt)
 
     def generate_refine(self, prompt: str | Sequence[str], stage1_video: np.ndarray, *,
                         image: np.ndarray | None = None, video: np.ndarray | None = None, num_cond_frames: int = 0,
                         num_inference_steps: int = 50, t_thresh: float = REFINE_T_THRESH,
                         spatial_refine_only: bool = False, height: int | None = None, width: int | None = None,
-                        num_videos_per_prompt: int = 1, seed: int | jax.Array = 0, output_type: str = "np",
-                        max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> LongCatOutput:
+                        num_videos_per_prompt: int = 1, seed: int | jax.Array = 0, output_type: str = "uint8",
+                        max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> VideoOutput:
         """720p refinement (upstream generate_refine) of stage1_video (uint8 [N, H, W, 3], e.g. a 480p result).
 
         Output: 2N frames (N with spatial_refine_only) at the 720p bucket size (or height x width,
@@ -785,8 +789,9 @@ class LongCatPipeline:
         if not 0 < t_thresh < 1:
             raise ValueError(f"t_thresh={t_thresh!r}: expected a value in (0, 1)")
         # refinement runs without CFG (guidance 1)
-        embeds, mask, batch, keys = self._prompt_batch(prompt, None, 1.0, num_videos_per_prompt,
-                                                       max_sequence_length, seed)
+        sampling = Sampling(num_inference_steps=num_inference_steps, guidance_scale=1.0, seed=seed,
+                            max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt)
+        embeds, mask, batch, keys = self._prompt_batch(prompt, None, sampling)
         schedule = self.schedule(num_inference_steps)
         timesteps = flow_match.refine_timesteps(np.asarray(schedule.timesteps), t_thresh)
         schedule = flow_match.state_from_timesteps(timesteps)
@@ -826,14 +831,16 @@ class LongCatPipeline:
             latents = latents.at[:, :, :ncl].set(cond)
         out = self.denoise(latents, embeds, mask, schedule, guidance_scale=1.0, num_cond_latents=ncl)
         start = layout.cond_frames_added
-        return self._finish(out, output_type, slice(start, start + new_frames))
+        return self._finish(out, output_type, slice(start, start + new_frames),
+                            fps=FPS if spatial_refine_only else REFINE_FPS)
 
     def refine_long(self, frames: np.ndarray, prompt: str = "", *, num_frames: int = 93, num_cond_frames: int = 13,
                     num_inference_steps: int = 50, spatial_refine_only: bool = False, seed: int = 0,
                     height: int | None = None, width: int | None = None,
-                    max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> np.ndarray:
+                    max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> VideoOutput:
         """run_demo_long_video's refinement: refine windows of num_frames stage-1 frames that overlap by
-        num_cond_frames, each conditioned on the end of the previous refined window -> uint8 frames."""
+        num_cond_frames, each conditioned on the end of the previous refined window -> VideoOutput with
+        uint8 frames [1, F, H, W, 3] (no latents)."""
         frames = _as_frames(frames, "frames")
         stride = num_frames - num_cond_frames
         if stride < 1:
@@ -846,9 +853,10 @@ class LongCatPipeline:
                                        num_cond_frames=cond_frames, num_inference_steps=num_inference_steps,
                                        spatial_refine_only=spatial_refine_only, seed=seed + segment,
                                        height=height, width=width, max_sequence_length=max_sequence_length)
-            new = frames_to_uint8(out.frames[0])
+            new = out.frames[0]
             refined.append(new[cond_frames:])
             cond_video = new
             cond_frames = num_cond_frames if spatial_refine_only else 2 * num_cond_frames
             start += stride
-        return np.concatenate(refined)
+        return VideoOutput(frames=np.concatenate(refined)[None], latents=None,
+                           fps=FPS if spatial_refine_only else REFINE_FPS)

@@ -1,20 +1,61 @@
-"""The one jitted denoising loop both pipelines share, its host-side progress bar, and a jit
-wrapper that compiles ahead of time so compile time can be reported apart from run time.
+"""The one denoising loop both pipelines share, and everything around it that is not model-specific.
 
-The loop is a `lax.fori_loop` over steps whose body is a pure `step_fn(i, carry) -> carry`; the
+    Component(module)                   a loaded NNX module split once: graphdef (static) + state (jit argument)
+    CompiledFunction(fn, static_argnums)  jit with an explicit executable cache: compile time reported apart
+    StepProgress                        the tqdm bar a jitted loop ticks through jax.debug.callback
+    guided_prediction(predict, x, ...)  classifier-free guidance by batch doubling [uncond; cond], any rule
+    with_plan_switch(plan, step, run)   the attention plan's dense timesteps: lax.cond on the traced step
+    denoise_loop(step_fn, carry, n)     the lax.fori_loop over steps, progress and per-step host callbacks
+
+A pipeline writes only its model-specific step (`step_fn(i, carry) -> carry`: the model call, its
+guidance rule, its scheduler) and runs it through `denoise_loop` inside one jitted function. The
 step index is traced, so anything that depends on it (timestep, guidance scale, dense-vs-sparse
 attention) must be an array lookup or a `lax.cond` inside `step_fn`, never a Python branch.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
+from jaxvid.attention.plan import AttentionPlan
+from jaxvid.schedulers.guidance import split_cfg_batch
+
+__all__ = ["Component", "CompiledFunction", "StepProgress", "denoise_loop", "guided_prediction",
+           "with_plan_switch"]
+
 Carry = TypeVar("Carry")
+
+
+@dataclasses.dataclass(eq=False)
+class Component:
+    """A loaded NNX module split once into its graphdef (static) and state (the jit argument).
+
+    Jitted stages take `(component.graphdef, component.state, ...)`: the weights are arguments, never
+    constants. A pipeline keeps its networks as Components; placement hooks (host offload, releasing a
+    text encoder after use) belong here, on `state`. Call `refresh()` after changing the module.
+    """
+
+    module: nnx.Module
+    graphdef: nnx.GraphDef = dataclasses.field(init=False)
+    state: nnx.State = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Split the module again (its structure or weights changed)."""
+        self.graphdef, self.state = nnx.split(self.module)
+
+    @property
+    def cfg(self) -> Any:
+        return self.module.cfg
 
 
 class StepProgress:
@@ -105,16 +146,51 @@ class CompiledFunction:
         return out
 
 
+def guided_prediction(
+    predict: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    *,
+    do_cfg: bool,
+    combine: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """The model's prediction for latents x [B, ...], guided when `do_cfg` (static).
+
+    Under CFG the model sees the batch doubled as [x; x] (its text inputs are [uncond; cond]) and
+    `combine(uncond, cond)` applies the pipeline's rule: plain or dynamic CFG (CogVideoX, the scale
+    being a per-step array lookup) or CFG-Zero* (LongCat). `predict` takes the model input batch.
+    """
+    if not do_cfg:
+        return predict(x)
+    pred = predict(jnp.concatenate([x, x], axis=0))
+    return combine(*split_cfg_batch(pred))
+
+
+def with_plan_switch(plan: AttentionPlan | None, step: jax.Array,
+                     run: Callable[[AttentionPlan | None], jax.Array]) -> jax.Array:
+    """`run(plan)` on sparse steps and `run(plan.all_dense())` on the plan's dense timesteps.
+
+    The switch is a `lax.cond` on the traced step (both branches compile into the one loop), skipped
+    when the plan is dense everywhere or has no dense timesteps; the layer split is the model's.
+    `plan=None` runs `run(None)`: the model's own default.
+    """
+    if plan is None or plan.is_dense or plan.dense_timesteps == 0:
+        return run(plan)
+    return lax.cond(plan.use_dense_at(step), lambda: run(plan.all_dense()), lambda: run(plan))
+
+
 def denoise_loop(
     step_fn: Callable[[jax.Array, Carry], Carry],
     carry: Carry,
     num_steps: int,
     progress: StepProgress | None = None,
+    callback: Callable[[Any, Carry], None] | None = None,
 ) -> Carry:
     """Run `carry = step_fn(i, carry)` for i in range(num_steps) as one `lax.fori_loop`.
 
     Call it inside `jax.jit`. With `progress`, each finished step ticks the host bar (ordered
-    callback, so ticks arrive in step order and after the step's results exist).
+    callback, so ticks arrive in step order and after the step's results exist). `callback(step,
+    carry)` runs on the host after every step with the step's results (a device-to-host copy per
+    step: for inspection, not for speed).
     """
 
     def body(i, c):
@@ -123,6 +199,8 @@ def denoise_loop(
             # Depend on the new carry so the tick fires after the step's work, not before it.
             leaf = jax.tree.leaves(c)[0]
             jax.debug.callback(progress.tick, i + 0 * leaf.reshape(-1)[0].astype(i.dtype), ordered=True)
+        if callback is not None:
+            jax.debug.callback(callback, i, c, ordered=True)
         return c
 
     return lax.fori_loop(0, num_steps, body, carry)

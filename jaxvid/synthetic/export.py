@@ -50,7 +50,7 @@ def to_source(model: nnx.Module, rules: list[Rule], source_shapes: dict[str, tup
     """Every rule's source tensor (torch layout, float32) from the model's parameters.
 
     source_shapes: {source key: torch shape}, e.g. `convert.keymaps.cogvideox.diffusers_shapes(cfg)`
-    or `jaxvid.tiny.source_shapes(rules, specs)`.
+    or `jaxvid.synthetic.cogvideox.source_shapes(rules, specs)`.
     """
     params = flat_params(model)
     used = set()

@@ -123,7 +123,7 @@ def model_configs(scaling_factor: float = 1.0) -> tuple[CogVideoXConfig, CogVide
 
 
 def _tokenizer(folder: Path):
-    from jaxvid.tiny import _tokenizer_config, _write_json, tiny_spiece_model
+    from jaxvid.synthetic.cogvideox import _tokenizer_config, _write_json, tiny_spiece_model
     from jaxvid.tokenizer import cogvideox_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -404,7 +404,7 @@ def write_pipeline(folder: Path, transformer: CogVideoXTransformer3D, vae: Autoe
     from convert.safetensors_io import write_safetensors
     from jaxvid.models.loading import model_specs
     from jaxvid.synthetic.export import to_source
-    from jaxvid.tiny import _DIFFUSERS_VERSION, _t5_hf_config, _vae_hf_config, _write_json, source_shapes
+    from jaxvid.synthetic.cogvideox import _DIFFUSERS_VERSION, _t5_hf_config, _vae_hf_config, _write_json, source_shapes
 
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         (folder / sub).mkdir(parents=True, exist_ok=True)

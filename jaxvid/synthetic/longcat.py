@@ -114,16 +114,17 @@ def _random_tensor(rng: np.random.Generator, key: str, shape: tuple[int, ...]) -
 
 def _write_component(folder: Path, config: dict[str, Any], weights_name: str, seed: int) -> None:
     """config.json + random weights named by the registered model's key table."""
-    from jaxvid.models.loading import _resolve, class_name_of, config_for, entry_for, model_specs
+    from jaxvid.models.loading import class_name_of, config_for, entry_for, model_specs
+    from jaxvid.models.registry import resolve
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     entry = entry_for(class_name_of(config))
     cfg = config_for(entry, config, np.float32)
-    specs = model_specs(_resolve(entry.model), cfg)
+    specs = model_specs(resolve(entry.model), cfg)
     rng = np.random.default_rng(seed)
     tensors = {}
-    for rule in _resolve(entry.rules)(cfg):
+    for rule in resolve(entry.rules)(cfg):
         shape = _source_shape(rule, tuple(specs[rule.target_path].shape))
         tensors[rule.source] = _random_tensor(rng, rule.source, shape)
     write_safetensors(folder / weights_name, tensors)

@@ -1,4 +1,4 @@
-"""The embedded tiny default: a complete random CogVideoX pipeline folder in diffusers' layout.
+"""Synthetic CogVideoX checkpoints: the embedded tiny pipeline and random transformers at any size.
 
 `write_tiny_pipeline(folder, seed=0, variant="t2v")` writes what `save_pretrained` of a diffusers
 `CogVideoXPipeline` (or `CogVideoXImageToVideoPipeline`) writes: model_index.json, transformer/,
@@ -9,23 +9,34 @@ same seed always gives the same video. diffusers itself can load the folder too.
 
 Tensor names and torch shapes of the VAE and T5 come from jaxvid's own key tables, run backwards:
 each rule's target shape is turned back through its (permutation) transform.
+
+`write_random_cogvideox(folder, cfg)` / `write_random_pipeline(folder, cfg)` write a random
+transformer of any size (optionally sharded, one tensor in memory at a time) in diffusers' layout,
+for `jaxvid demo` and the conversion benchmarks.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from convert.keymaps.cogvideox import diffusers_shapes
+from convert.safetensors_io import write_safetensors_streaming
 from jaxvid.models.cogvideox import CogVideoXConfig
 from jaxvid.models.t5 import T5Config
 from jaxvid.models.vae_cogvideox import CogVideoXVAEConfig
 
-__all__ = ["VARIANTS", "TinyDefaults", "tiny_configs", "write_tiny_pipeline", "tiny_spiece_model"]
+__all__ = ["VARIANTS", "TinyDefaults", "tiny_configs", "write_tiny_pipeline", "tiny_spiece_model",
+           "write_random_cogvideox", "write_random_pipeline"]
+
+log = logging.getLogger(__name__)
 
 _DIFFUSERS_VERSION = "0.42.1"
 _SPIECE_ASSET = "tiny_spiece.model"
@@ -61,7 +72,9 @@ def tiny_spiece_model() -> bytes:
     pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, normalization_rule_name="identity")`
     on a handful of video prompts.
     """
-    return resources.files("jaxvid").joinpath("assets", _SPIECE_ASSET).read_bytes()
+    # one name per `/`: Traversable.joinpath takes a single name on Python 3.11 when the package is
+    # read from a plain folder or a zip (a MultiplexedPath / zipfile.Path, not a pathlib.Path)
+    return (resources.files("jaxvid") / "assets" / _SPIECE_ASSET).read_bytes()
 
 
 def tiny_configs(variant: str = "t2v") -> tuple[CogVideoXConfig, CogVideoXVAEConfig, T5Config]:
@@ -193,7 +206,6 @@ def write_tiny_pipeline(folder: str | os.PathLike, *, seed: int = 0, variant: st
     Deterministic: the same seed and variant write the same bytes. Tens of thousands of parameters;
     writing takes well under a second.
     """
-    from convert.keymaps.cogvideox import diffusers_shapes
     from convert.keymaps.t5 import encoder_rules
     from convert.keymaps.vae_cogvideox import vae_rules
     from convert.safetensors_io import write_safetensors
@@ -235,4 +247,95 @@ def write_tiny_pipeline(folder: str | os.PathLike, *, seed: int = 0, variant: st
         "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLCogVideoX"],
     })
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Random transformers at any size in diffusers' layout (jaxvid demo, bench/convert_memory.py)
+# ---------------------------------------------------------------------------------------------
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# A CogVideoX DDIM scheduler config for write_random_pipeline, copied verbatim by the converter like any weight-free component.
+_RANDOM_SCHEDULER_CONFIG = {
+    "_class_name": "CogVideoXDDIMScheduler", "_diffusers_version": _DIFFUSERS_VERSION, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+    "sample_max_value": 1.0, "set_alpha_to_one": True, "snr_shift_scale": 3.0, "steps_offset": 0,
+    "timestep_spacing": "trailing", "trained_betas": None,
+}
+
+
+def _random_tensor(rng: np.random.Generator, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Weights ~ N(0, 0.02^2); norm scales ~ 1 so activations stay in range."""
+    x = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    if "norm" in key and key.endswith(".weight"):
+        x += np.float32(1.0)
+    return x
+
+
+def write_random_cogvideox(
+    folder: str | os.PathLike,
+    cfg: CogVideoXConfig,
+    *,
+    seed: int = 0,
+    dtype: Any = np.float32,
+    max_shard_bytes: int | None = None,
+    values: Callable[[str, tuple[int, ...]], np.ndarray] | None = None,
+) -> Path:
+    """Write a random CogVideoX transformer in diffusers' folder layout; returns the folder.
+
+    With `max_shard_bytes`, tensors go to `diffusion_pytorch_model-0000k-of-0000n.safetensors`
+    files plus `diffusion_pytorch_model.safetensors.index.json`, as diffusers shards. Tensors are
+    generated and written one at a time (peak memory: one tensor). `values(key, shape)` replaces
+    the default N(0, 0.02^2) float32 generator (the benchmark uses a cheaper one).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(dtype)
+    config = {**cfg.to_hf_config(), "_diffusers_version": _DIFFUSERS_VERSION}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    shapes = dict(sorted(diffusers_shapes(cfg).items()))
+    shards: list[dict[str, tuple[tuple[int, ...], np.dtype]]] = [{}]
+    size = 0
+    for key, shape in shapes.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = (shape, dtype)
+        size += nbytes
+    rng = np.random.default_rng(seed)
+
+    def produce(key: str) -> np.ndarray:
+        x = values(key, shapes[key]) if values is not None else _random_tensor(rng, key, shapes[key])
+        return x.astype(dtype, copy=False)
+
+    if len(shards) == 1 and not max_shard_bytes:
+        write_safetensors_streaming(folder / WEIGHTS_NAME, shards[0], produce, metadata={"format": "pt"})
+        return folder
+    weight_map: dict[str, str] = {}
+    stem = WEIGHTS_NAME.removesuffix(".safetensors")
+    for k, shard in enumerate(shards, start=1):
+        name = f"{stem}-{k:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors_streaming(folder / name, shard, produce, metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+        log.info("wrote shard %s (%d tensors)", name, len(shard))
+    total = sum(int(np.prod(s, dtype=np.int64)) * dtype.itemsize for s in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{WEIGHTS_NAME}.index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def write_random_pipeline(folder: str | os.PathLike, cfg: CogVideoXConfig, *, seed: int = 0) -> Path:
+    """A minimal diffusers pipeline folder: model_index.json, transformer/ (random) and scheduler/."""
+    folder = Path(folder)
+    write_random_cogvideox(folder / "transformer", cfg, seed=seed)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_RANDOM_SCHEDULER_CONFIG, indent=2))
+    index = {
+        "_class_name": "CogVideoXPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder

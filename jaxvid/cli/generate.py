@@ -1,0 +1,451 @@
+"""`jaxvid generate`: prompt (and image or video) -> video file, with CogVideoX or LongCat-Video.
+
+    jaxvid generate                                   # embedded tiny random pipeline, writes out.mp4
+    jaxvid generate --model CogVideoX-5b --prompt "A panda playing guitar" --dtype bf16 --output panda.mp4
+    jaxvid generate --model CogVideoX-5b-I2V --image first.png --prompt "..." --attention radial
+    jaxvid generate --model LongCat-Video --mode t2v|i2v|continue|long|refine --prompt "..."
+
+One parser with an option group per model: an option the chosen model does not take is an error
+(never silently ignored). Everything is checked before any weight is loaded: numbers (finite, in
+range, consistent with the model's configs), input files, and the output file (extension, folder,
+permission). The CLI only parses, reads input files and reports; the work is the pipelines' Python
+API (`CogVideoXPipeline.generate`, `jaxvid.pipelines.longcat_runs.run_longcat`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("dense", "radial")
+DTYPE_CHOICES = ("bf16", "fp32", "fp16")
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+# Options by the model that takes them (dest names). The rest are common to both.
+COGVIDEOX_OPTIONS = ("dynamic_cfg", "scheduler", "attention", "dense_layers", "dense_timesteps", "decay_factor",
+                     "block_size", "vae_tiling")
+LONGCAT_OPTIONS = ("mode", "video", "cond_video", "num_cond_frames", "resolution", "distill", "refine",
+                   "refine_steps", "refine_height", "refine_width", "spatial_refine_only", "num_segments",
+                   "target_fps", "no_kv_cache", "no_enhance_hf", "bsa_sparsity")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`jaxvid generate: error: ...`), exit code 2, no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the `generate` subcommand (its handler is `args.func`) on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate a video with CogVideoX or LongCat-Video",
+        description="Generate a video with a CogVideoX pipeline folder (diffusers layout, or jaxvid-convert'ed) "
+        "or a LongCat-Video folder. Without --model, runs an embedded tiny random CogVideoX pipeline (no "
+        "download) and writes a video. Defaults that depend on the model are stated per model.",
+    )
+    common = p.add_argument_group("common options")
+    common.add_argument("--model", default=None,
+                        help="CogVideoX pipeline or LongCat-Video folder (default: the embedded tiny CogVideoX)")
+    common.add_argument("--prompt", default=None, help="text prompt (required with --model)")
+    common.add_argument("--negative-prompt", default=None,
+                        help="negative prompt for classifier-free guidance (CogVideoX: ''; LongCat: upstream's)")
+    common.add_argument("--image", default=None,
+                        help="CogVideoX I2V / LongCat i2v: the first frame; LongCat refine: a conditioning image")
+    common.add_argument("--num-frames", type=int, default=None,
+                        help="frames, 1 + 4k (CogVideoX: the model's, 49, 81 for 1.5, 9 tiny; LongCat: 93 per segment)")
+    common.add_argument("--height", type=int, default=None,
+                        help="pixels (CogVideoX: 480, 768 for 1.5, 32 tiny; LongCat t2v: 480, else the aspect bucket)")
+    common.add_argument("--width", type=int, default=None,
+                        help="pixels (CogVideoX: 720, 1360 for 1.5, 32 tiny; LongCat t2v: 832, else the aspect bucket)")
+    common.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (CogVideoX: 50, 4 tiny; LongCat: 50, 16 with --distill)")
+    common.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale, <= 1: no CFG (CogVideoX: 6; LongCat: 4, 1 with --distill)")
+    common.add_argument("--seed", type=int, default=0, help="random seed of the noise (jax.random; default 0)")
+    common.add_argument("--max-sequence-length", type=int, default=None,
+                        help="text tokens (CogVideoX: 226; LongCat: 512)")
+    common.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help="weights and compute dtype (default: bf16 on GPU, fp32 on CPU and for the tiny model)")
+    common.add_argument("--fps", type=int, default=None,
+                        help="frames per second of the file (CogVideoX: 8, 16 for 1.5; LongCat: 15, refined 30)")
+    common.add_argument("--output", default="out.mp4",
+                        help="video file, .mp4 or .gif (default out.mp4); --refine writes <name>_refine beside it")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    cog = p.add_argument_group("CogVideoX options")
+    cog.add_argument("--dynamic-cfg", action="store_true", default=None,
+                     help="dynamic (cosine-ramped) guidance scale, as diffusers' use_dynamic_cfg")
+    cog.add_argument("--scheduler", choices=("ddim", "dpm"), default=None,
+                     help="override the folder's scheduler (default: scheduler/scheduler_config.json's)")
+    cog.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
+                     help="self-attention: dense, or radial sparse attention (default dense)")
+    cog.add_argument("--dense-layers", type=int, default=None,
+                     help="radial: the first N layers stay dense (default 1)")
+    cog.add_argument("--dense-timesteps", type=int, default=None,
+                     help="radial: the first N steps run fully dense (default 12)")
+    cog.add_argument("--decay-factor", type=float, default=None, help="radial: window decay factor > 0 (default 1)")
+    cog.add_argument("--block-size", type=int, choices=(64, 128), default=None,
+                     help="radial: mask block size (default 128)")
+    cog.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                     help="decode in overlapping spatial tiles, as diffusers' enable_tiling() (default: on with "
+                     "--model, off for the tiny model)")
+
+    lc = p.add_argument_group("LongCat-Video options")
+    lc.add_argument("--mode", choices=("t2v", "i2v", "continue", "long", "refine"), default=None,
+                    help="what to generate (default t2v)")
+    lc.add_argument("--video", default=None, help="continue / long: the video to continue; refine: the stage-1 video")
+    lc.add_argument("--cond-video", default=None,
+                    help="refine: a video whose last --num-cond-frames frames stay clean")
+    lc.add_argument("--num-cond-frames", type=int, default=None,
+                    help="continue / long: conditioning frames (default 13); refine with --cond-video: 26")
+    lc.add_argument("--resolution", choices=("480p", "720p"), default=None,
+                    help="i2v / continue: the aspect-ratio bucket table (default 480p)")
+    lc.add_argument("--distill", action="store_true", default=None,
+                    help="cfg_step LoRA: 16 steps, guidance 1, the distilled schedule")
+    lc.add_argument("--refine", action="store_true", default=None,
+                    help="also refine the result to 720p (refinement LoRA, BSA), written as <output>_refine")
+    lc.add_argument("--refine-steps", type=int, default=None, help="refinement steps before t_thresh cuts them (default 50)")
+    lc.add_argument("--refine-height", type=int, default=None, help="--refine: pixels (default: the 720p bucket)")
+    lc.add_argument("--refine-width", type=int, default=None, help="--refine: pixels (default: the 720p bucket)")
+    lc.add_argument("--spatial-refine-only", action="store_true", default=None,
+                    help="refine: keep the frame count (no 2x in time)")
+    lc.add_argument("--num-segments", type=int, default=None, help="long: continuation segments after the first (default 11)")
+    lc.add_argument("--target-fps", type=float, default=None,
+                    help="continue / long: subsample --video to about this frame rate first (default 15, upstream's)")
+    lc.add_argument("--no-kv-cache", action="store_true", default=None,
+                    help="continue / long: recompute the clean frames every step")
+    lc.add_argument("--no-enhance-hf", action="store_true", default=None,
+                    help="continue / long: keep the plain schedule")
+    lc.add_argument("--bsa-sparsity", type=float, default=None,
+                    help="refine: BSA sparsity in [0, 1) (default: the config's bsa_params)")
+    p.set_defaults(func=run_generate)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks (before anything is loaded)
+# ---------------------------------------------------------------------------------------------
+
+
+def _given(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:
+    return [_flag(d) for d in dests if getattr(args, d, None) is not None]
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric option: finite and in range (model-independent part); ValueError naming the option."""
+    for dest in ("num_frames", "height", "width", "steps", "fps", "max_sequence_length", "refine_steps",
+                 "refine_height", "refine_width", "num_segments", "num_cond_frames"):
+        value = getattr(args, dest, None)
+        if value is not None and value < 1:
+            raise ValueError(f"{_flag(dest)}={value}; expected a positive int")
+    for dest in ("dense_layers", "dense_timesteps"):
+        value = getattr(args, dest, None)
+        if value is not None and value < 0:
+            raise ValueError(f"{_flag(dest)}={value}; expected an int >= 0")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance={args.guidance}; expected a finite number (<= 1 turns guidance off)")
+    if args.decay_factor is not None and not (math.isfinite(args.decay_factor) and args.decay_factor > 0):
+        raise ValueError(f"--decay-factor={args.decay_factor:g}; expected a finite number > 0")
+    if args.target_fps is not None and not (math.isfinite(args.target_fps) and args.target_fps > 0):
+        raise ValueError(f"--target-fps={args.target_fps}; expected a finite number > 0")
+    if args.bsa_sparsity is not None and not (math.isfinite(args.bsa_sparsity) and 0 <= args.bsa_sparsity < 1):
+        raise ValueError(f"--bsa-sparsity={args.bsa_sparsity}; expected a number in [0, 1)")
+
+
+def check_output(path: str) -> Path:
+    """The output file: a .mp4 / .gif whose folder exists (or can be made) and is writable; fast, no I/O but stat."""
+    out = Path(path)
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"--output={path!r}: unsupported video extension {out.suffix!r}; expected one of "
+                         f"{VIDEO_SUFFIXES}")
+    if out.is_dir():
+        raise ValueError(f"--output={path!r} is a folder; expected a video file name")
+    folder = out.absolute().parent
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output={path!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output={path!r}: the folder {existing} is not writable")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"--output={path!r}: the file exists and is not writable")
+    return out
+
+
+def attention_plan(args: argparse.Namespace) -> Any:
+    """The AttentionPlan the CogVideoX options ask for (None = dense everywhere)."""
+    from jaxvid.attention.plan import AttentionPlan
+
+    if args.attention in (None, "dense"):
+        for dest in ("dense_layers", "dense_timesteps", "decay_factor", "block_size"):
+            if getattr(args, dest) is not None:
+                raise ValueError(f"{_flag(dest)} is a radial attention option; add --attention radial")
+        return None
+    check_numbers(args)
+    return AttentionPlan.radial_cogvideox(
+        decay_factor=1.0 if args.decay_factor is None else args.decay_factor,
+        block_size=args.block_size or 128,
+        dense_layers=1 if args.dense_layers is None else args.dense_layers,
+        dense_timesteps=12 if args.dense_timesteps is None else args.dense_timesteps)
+
+
+def _default_dtype(tiny: bool) -> str:
+    import jax
+
+    return "fp32" if tiny or jax.default_backend() == "cpu" else "bf16"
+
+
+def _options_error(options: list[str], model: str, other: str) -> ValueError:
+    names = ", ".join(options)
+    return ValueError(f"{names} {'is an option' if len(options) == 1 else 'are options'} for {other} models; "
+                      f"{model}")
+
+
+def _save(frames: Any, path: Path, fps: int) -> Path:
+    """Write the video; if that fails, keep the frames in a .npy file and say where (then exit 1)."""
+    import numpy as np
+
+    from jaxvid import video
+
+    try:
+        return video.save(frames, path, fps=fps)
+    except OSError as e:
+        fd, keep = tempfile.mkstemp(prefix=f"{path.stem}-frames-", suffix=".npy",
+                                    dir=path.parent if os.access(path.parent, os.W_OK) else None)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, frames)
+        raise OutputError(f"--output={str(path)!r}: writing the video failed ({e.strerror or e}); the frames "
+                          f"(uint8 {tuple(frames.shape)}) are kept in {keep}") from None
+
+
+class OutputError(RuntimeError):
+    """The video could not be written at the end of a run (the frames were kept elsewhere)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# CogVideoX
+# ---------------------------------------------------------------------------------------------
+
+
+def _cogvideox_settings(args: argparse.Namespace, tiny: bool, tcfg: Any, vcfg: Any) -> tuple[Any, Any, str]:
+    from jaxvid.pipelines.cogvideox import DEFAULT_STEPS, default_geometry
+    from jaxvid.pipelines.settings import Sampling, VideoGeometry
+    from jaxvid.synthetic.cogvideox import TinyDefaults
+    from jaxvid.tokenizer import COGVIDEOX_MAX_LENGTH
+
+    geo = default_geometry(tcfg, vcfg)
+    steps = TinyDefaults().num_inference_steps if tiny else DEFAULT_STEPS
+    prompt = args.prompt if args.prompt is not None or not tiny else TinyDefaults().prompt
+    geometry = VideoGeometry(num_frames=args.num_frames or geo.num_frames, height=args.height or geo.height,
+                             width=args.width or geo.width)
+    sampling = Sampling(num_inference_steps=args.steps or steps,
+                        guidance_scale=6.0 if args.guidance is None else args.guidance, seed=args.seed,
+                        max_sequence_length=args.max_sequence_length or COGVIDEOX_MAX_LENGTH)
+    return geometry, sampling, prompt
+
+
+def _check_cogvideox(model_dir: Path, args: argparse.Namespace, geometry: Any, tcfg: Any, vcfg: Any,
+                     i2v: bool) -> None:
+    """Fail fast, before weights load: shapes against the configs, --image against the model kind."""
+    from jaxvid.pipelines.cogvideox import check_video_shape
+
+    try:
+        check_video_shape(tcfg, vcfg, geometry.num_frames, geometry.height, geometry.width)
+    except ValueError as e:  # name the CLI options, not the Python arguments
+        msg = str(e)
+        for name, flag in (("num_frames", "--num-frames"), ("height", "--height"), ("width", "--width")):
+            msg = msg.replace(f"{name}=", f"{flag}=")
+        raise ValueError(msg) from None
+    if args.dense_layers is not None and args.dense_layers > tcfg.num_layers:
+        raise ValueError(f"--dense-layers={args.dense_layers}; this model has {tcfg.num_layers} layers "
+                         f"(expected 0..{tcfg.num_layers})")
+    if i2v and args.image is None:
+        raise ValueError(f"--model {model_dir} is an image-to-video model: pass the first frame with --image IMG")
+    if not i2v and args.image is not None:
+        raise ValueError(f"--image was given, but --model {model_dir} is a text-to-video model")
+    if args.image is not None and not Path(args.image).is_file():
+        raise ValueError(f"--image={args.image!r}: no such file")
+
+
+def generate_cogvideox(args: argparse.Namespace) -> Path:
+    """One CogVideoX generation from parsed options; returns the path of the written video."""
+    from jaxvid import video
+    from jaxvid.pipelines.cogvideox import CogVideoXPipeline, default_fps, read_pipeline_configs
+
+    t0 = time.perf_counter()
+    tiny = args.model is None
+    longcat_only = _given(args, LONGCAT_OPTIONS)
+    if args.mode == "t2v":  # what CogVideoX does anyway
+        longcat_only.remove("--mode")
+    if longcat_only:
+        raise _options_error(longcat_only, f"--model {args.model or '(the tiny default)'} is a CogVideoX model",
+                             "LongCat-Video")
+    if not tiny and not args.prompt:
+        raise ValueError("--prompt is required with --model")
+    plan = attention_plan(args)
+    with tempfile.TemporaryDirectory(prefix="jaxvid-tiny-") as tmp:
+        if tiny:
+            from jaxvid.synthetic.cogvideox import write_tiny_pipeline
+
+            model_dir = write_tiny_pipeline(Path(tmp) / "tiny-cogvideox", seed=0)
+            log.info("no --model: running the embedded tiny random CogVideoX pipeline (random weights, noise-like video)")
+        else:
+            model_dir = Path(args.model)
+        tcfg, vcfg, i2v = read_pipeline_configs(model_dir)
+        geometry, sampling, prompt = _cogvideox_settings(args, tiny, tcfg, vcfg)
+        _check_cogvideox(model_dir, args, geometry, tcfg, vcfg, i2v)
+        fps = args.fps or default_fps(tcfg)
+        image = video.load_image(args.image) if args.image is not None else None
+        pipe = CogVideoXPipeline.from_pretrained(model_dir, dtype=args.dtype or _default_dtype(tiny),
+                                                 scheduler=args.scheduler)
+        if args.vae_tiling if args.vae_tiling is not None else not tiny:
+            pipe.enable_vae_tiling()
+        # inside the `with`: the tiny folder (its tokenizer) must live until the prompt is encoded
+        out = pipe.generate(prompt, args.negative_prompt or "", geometry, sampling,
+                            use_dynamic_cfg=bool(args.dynamic_cfg), image=image, attention=plan,
+                            progress=not args.no_progress)
+    frames = out.frames[0]
+    path = _save(frames, Path(args.output), fps)
+    t = pipe.last_timings
+    log.info(
+        "wrote %s: %d frames %dx%d at %d fps | compile %.2f s, %.3f s/step x %d steps, decode %.2f s, total %.2f s",
+        path, frames.shape[0], frames.shape[1], frames.shape[2], fps, t["compile"], t["per_step"],
+        sampling.num_inference_steps, t.get("decode", 0.0), time.perf_counter() - t0,
+    )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# LongCat-Video
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_video(path: str, target_fps: float | None) -> Any:
+    """uint8 [F, H, W, 3], every stride-th frame so the rate is about target_fps (run_demo's stride)."""
+    import imageio.v2 as imageio
+
+    from jaxvid import video
+
+    frames = video.load(path)
+    stride = 1
+    if target_fps:
+        try:
+            fps = float(imageio.get_reader(path).get_meta_data().get("fps") or 0)
+        except (OSError, RuntimeError, ValueError):
+            fps = 0.0
+        stride = max(1, round(fps / target_fps)) if fps else 1
+    return frames[::stride]
+
+
+def _check_longcat(args: argparse.Namespace, mode: str) -> None:
+    cog_only = _given(args, COGVIDEOX_OPTIONS)
+    if cog_only:
+        raise _options_error(cog_only, f"--model {args.model} is a LongCat-Video model", "CogVideoX")
+    if not args.prompt and mode != "refine":
+        raise ValueError(f"--prompt is required with --mode {mode}")
+    need = {"i2v": "image", "continue": "video", "refine": "video"}
+    if mode in need and getattr(args, need[mode]) is None:
+        raise ValueError(f"--mode {mode} needs --{need[mode]}")
+    if args.refine and mode == "refine":
+        raise ValueError("--refine with --mode refine: the refine mode already refines")
+    for dest in ("image", "video", "cond_video"):
+        value = getattr(args, dest)
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{_flag(dest)}={value!r}: no such file")
+    if (args.height is None) != (args.width is None):
+        raise ValueError(f"--height={args.height}, --width={args.width}: give both or neither")
+    for dest, multiple in (("height", 16), ("width", 16), ("refine_height", 64), ("refine_width", 64)):
+        value = getattr(args, dest)
+        if value is not None and value % multiple:
+            raise ValueError(f"{_flag(dest)}={value}; expected a multiple of {multiple}")
+    if args.num_frames is not None and (args.num_frames - 1) % 4:
+        raise ValueError(f"--num-frames={args.num_frames}; expected 1 + 4k frames (e.g. 93)")
+    if args.num_cond_frames is not None and mode in ("continue", "long") and (args.num_cond_frames - 1) % 4:
+        raise ValueError(f"--num-cond-frames={args.num_cond_frames}; expected 1 + 4k frames (e.g. 13)")
+
+
+def generate_longcat(args: argparse.Namespace) -> list[Path]:
+    """One LongCat-Video run from parsed options; returns the written video paths."""
+    from jaxvid import video as video_io
+    from jaxvid.models.dtypes import resolve_dtype
+    from jaxvid.pipelines.longcat import REFINE_FPS, LongCatPipeline
+    from jaxvid.pipelines.longcat_runs import LongCatRun, run_longcat
+
+    t0 = time.perf_counter()
+    mode = args.mode or "t2v"
+    _check_longcat(args, mode)
+    target_fps = 15.0 if args.target_fps is None else args.target_fps
+    image = video_io.load_image(args.image) if args.image else None
+    source = _read_video(args.video, target_fps if mode in ("continue", "long") else None) if args.video else None
+    run = LongCatRun(
+        mode=mode, prompt=args.prompt or "", negative_prompt=args.negative_prompt, image=image, video=source,
+        cond_video=_read_video(args.cond_video, None) if args.cond_video else None,
+        refine_cond_video=_read_video(args.video, REFINE_FPS) if args.refine and mode == "continue" else None,
+        num_frames=args.num_frames, num_cond_frames=args.num_cond_frames, height=args.height, width=args.width,
+        resolution=args.resolution or "480p", num_inference_steps=args.steps, guidance_scale=args.guidance,
+        seed=args.seed, max_sequence_length=args.max_sequence_length or 512, distill=bool(args.distill),
+        use_kv_cache=not args.no_kv_cache, enhance_hf=not args.no_enhance_hf, num_segments=args.num_segments or 11,
+        refine=bool(args.refine), refine_steps=args.refine_steps or 50, refine_height=args.refine_height,
+        refine_width=args.refine_width, spatial_refine_only=bool(args.spatial_refine_only),
+        bsa_sparsity=args.bsa_sparsity)
+    dtype = resolve_dtype(args.dtype or _default_dtype(False), "--dtype")
+    pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress)
+    outputs = run_longcat(pipe, run)
+    output = Path(args.output)
+    written = []
+    for name, path in (("video", output), ("refined", output.with_name(output.stem + "_refine" + output.suffix))):
+        if name in outputs:
+            frames, fps = outputs[name].frames[0], args.fps or outputs[name].fps
+            written.append(_save(frames, path, fps))
+            log.info("wrote %s: %d frames %dx%d at %d fps", written[-1], frames.shape[0], frames.shape[1],
+                     frames.shape[2], fps)
+    log.info("done in %.1f s", time.perf_counter() - t0)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
+    """Run one generation from parsed options (checked first); returns the written video paths."""
+    check_numbers(args)
+    check_output(args.output)
+    if args.model is not None:
+        from jaxvid.pipelines.longcat import is_longcat_folder
+
+        if not Path(args.model).is_dir():
+            raise ValueError(f"--model={args.model!r}: no such folder")
+        if is_longcat_folder(args.model):
+            return generate_longcat(args)
+    return [generate_cogvideox(args)]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """The subcommand's handler: 0 on success, 2 with one clear error line on bad input, 1 when the
+    video could not be written (the frames are kept and the message says where)."""
+    try:
+        generate(args)
+    except ValueError as e:
+        log.error("%s", str(e).replace("\n", " "))
+        return 2
+    except OutputError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
