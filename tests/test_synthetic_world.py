@@ -101,8 +101,8 @@ def test_export_round_trips_through_the_real_loader(tmp_path):
     from jaxvid.models.loading import load_model, model_specs
     from jaxvid.models.t5 import T5Config, T5Encoder
     from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
-    from jaxvid.synthetic.export import flat_params, to_source
     from jaxvid.synthetic.cogvideox import _t5_hf_config, _vae_hf_config, _write_json, source_shapes
+    from jaxvid.synthetic.export import flat_params, to_source
 
     tcfg = CogVideoXConfig.tiny(use_rotary_positional_embeddings=False, num_layers=2)  # Conv2d patch + bias
     vcfg = CogVideoXVAEConfig.tiny()

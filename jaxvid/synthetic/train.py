@@ -403,8 +403,8 @@ def write_pipeline(folder: Path, transformer: CogVideoXTransformer3D, vae: Autoe
     from convert.keymaps.vae_cogvideox import vae_rules
     from convert.safetensors_io import write_safetensors
     from jaxvid.models.loading import model_specs
-    from jaxvid.synthetic.export import to_source
     from jaxvid.synthetic.cogvideox import _DIFFUSERS_VERSION, _t5_hf_config, _vae_hf_config, _write_json, source_shapes
+    from jaxvid.synthetic.export import to_source
 
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
