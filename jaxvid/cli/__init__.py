@@ -5,13 +5,8 @@ pipelines' Python API, so Python users get everything the commands do.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+# Imported eagerly: a lazy wrapper named `main` would be replaced by the submodule jaxvid.cli.main
+# as soon as anything imports that submodule, and `from jaxvid.cli import main` would then give a module.
+from jaxvid.cli.main import main
 
 __all__ = ["main"]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The `jaxvid` console script (see jaxvid.cli.main)."""
-    from jaxvid.cli.main import main as _main
-
-    return _main(argv)
