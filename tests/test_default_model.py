@@ -24,7 +24,7 @@ def _accuracy(folder, seed: int = 0) -> tuple[float, list[str]]:
 
     pipe = CogVideoXPipeline.from_pretrained(folder)
     kw = {k: DEFAULT_GENERATION[k] for k in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale")}
-    videos = pipe([p for p, _ in CASES], seed=seed, progress=False, **kw)
+    videos = pipe([p for p, _ in CASES], seed=seed, progress=False, **kw).frames
     misses = []
     for (prompt, want), video in zip(CASES, videos):
         d = detect_one(video)
