@@ -14,9 +14,10 @@ Every component's key table is checked against its source before anything is wri
 component fails the run at once. Tensors stream one at a time through the key table into a
 CheckpointWriter. The output appears atomically: everything is staged in a temp folder beside DST
 (named `.DST.convert-*`, with the owning pid inside) and renamed at the end; on any error, or
-SIGINT/SIGTERM (the CLI turns SIGTERM into an exception), nothing is left, not even the parent
-folders the run created. A temp folder of a killed run (SIGKILL) is removed by the next run into
-the same DST once its pid is gone.
+SIGINT/SIGTERM (the CLI's handler sets a `convert.cancel.Cancellation`, checked between tensors
+and before the final rename), nothing is left, not even the parent folders the run created. A
+temp folder of a killed run (SIGKILL) is removed by the next run into the same DST once its pid
+is gone.
 
 This module knows nothing of jaxvid's models: which classes convert, their abstract parameter
 shapes and key tables come from a `TargetResolver` (jaxvid's lives in `jaxvid.cli.convert`).
@@ -40,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from convert.apply import check_rules, dominant_float_dtype, iter_converted
+from convert.cancel import Cancellation
 from convert.checkpoint import CheckpointWriter, is_checkpoint, read_json_object
 from convert.keymap import Rule
 from convert.paths import allowed_root, check_disjoint, child, inside, plain_name
@@ -153,8 +155,13 @@ def plan_component(src: Path, resolver: TargetResolver, *, dtype: str | None = N
     return ComponentPlan(src=src, class_name=class_name, hf_config=hf_config, target=target, source=source, rules=rules)
 
 
-def write_component(plan: ComponentPlan, dst: Path, *, progress: tqdm | None = None, label: str | None = None) -> Path:
-    """Stream a checked component into a jaxvid checkpoint at `dst` (which must not exist)."""
+def write_component(plan: ComponentPlan, dst: Path, *, progress: tqdm | None = None, label: str | None = None,
+                    cancel: Cancellation | None = None) -> Path:
+    """Stream a checked component into a jaxvid checkpoint at `dst` (which must not exist).
+
+    `cancel` is checked before every tensor; a requested stop raises `Cancelled` (the writer cleans up).
+    """
+    cancel = cancel if cancel is not None else Cancellation()
     label = label or dst.name
     param_dtype = np.dtype(plan.target.param_dtype).name
     log.info("%s: %s, %d tensors -> %d parameters (%.2f GB as %s)",
@@ -166,9 +173,11 @@ def write_component(plan: ComponentPlan, dst: Path, *, progress: tqdm | None = N
         if progress is not None:
             progress.set_description(label)
         for rule, array in iter_converted(plan.rules, plan.source, plan.target.specs):
+            cancel.check()
             writer.add(rule.target, array)
             if progress is not None:
                 progress.update(array.nbytes)
+        cancel.check()
         writer.commit()
     log.info("%s: %d tensors written in %.1f s", label, len(plan.rules), time.perf_counter() - t0)
     return dst
@@ -230,9 +239,10 @@ def _classify(folder: Path, name: str, resolver: TargetResolver, *, dtype: str |
                          f"nor a known class without a JAX port ({sorted(NO_JAX_PORT)})")
 
 
-def _copy_checked(src: Path, dst: Path, root: Path) -> None:
+def _copy_checked(src: Path, dst: Path, root: Path, cancel: Cancellation) -> None:
     """Copy a file or folder whose every file resolves inside `root` (a symlink out of it fails)."""
     def copy_one(s: str, d: str) -> None:
+        cancel.check()
         inside(s, root, what=str(src))
         shutil.copy2(s, d)
 
@@ -327,19 +337,19 @@ def _plan_component_set(src: Path, root: Path, resolver: TargetResolver, *, dtyp
 
 
 def _write_all(src: Path, out: Path, root: Path, plans: dict[str, ComponentPlan], copies: list[str],
-               files: list[str], *, show_progress: bool) -> None:
+               files: list[str], *, show_progress: bool, cancel: Cancellation) -> None:
     """Copy the weight-free entries (cheap) first, then stream each checked component."""
     out.mkdir()
     for name in files:
-        _copy_checked(src / name, out / name, root)
+        _copy_checked(src / name, out / name, root, cancel)
     for name in copies:
-        _copy_checked(src / name, out / name, root)
+        _copy_checked(src / name, out / name, root, cancel)
         log.info("copied %s/ as it is", name)
     total = sum(p.n_bytes for p in plans.values())
     log.info("converting %d component(s), %.2f GB: %s", len(plans), total / 1e9, ", ".join(plans))
     with _bar(total, show_progress) as bar:
         for name, plan in plans.items():
-            write_component(plan, out / name, progress=bar, label=name)
+            write_component(plan, out / name, progress=bar, label=name, cancel=cancel)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -414,9 +424,15 @@ def check_paths(src: Path, dst: Path, *, overwrite: bool, dtype: str | None) -> 
 
 def convert_path(
     src: str | os.PathLike, dst: str | os.PathLike, resolver: TargetResolver, *, dtype: str | None = None,
-    overwrite: bool = False, show_progress: bool = True,
+    overwrite: bool = False, show_progress: bool = True, cancel: Cancellation | None = None,
 ) -> Path:
-    """Convert a component, pipeline or component-set folder `src` into `dst`, atomically (see module docstring)."""
+    """Convert a component, pipeline or component-set folder `src` into `dst`, atomically (see module docstring).
+
+    `cancel` (set by a signal handler, see `convert.cancel`) is checked between steps; a requested stop
+    raises `Cancelled` with nothing written. Once the final rename is done the output stays: a stop
+    requested after that is left for the caller to see in `cancel.signum`.
+    """
+    cancel = cancel if cancel is not None else Cancellation()
     src, dst = Path(src), Path(dst).absolute()
     kind = check_paths(src, dst, overwrite=overwrite, dtype=dtype)
     root = allowed_root(src)
@@ -440,18 +456,21 @@ def convert_path(
         plans, copies, files = {"": plan_component(src, resolver, dtype=dtype)}, [], []
         summary.converted[dst.name] = plans[""].class_name
 
+    cancel.check()
     clean_stale_staging(dst)
     made = _make_parents(dst.parent)
     staging = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.convert-", dir=dst.parent))
-        (staging / _OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-        out = staging / "out"
-        if kind == "component":
-            with _bar(plans[""].n_bytes, show_progress) as bar:
-                write_component(plans[""], out, progress=bar, label=dst.name)
-        else:
-            _write_all(src, out, root, plans, copies, files, show_progress=show_progress)
+        with cancel.interruptible():
+            staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.convert-", dir=dst.parent))
+            (staging / _OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+            out = staging / "out"
+            if kind == "component":
+                with _bar(plans[""].n_bytes, show_progress) as bar:
+                    write_component(plans[""], out, progress=bar, label=dst.name, cancel=cancel)
+            else:
+                _write_all(src, out, root, plans, copies, files, show_progress=show_progress, cancel=cancel)
+        cancel.check()  # the last point where a stop leaves nothing behind
         if dst.exists():  # overwrite: move the old one aside first so a failed rename loses nothing
             os.rename(dst, staging / "old")
         os.rename(out, dst)

@@ -4,7 +4,8 @@ The jaxvid-aware half of conversion: which model classes jaxvid has, their abstr
 shapes and key tables (a `TargetResolver` over `jaxvid.models.registry`), and the command line.
 The conversion itself (layouts, checks, atomic output) is `convert.pipeline`, which imports nothing
 from jaxvid. Exit status: 0 ok, 1 the conversion or verification failed, 2 a bad argument or source
-folder (one line on stderr, nothing written), 130/143 interrupted by SIGINT/SIGTERM (temp folders removed).
+folder (one line on stderr, nothing written), 130/143 interrupted by SIGINT/SIGTERM (temp folders removed;
+see `convert.cancel` for why the signal handlers only record the request).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from convert import pipeline
+from convert.cancel import Cancellation, Cancelled, handling_signals
 from convert.checkpoint import verify_checkpoint
 from convert.pipeline import DTYPES, Target
 
@@ -64,9 +66,10 @@ RESOLVER = JaxvidResolver()
 
 
 def convert_path(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
-                 overwrite: bool = False, show_progress: bool = True) -> Path:
+                 overwrite: bool = False, show_progress: bool = True, cancel: Cancellation | None = None) -> Path:
     """Convert a component, pipeline or component-set folder into jaxvid checkpoints (see `convert.pipeline`)."""
-    return pipeline.convert_path(src, dst, RESOLVER, dtype=dtype, overwrite=overwrite, show_progress=show_progress)
+    return pipeline.convert_path(src, dst, RESOLVER, dtype=dtype, overwrite=overwrite, show_progress=show_progress,
+                                 cancel=cancel)
 
 
 def convert_component(src: Path, dst: Path, *, dtype: str | None = None, show_progress: bool = True,
@@ -133,10 +136,6 @@ def _verify(folder: str) -> int:
     return 0
 
 
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through convert_path's cleanup, like Ctrl-C
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
@@ -151,21 +150,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.verify is not None:
         return _verify(args.verify)
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    cancel = Cancellation()
     try:
-        convert_path(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.quiet)
-    except KeyboardInterrupt:
-        return _fail("interrupted; nothing was written", 130)
-    except SystemExit as e:
-        if e.code == 128 + signal.SIGTERM:
-            return _fail("terminated (SIGTERM); nothing was written", e.code)
-        raise
+        with handling_signals(cancel):
+            dst = convert_path(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                               show_progress=not args.quiet, cancel=cancel)
+    except (Cancelled, KeyboardInterrupt) as e:  # KeyboardInterrupt: a SIGINT before our handler was installed
+        stop = e if isinstance(e, Cancelled) else Cancelled(signal.SIGINT)
+        return _fail(f"stopped by {signal.Signals(stop.signum).name}; nothing was written", stop.exit_code)
     except (ValueError, FileExistsError) as e:  # bad source, destination or option
         return _fail(e)
     except OSError as e:  # the disk, not the input
         return _fail(f"conversion failed: {e}", 1)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if cancel.signum is not None:  # the signal came after the final rename: the output is whole, but say so
+        stop = Cancelled(cancel.signum)
+        return _fail(f"stopped by {signal.Signals(stop.signum).name} after {dst} was completely written "
+                     "(it is whole and usable)", stop.exit_code)
     return 0
 
 
