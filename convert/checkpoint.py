@@ -74,7 +74,12 @@ def read_json_object(path: Path, *, what: str = "") -> dict[str, Any]:
 
 def _quiet_closed_loop(unraisable) -> None:
     """After a failed orbax restore, tensorstore's pending reads call back into the closed event
-    loop, each printing 'RuntimeError: Event loop is closed'; those say nothing, drop them."""
+    loop, each printing 'RuntimeError: Event loop is closed'; those say nothing, drop them.
+
+    They arrive through `sys.unraisablehook` (with no object, so the default hook prints a bare
+    traceback) from tensorstore's own threads, whenever each pending read completes: often while
+    orbax is still unwinding its failed `asyncio.run`, before our `except` runs, sometimes at exit.
+    So the hook must be in place before the restore starts, not installed after the failure."""
     exc = unraisable.exc_value
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
         return
@@ -263,10 +268,10 @@ class CheckpointReader:
 
     def _load_group(self, group: str) -> dict[str, np.ndarray]:
         self._check_group_files(group)
+        _install_closed_loop_filter()  # before the restore: its noise can come before the except below runs
         try:
             return _checkpointer().restore(self.path / "params" / group)
         except Exception as e:  # orbax/tensorstore raise many types; say which group and why, in one line
-            _install_closed_loop_filter()
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{self.path / 'params' / group}: cannot be read ({first}); "
                                   f"run `jaxvid-convert --verify {self.path}`") from None
