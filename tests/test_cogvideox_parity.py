@@ -113,12 +113,18 @@ def torch_forward(model, inputs: dict, case: Case) -> np.ndarray:
     return out.numpy()
 
 
+@jax.jit(static_argnums=0)
+def _forward(graphdef, state, hidden_states, encoder_hidden_states, timestep, ofs):
+    return nnx.merge(graphdef, state)(hidden_states, encoder_hidden_states, timestep, ofs)
+
+
 def jax_forward(model, inputs: dict) -> np.ndarray:
+    """One module-level jit keyed on the (hashable) graphdef: every test of a case, LoRA states included,
+    reuses the same compilation instead of tracing a fresh lambda each call."""
     ofs = None if inputs["ofs"] is None else jnp.asarray(inputs["ofs"])
     graphdef, state = nnx.split(model)
-    fwd = jax.jit(lambda s, h, e, t, o: nnx.merge(graphdef, s)(h, e, t, o))
-    return np.asarray(fwd(state, jnp.asarray(inputs["hidden_states"]), jnp.asarray(inputs["encoder_hidden_states"]),
-                          jnp.asarray(inputs["timestep"]), ofs))
+    return np.asarray(_forward(graphdef, state, jnp.asarray(inputs["hidden_states"]),
+                               jnp.asarray(inputs["encoder_hidden_states"]), jnp.asarray(inputs["timestep"]), ofs))
 
 
 @pytest.fixture(scope="session", params=CASES, ids=lambda c: c.name)
