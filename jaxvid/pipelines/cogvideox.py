@@ -834,3 +834,36 @@ def default_geometry_sources(tcfg: Any, vcfg: Any) -> dict[str, str]:
         else:
             out[name] = f"model default (transformer sample_{name}={sample} x VAE {s})"
     return out
+
+
+SCENE_RULES = ("causal", "isolated")
+
+
+def scene_for_frames(boundaries: Any, num_frames: int, tcfg: Any, vcfg: Any, rule: str = "causal") -> Any:
+    """A radial plan's `Scene` from scene edges in pixel frames (e.g. (0, 17, 49) for 49 frames).
+
+    The attention layer's scene mask works on token frames: pixel frame f is latent frame
+    ceil(f / temporal_compression) (frame 0 alone in latent 0), CogVideoX 1.5's padding latents go
+    to the first scene and patch_size_t latents make one token frame. rule: "causal" (a scene sees
+    itself and the scenes before it) or "isolated" (itself only). ValueError naming
+    scene_boundaries when the edges are not 0 < ... < num_frames or two fall in one token frame.
+    """
+    from jaxvid.attention.plan import Scene
+
+    bounds = [int(b) for b in boundaries]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != num_frames or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"scene_boundaries={tuple(bounds)}; expected strictly increasing pixel-frame edges from 0 to "
+                         f"num_frames={num_frames}, e.g. (0, {num_frames // 2}, {num_frames})")
+    if rule not in SCENE_RULES:
+        raise ValueError(f"scene rule {rule!r}; expected one of {SCENE_RULES}")
+    tc = vcfg.temporal_compression_ratio
+    latent = (num_frames - 1) // tc + 1
+    pt = tcfg.patch_size_t or 1
+    pad = (-latent) % pt
+    tokens = [0] + [-(-(pad + -(-b // tc)) // pt) for b in bounds[1:]]
+    if any(b <= a for a, b in zip(tokens, tokens[1:])):
+        raise ValueError(f"scene_boundaries={tuple(bounds)}: two edges fall in one token frame ({tokens}); scenes "
+                         f"need at least {tc * pt} frames each")
+    n = len(tokens) - 1
+    adjacency = tuple(tuple(j == i or (rule == "causal" and j < i) for j in range(n)) for i in range(n))
+    return Scene(boundaries=tuple(tokens), adjacency=adjacency)
