@@ -243,3 +243,33 @@ def test_sizes_default_to_the_checkpoint(pipes):
     assert (t15.sample_frames, t15.sample_height, t15.sample_width) == (81, 300, 300)
     assert default_geometry(t15, vcfg) == type(geo)(num_frames=81, height=768, width=1360)
     assert "model card" in default_geometry_sources(t15, vcfg)["width"]
+
+
+def test_pyramid_attention_broadcast_matches_diffusers(pipes, skip=3):
+    """Step caching: diffusers' PAB hooks (spatial_attention_block_skip_range) on a copy of the same
+    transformer; 5 steps have timesteps 999, 799, 599, 399, 199, so steps 1..4 are inside (100, 800)
+    and steps 1, 2 and 4 reuse attention outputs."""
+    from diffusers import CogVideoXPipeline as TorchPipeline
+    from diffusers import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    torch_pipe, jax_pipe, _ = pipes
+    pab = TorchPipeline(**{**torch_pipe.components, "transformer": copy.deepcopy(torch_pipe.transformer)})
+    pab.set_progress_bar_config(disable=True)
+    apply_pyramid_attention_broadcast(pab.transformer, PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(100, 800),
+        current_timestep_callback=lambda: pab.current_timestep))
+    noise = _noise(jax_pipe)
+    kw = dict(prompt=PROMPT, num_inference_steps=5)
+    with torch.no_grad():
+        expected = pab(**SIZE, guidance_scale=6.0, output_type="latent", latents=torch.from_numpy(noise.copy()),
+                       **kw).frames.numpy()
+        plain = torch_pipe(**SIZE, guidance_scale=6.0, output_type="latent", latents=torch.from_numpy(noise.copy()),
+                           **kw).frames.numpy()
+    jax_pipe.enable_pyramid_attention_broadcast(block_skip_range=skip, timestep_skip_range=(100, 800))
+    try:
+        got = jax_pipe(**SIZE, guidance_scale=6.0, output_type="latent", latents=noise, progress=False, **kw).latents
+    finally:
+        jax_pipe.disable_pyramid_attention_broadcast()
+    err = rel_l2(got, expected)
+    print(f"PAB skip {skip}: rel L2 {err:.2e} (PAB vs no PAB in diffusers: {rel_l2(plain, expected):.2e})")
+    assert err <= RTOL and rel_l2(plain, expected) > 100 * err

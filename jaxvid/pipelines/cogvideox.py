@@ -46,6 +46,7 @@ from jaxvid.pipelines.loop import (
 )
 from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
 from jaxvid.pipelines.settings import Sampling, VideoGeometry
+from jaxvid.pipelines.step_cache import PyramidAttentionBroadcast
 from jaxvid.schedulers import cogvideox_ddim, cogvideox_dpm
 from jaxvid.schedulers.cogvideox_ddim import INIT_NOISE_SIGMA, CogVideoXSchedulerConfig
 from jaxvid.schedulers.guidance import classifier_free_guidance, cogvideox_guidance_scales
@@ -205,6 +206,7 @@ class LoopSpec:
     attention: AttentionPlan | None
     ofs: float | None  # the ofs value for models with an ofs embedding
     num_steps: int | None = None  # steps one call runs; None: the whole schedule (1: step by step, for callbacks)
+    step_cache: PyramidAttentionBroadcast | None = None  # reuse attention outputs across steps (carry holds them)
 
 
 def _initial_noise(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -256,20 +258,23 @@ def _denoise(
 ) -> Any:
     """The denoising loop: `spec.num_steps` steps (default all) from step `first_step` (int32, traced).
 
-    carry: latents [B, F, C, h, w] (DDIM), or (latents, previous x_0 float32) (DPM); returns the
-    carry after the last step (same shapes and dtypes). prompt_embeds: [2B, L, D] = [negative;
+    carry: latents [B, F, C, h, w] (DDIM), or (latents, previous x_0 float32) (DPM), with the kept
+    attention outputs [layers, B or 2B, tokens, D] appended (a tuple) when `spec.step_cache` is set;
+    returns the carry after the last step (same shapes and dtypes). prompt_embeds: [2B, L, D] = [negative;
     positive] with CFG, else [B, L, D]. image_latents: [B, F, C, h, w] (I2V) or None. schedule: the
     scheduler state (per-step tables, timesteps [N]). guidance_scales: float32 [N], the scale of
     each step. dpm_key: one key for the batch, or keys [B] (one per video, from a list of seeds).
     """
     plan = spec.attention
     num_steps = schedule.timesteps.shape[0] if spec.num_steps is None else spec.num_steps
-    dtype = (carry if spec.scheduler == "ddim" else carry[0]).dtype
+    dtype = (carry[0] if isinstance(carry, tuple) else carry).dtype
     if image_latents is not None and spec.do_cfg:
         image_latents = jnp.concatenate([image_latents, image_latents], axis=0)
     ofs = None if spec.ofs is None else jnp.full((1,), spec.ofs, dtype)
 
-    def predict(i: jax.Array, latents: jax.Array) -> jax.Array:
+    def predict(i: jax.Array, latents: jax.Array, cache: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        kept = {}
+
         def model_call(model_input: jax.Array) -> jax.Array:
             # Merged inside the loop body so the module lives at the loop's trace level (NNX checks this
             # when a model runs its layers with nnx.scan).
@@ -277,32 +282,42 @@ def _denoise(
             if image_latents is not None:
                 model_input = jnp.concatenate([model_input, image_latents], axis=2)
             timestep = jnp.broadcast_to(schedule.timesteps[i], (model_input.shape[0],))
-            return with_plan_switch(plan, i, lambda attention: model(
-                model_input, prompt_embeds, timestep, ofs, attention=attention).astype(jnp.float32))
+            if cache is None:
+                return with_plan_switch(plan, i, lambda attention: model(
+                    model_input, prompt_embeds, timestep, ofs, attention=attention).astype(jnp.float32))
+            reuse = spec.step_cache.reuse_at(i, schedule.timesteps[i])
+            out, kept["cache"] = with_plan_switch(plan, i, lambda attention: model(
+                model_input, prompt_embeds, timestep, ofs, attention=attention, attention_cache=cache,
+                reuse_attention=reuse))
+            return out.astype(jnp.float32)
 
-        return guided_prediction(model_call, latents, do_cfg=spec.do_cfg,
+        pred = guided_prediction(model_call, latents, do_cfg=spec.do_cfg,
                                  combine=lambda uncond, cond: classifier_free_guidance(uncond, cond, guidance_scales[i]))
+        return pred, kept.get("cache")
 
+    cached = spec.step_cache is not None
     if spec.scheduler == "ddim":
         def step(k, carry):
             i = first_step + k
-            pred = predict(i, carry)
-            out = cogvideox_ddim.step(spec.scheduler_config, schedule, pred, carry, i)
-            return out.prev_sample.astype(dtype)
+            latents, cache = carry if cached else (carry, None)
+            pred, cache = predict(i, latents, cache)
+            out = cogvideox_ddim.step(spec.scheduler_config, schedule, pred, latents, i)
+            return (out.prev_sample.astype(dtype), cache) if cached else out.prev_sample.astype(dtype)
 
         return denoise_loop(step, carry, num_steps, progress)
 
     def dpm_step(k, carry):
         i = first_step + k
-        latents, old_x0 = carry
-        pred = predict(i, latents)
+        latents, old_x0, cache = carry if cached else (*carry, None)
+        pred, cache = predict(i, latents, cache)
         if dpm_key.ndim == 0:
             noise = dpm_step_noise(dpm_key, i, latents.shape, dtype)
         else:  # one key per video (a list of seeds)
             noise = jax.vmap(lambda key: dpm_step_noise(key, i, latents.shape[1:], dtype))(dpm_key)
         out = cogvideox_dpm.step(spec.scheduler_config, schedule, pred, latents, i,
                                  old_pred_original_sample=old_x0, noise=noise)
-        return out.prev_sample.astype(dtype), out.pred_original_sample.astype(old_x0.dtype)
+        new = (out.prev_sample.astype(dtype), out.pred_original_sample.astype(old_x0.dtype))
+        return new + (cache,) if cached else new
 
     return denoise_loop(dpm_step, carry, num_steps, progress)
 
@@ -376,6 +391,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4))
         self._encode_video = CompiledFunction(_encode_video, static_argnums=(0, 4))
         self.last_sources: dict[str, str] = {}
+        self.step_cache: PyramidAttentionBroadcast | None = None  # see enable_pyramid_attention_broadcast
         self._decode = CompiledFunction(_decode, static_argnums=(0, 3, 4))
 
     # ---- loading ------------------------------------------------------------------------
@@ -419,6 +435,17 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
 
     def disable_vae_tiling(self) -> None:
         self.vae_tiling = None
+
+    def enable_pyramid_attention_broadcast(self, block_skip_range: int = 2,
+                                           timestep_skip_range: tuple[int, int] = (100, 800)) -> None:
+        """Step caching (opt-in), as diffusers' apply_pyramid_attention_broadcast with
+        spatial_attention_block_skip_range: inside timestep_skip_range, attention is computed every
+        `block_skip_range` steps and its output reused in between (see jaxvid.pipelines.step_cache)."""
+        self.step_cache = PyramidAttentionBroadcast(block_skip_range=block_skip_range,
+                                                    timestep_skip_range=tuple(timestep_skip_range))
+
+    def disable_pyramid_attention_broadcast(self) -> None:
+        self.step_cache = None
 
     # ---- shapes -------------------------------------------------------------------------
     @property
@@ -684,10 +711,15 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         # 4. The jitted denoising loop (one executable; one step per call when a callback edits latents)
         spec = LoopSpec(scheduler=self.scheduler, scheduler_config=self.scheduler_config, do_cfg=sampling.do_cfg,
                         attention=attention, ofs=I2V_OFS if tcfg.ofs_embed_dim else None,
-                        num_steps=None if callback_on_step_end is None else 1)
+                        num_steps=None if callback_on_step_end is None else 1, step_cache=self.step_cache)
         dpm_keys = (generation_keys(seeds[0][0]).dpm if len(seeds) == 1 and seeds[0][1] == batch
                     else jnp.stack([generation_keys(s).dpm for s, n in seeds for _ in range(n)]))
         carry = noise if self.scheduler == "ddim" else (noise, jnp.zeros(noise.shape, jnp.float32))
+        if self.step_cache is not None:  # every layer's attention output, [text; video] tokens
+            pt, p = tcfg.patch_size_t or 1, tcfg.patch_size
+            tokens = embeds.shape[1] + shape[1] // pt * (shape[3] // p) * (shape[4] // p)
+            cache = jnp.zeros((tcfg.num_layers, embeds.shape[0], tokens, tcfg.inner_dim), dtype)
+            carry = (carry, cache) if self.scheduler == "ddim" else carry + (cache,)
         self.progress.enabled = progress
         tr = self.transformer
         run_state = self.lora_transformer_state()
@@ -709,7 +741,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
                 carry = jax.block_until_ready(carry)
         finally:
             self.progress.close()
-        out = carry if self.scheduler == "ddim" else carry[0]
+        out = carry[0] if isinstance(carry, tuple) else carry
         timings["steps"] = time.perf_counter() - t0
         timings["per_step"] = timings["steps"] / max(num_steps, 1)
 
