@@ -30,7 +30,7 @@ VIDEO_SUFFIXES = (".mp4", ".gif")
 
 # Options by the model that takes them (dest names). The rest are common to both.
 COGVIDEOX_OPTIONS = ("dynamic_cfg", "scheduler", "attention", "dense_layers", "dense_timesteps", "decay_factor",
-                     "block_size", "vae_tiling", "lora", "strength", "preset", "scene_boundaries", "scene_rule")
+                     "block_size", "vae_tiling", "lora", "strength", "preset", "scene_boundaries", "scene_rule", "step_cache")
 LONGCAT_OPTIONS = ("mode", "cond_video", "num_cond_frames", "resolution", "distill", "refine",
                    "refine_steps", "refine_height", "refine_width", "spatial_refine_only", "num_segments",
                    "target_fps", "no_kv_cache", "no_enhance_hf", "bsa_sparsity")
@@ -118,6 +118,9 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     cog.add_argument("--scene-boundaries", default=None, metavar="0,F1,...,N",
                      help="radial: scene edges in frames (0 .. --num-frames), e.g. 0,17,49; tokens attend across "
                      "scenes only as --scene-rule allows")
+    cog.add_argument("--step-cache", type=int, default=None, metavar="N",
+                     help="pyramid attention broadcast: between timesteps 100 and 800, recompute attention every N "
+                     "steps and reuse it in between (diffusers' PAB; faster, approximate; default off)")
     cog.add_argument("--scene-rule", choices=("causal", "isolated"), default=None,
                      help="--scene-boundaries: causal (a scene sees itself and earlier scenes; default) or isolated")
 
@@ -163,7 +166,7 @@ def _given(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Every numeric option: finite and in range (model-independent part); ValueError naming the option."""
-    for dest in ("num_frames", "height", "width", "steps", "fps", "max_sequence_length", "refine_steps",
+    for dest in ("num_frames", "height", "width", "steps", "fps", "max_sequence_length", "refine_steps", "step_cache",
                  "refine_height", "refine_width", "num_segments", "num_cond_frames"):
         value = getattr(args, dest, None)
         if value is not None and value < 1:
@@ -462,6 +465,8 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
             pipe.set_adapters(names, [scale for _, scale in loras])
         if args.vae_tiling if args.vae_tiling is not None else not tiny:
             pipe.enable_vae_tiling()
+        if args.step_cache is not None:
+            pipe.enable_pyramid_attention_broadcast(block_skip_range=args.step_cache)
         # inside the `with`: the tiny folder (its tokenizer) must live until the prompt is encoded
         out = pipe.generate(prompt, args.negative_prompt or "", geometry, sampling,
                             use_dynamic_cfg=bool(args.dynamic_cfg), image=image, video=source,
@@ -494,6 +499,8 @@ def _cogvideox_summary(args: argparse.Namespace, geometry: Any, sampling: Any, s
         if args.scene_boundaries is not None:
             text += f"; scenes at frames {args.scene_boundaries} ({args.scene_rule or 'causal'})"
         parts.append(text)
+    if args.step_cache is not None:
+        parts.append(f"step cache: attention recomputed every {args.step_cache} steps within timesteps (100, 800)")
     if loras:
         parts.append("LoRA " + ", ".join(f"{Path(p).name}:{s:g}" for p, s in loras))
     return " | ".join(parts)
