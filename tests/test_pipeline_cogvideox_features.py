@@ -153,6 +153,7 @@ def test_prompt_embeds_and_videos_per_prompt_match_diffusers(pipes):
         jax_pipe(prompt_embeds=np.zeros((1, 4, 7), np.float32), **SIZE)
 
 
+@pytest.mark.slow  # three compiles of the DPM loop (batch 2 with per-video keys, batch 1)
 def test_a_list_of_seeds_gives_each_video_its_own_seed(dpm_pipe):
     """Video b of a seed list is the video a single call with seed[b] makes (what diffusers' list of
     generators means); with the DPM solver too, whose steps draw noise."""
