@@ -2,12 +2,21 @@
 
     python bench/step.py                       # every case, table on stdout
     python bench/step.py --cases cogvideox-2b --json step.json
+    python bench/step.py --cases cogvideox-5b --step-cache 2 --no-torch   # pyramid attention broadcast
 
 Random bf16 weights (N(0, 0.02^2)), random inputs. Each measurement runs in its own subprocess so
 JAX and PyTorch never share the GPU's memory. Printed per row: compile time (first call, JAX),
 median ms per step over --repeats timed calls after a warm-up, peak device memory, and the ratio
 to the PyTorch reference (diffusers 0.42.1 for CogVideoX, measured in the same run when diffusers
 is importable; LongCat's upstream numbers from ../shared/reference, same H100 kind).
+
+--step-cache N (CogVideoX cases): pyramid attention broadcast, recompute attention every N steps.
+Times a step that computes attention (and returns the outputs to keep) and a step that reuses
+them; "ms" is then the mean over one cycle ((N - 1) reusing + 1 computing steps). The quality
+cost is measured as the relative L2 error of a reusing step's output (and of the kept attention
+outputs) against the same step computed in full, the kept outputs coming from the step before
+(timestep 500 -> 480, latents moved by 2% noise): with random weights a proxy, not a
+video-quality number.
 """
 from __future__ import annotations
 
@@ -59,7 +68,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 # ---- JAX workers ------------------------------------------------------------------------------
 
-def _jax_case(case: StepCase, repeats: int, smoke: bool = False) -> dict:
+def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -108,6 +117,8 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False) -> dict:
             return m(x, t, enc, mask)
 
     graphdef, state = nnx.split(model)
+    if step_cache and case.model.startswith("cogvideox"):
+        return _jax_step_cache(case, cfg, graphdef, state, args, plan, repeats, step_cache)
     step = jax.jit(lambda state, *a: call(nnx.merge(graphdef, state), *a))
     t0 = time.perf_counter()
     jax.block_until_ready(step(state, *args))
@@ -116,6 +127,40 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False) -> dict:
     ms = _median_ms(lambda: jax.block_until_ready(step(state, *args)), repeats)
     stats = jax.devices()[0].memory_stats() or {}
     return {"impl": "jaxvid", "ms": ms, "compile_s": compile_s, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+
+
+def _jax_step_cache(case, cfg, graphdef, state, args, plan, repeats: int, n: int) -> dict:
+    """Pyramid attention broadcast: one computing and one reusing step, and the reuse error."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    x, enc, t = args
+    p = cfg.patch_size
+    tokens = enc.shape[1] + x.shape[1] // (cfg.patch_size_t or 1) * (x.shape[3] // p) * (x.shape[4] // p)
+    cache = jnp.zeros((cfg.num_layers, x.shape[0], tokens, cfg.inner_dim), x.dtype)
+    step = jax.jit(lambda state, x, enc, t, cache, reuse: nnx.merge(graphdef, state)(
+        x, enc, t, attention=plan, attention_cache=cache, reuse_attention=reuse))
+    compute, reuse = jnp.asarray(False), jnp.asarray(True)
+    t0 = time.perf_counter()
+    _, kept = jax.block_until_ready(step(state, x, enc, t, cache, compute))
+    compile_s = time.perf_counter() - t0
+    ms_compute = _median_ms(lambda: jax.block_until_ready(step(state, x, enc, t, kept, compute)), repeats)
+    ms_reuse = _median_ms(lambda: jax.block_until_ready(step(state, x, enc, t, kept, reuse)), repeats)
+    x2 = (x.astype(jnp.float32) + 0.02 * jax.random.normal(jax.random.key(2), x.shape)).astype(x.dtype)
+    t2 = jnp.full_like(t, 480)
+    full, fresh = step(state, x2, enc, t2, kept, compute)
+    cached, _ = step(state, x2, enc, t2, kept, reuse)
+
+    def rel(a, b):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+    err, attn_err = rel(cached, full), rel(kept, fresh)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"impl": "jaxvid", "ms": ((n - 1) * ms_reuse + ms_compute) / n, "compile_s": compile_s,
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "step_cache": n, "ms_compute": ms_compute,
+            "ms_reuse": ms_reuse, "reuse_rel_err": err, "attention_rel_err": attn_err}
 
 
 # ---- PyTorch worker (diffusers CogVideoX) -------------------------------------------------------
@@ -157,9 +202,11 @@ def _torch_case(case: StepCase, repeats: int) -> dict:
 
 # ---- driver ------------------------------------------------------------------------------------
 
-def _run_worker(kind: str, case: StepCase, repeats: int, timeout: int, smoke: bool = False) -> dict:
+def _run_worker(kind: str, case: StepCase, repeats: int, timeout: int, smoke: bool = False,
+                step_cache: int = 0) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--cases", case.name, "--repeats", str(repeats)]
     cmd += ["--smoke"] if smoke else []
+    cmd += ["--step-cache", str(step_cache)] if step_cache else []
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -181,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the diffusers reference")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per measurement subprocess")
     ap.add_argument("--smoke", action="store_true", help="tiny configs and shapes (check the script on a CPU)")
+    ap.add_argument("--step-cache", type=int, default=0, metavar="N",
+                    help="CogVideoX: pyramid attention broadcast, attention recomputed every N steps (0: off)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     wanted = [s.strip() for s in args.cases.split(",") if s.strip()]
@@ -190,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         case = cases[0]
-        res = _jax_case(case, args.repeats, args.smoke) if args.worker == "jax" else _torch_case(case, args.repeats)
+        res = (_jax_case(case, args.repeats, args.smoke, args.step_cache) if args.worker == "jax"
+               else _torch_case(case, args.repeats))
         print("RESULT " + json.dumps(res), flush=True)
         return
 
@@ -198,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     torch_done: dict[str, dict] = {}
     for case in cases:
-        res = _run_worker("jax", case, args.repeats, args.timeout, args.smoke)
+        res = _run_worker("jax", case, args.repeats, args.timeout, args.smoke, args.step_cache)
         ref = None
         if case.model.startswith("cogvideox") and not args.no_torch and not args.smoke:
             if case.model not in torch_done:
@@ -226,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         if t.get("error"):
             print(f"{'':26s} torch error: {t['error']}")
+        if j.get("step_cache"):
+            print(f"{'':26s} step cache every {j['step_cache']}: computing step {j['ms_compute']:.1f} ms, reusing "
+                  f"step {j['ms_reuse']:.1f} ms; reuse rel L2 error: output {j['reuse_rel_err']:.2e}, attention "
+                  f"{j['attention_rel_err']:.2e}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

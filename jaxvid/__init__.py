@@ -17,11 +17,15 @@ __all__ = ["load_model", "load_pipeline", "load_transformer"]
 def load_pipeline(path: str | os.PathLike, dtype: Any = None) -> Any:
     """A generation pipeline for `path`: a LongCat-Video folder (dit/ holds a LongCat DiT) gives a
     `LongCatPipeline`, a CogVideoX pipeline folder (model_index.json) a `CogVideoXPipeline`; either
-    may be the original layout or its `jaxvid-convert` output."""
+    may be the original layout or its `jaxvid-convert` output. `path` may also be a model id already
+    in the local Hugging Face cache ("THUDM/CogVideoX-5b"; never downloaded: ModelNotCachedError
+    names the download command)."""
     from pathlib import Path
 
+    from jaxvid.hub import resolve_model_path
     from jaxvid.pipelines.longcat import LongCatPipeline, is_longcat_folder
 
+    path = resolve_model_path(path)  # a folder as it is; a model id from the local Hugging Face cache
     if is_longcat_folder(path):
         return LongCatPipeline.from_pretrained(path, dtype=dtype)
     if (Path(path) / "model_index.json").is_file():

@@ -30,8 +30,8 @@ VIDEO_SUFFIXES = (".mp4", ".gif")
 
 # Options by the model that takes them (dest names). The rest are common to both.
 COGVIDEOX_OPTIONS = ("dynamic_cfg", "scheduler", "attention", "dense_layers", "dense_timesteps", "decay_factor",
-                     "block_size", "vae_tiling")
-LONGCAT_OPTIONS = ("mode", "video", "cond_video", "num_cond_frames", "resolution", "distill", "refine",
+                     "block_size", "vae_tiling", "lora", "strength", "preset", "scene_boundaries", "scene_rule", "step_cache")
+LONGCAT_OPTIONS = ("mode", "cond_video", "num_cond_frames", "resolution", "distill", "refine",
                    "refine_steps", "refine_height", "refine_width", "spatial_refine_only", "num_segments",
                    "target_fps", "no_kv_cache", "no_enhance_hf", "bsa_sparsity")
 
@@ -58,7 +58,8 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     common = p.add_argument_group("common options")
     common.add_argument("--model", default=None,
-                        help="CogVideoX pipeline or LongCat-Video folder (default: the embedded tiny CogVideoX)")
+                        help="CogVideoX pipeline or LongCat-Video folder, or a model id already in the local Hugging "
+                        "Face cache, e.g. THUDM/CogVideoX-5b (never downloaded; default: the embedded tiny CogVideoX)")
     common.add_argument("--prompt", default=None, help="text prompt (required with --model)")
     common.add_argument("--negative-prompt", default=None,
                         help="negative prompt for classifier-free guidance (CogVideoX: ''; LongCat: upstream's)")
@@ -84,6 +85,9 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     common.add_argument("--output", default="out.mp4",
                         help="video file, .mp4 or .gif (default out.mp4); --refine writes <name>_refine beside it")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--video", default=None,
+                        help="CogVideoX (T2V): video-to-video input; LongCat continue / long: the video to continue; "
+                        "refine: the stage-1 video")
 
     cog = p.add_argument_group("CogVideoX options")
     cog.add_argument("--dynamic-cfg", action="store_true", default=None,
@@ -102,11 +106,27 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     cog.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
                      help="decode in overlapping spatial tiles, as diffusers' enable_tiling() (default: on with "
                      "--model, off for the tiny model)")
+    cog.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                     help="a LoRA (.safetensors file, folder or cached model id; diffusers/PEFT or kohya layout) "
+                     "with its weight (default 1); repeat for several, all active together")
+    cog.add_argument("--strength", type=float, default=None,
+                     help="with --video: how far to re-noise it, in (0, 1]: the last steps x strength steps run "
+                     "(default 0.8)")
+    cog.add_argument("--preset", choices=("auto", "short", "medium", "long", "none"), default=None,
+                     help="radial: dense layers / dense steps by video length (auto: < 30 frames short 1/3, > 50 "
+                     "long 3/8, else medium 2/5); --dense-layers / --dense-timesteps override it (default: 1 / 12)")
+    cog.add_argument("--scene-boundaries", default=None, metavar="0,F1,...,N",
+                     help="radial: scene edges in frames (0 .. --num-frames), e.g. 0,17,49; tokens attend across "
+                     "scenes only as --scene-rule allows")
+    cog.add_argument("--step-cache", type=int, default=None, metavar="N",
+                     help="pyramid attention broadcast: between timesteps 100 and 800, recompute attention every N "
+                     "steps and reuse it in between (diffusers' PAB; faster, approximate; default off)")
+    cog.add_argument("--scene-rule", choices=("causal", "isolated"), default=None,
+                     help="--scene-boundaries: causal (a scene sees itself and earlier scenes; default) or isolated")
 
     lc = p.add_argument_group("LongCat-Video options")
     lc.add_argument("--mode", choices=("t2v", "i2v", "continue", "long", "refine"), default=None,
                     help="what to generate (default t2v)")
-    lc.add_argument("--video", default=None, help="continue / long: the video to continue; refine: the stage-1 video")
     lc.add_argument("--cond-video", default=None,
                     help="refine: a video whose last --num-cond-frames frames stay clean")
     lc.add_argument("--num-cond-frames", type=int, default=None,
@@ -146,7 +166,7 @@ def _given(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Every numeric option: finite and in range (model-independent part); ValueError naming the option."""
-    for dest in ("num_frames", "height", "width", "steps", "fps", "max_sequence_length", "refine_steps",
+    for dest in ("num_frames", "height", "width", "steps", "fps", "max_sequence_length", "refine_steps", "step_cache",
                  "refine_height", "refine_width", "num_segments", "num_cond_frames"):
         value = getattr(args, dest, None)
         if value is not None and value < 1:
@@ -163,6 +183,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--target-fps={args.target_fps}; expected a finite number > 0")
     if args.bsa_sparsity is not None and not (math.isfinite(args.bsa_sparsity) and 0 <= args.bsa_sparsity < 1):
         raise ValueError(f"--bsa-sparsity={args.bsa_sparsity}; expected a number in [0, 1)")
+    if getattr(args, "strength", None) is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise ValueError(f"--strength={args.strength}; expected a number in (0, 1]")
 
 
 def check_output(path: str) -> Path:
@@ -186,21 +208,56 @@ def check_output(path: str) -> Path:
     return out
 
 
-def attention_plan(args: argparse.Namespace) -> Any:
-    """The AttentionPlan the CogVideoX options ask for (None = dense everywhere)."""
+RADIAL_OPTIONS = ("dense_layers", "dense_timesteps", "decay_factor", "block_size", "preset", "scene_boundaries",
+                  "scene_rule")
+
+
+def radial_dense_settings(args: argparse.Namespace, num_frames: int | None) -> tuple[int, int, str]:
+    """(dense layers, dense timesteps, where they came from) for --attention radial: --preset's row
+    (auto by --num-frames), explicit --dense-layers / --dense-timesteps over it, else 1 / 12."""
+    from jaxvid.attention.presets import radial_preset
+
+    layers, steps, which = 1, 12, "default"
+    if getattr(args, "preset", None) is not None:
+        if args.preset == "auto" and num_frames is None:
+            raise ValueError("--preset auto needs the frame count; it is chosen when the model is known")
+        layers, steps, which = radial_preset(num_frames or 1, args.preset)
+        which = f"preset {which}"
+    explicit = [f"{_flag(d)}" for d in ("dense_layers", "dense_timesteps") if getattr(args, d) is not None]
+    if explicit:
+        which += f", {' and '.join(explicit)} given"
+    layers = layers if args.dense_layers is None else args.dense_layers
+    steps = steps if args.dense_timesteps is None else args.dense_timesteps
+    return layers, steps, which
+
+
+def parse_scene_boundaries(text: str) -> tuple[int, ...]:
+    """'0,17,49' -> (0, 17, 49); ValueError naming --scene-boundaries otherwise."""
+    try:
+        bounds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--scene-boundaries={text!r}; expected comma-separated frame numbers like 0,17,49") from None
+    if len(bounds) < 2 or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"--scene-boundaries={text!r}; expected increasing frame edges from 0 to the frame count, "
+                         "e.g. 0,17,49")
+    return bounds
+
+
+def attention_plan(args: argparse.Namespace, num_frames: int | None = None, scene: Any = None) -> Any:
+    """The AttentionPlan the CogVideoX options ask for (None = dense everywhere). num_frames: the
+    video's (for --preset auto); scene: an attention Scene (from --scene-boundaries)."""
     from jaxvid.attention.plan import AttentionPlan
 
     if args.attention in (None, "dense"):
-        for dest in ("dense_layers", "dense_timesteps", "decay_factor", "block_size"):
-            if getattr(args, dest) is not None:
+        for dest in RADIAL_OPTIONS:
+            if getattr(args, dest, None) is not None:
                 raise ValueError(f"{_flag(dest)} is a radial attention option; add --attention radial")
         return None
     check_numbers(args)
+    layers, steps, _ = radial_dense_settings(args, num_frames)
     return AttentionPlan.radial_cogvideox(
         decay_factor=1.0 if args.decay_factor is None else args.decay_factor,
-        block_size=args.block_size or 128,
-        dense_layers=1 if args.dense_layers is None else args.dense_layers,
-        dense_timesteps=12 if args.dense_timesteps is None else args.dense_timesteps)
+        block_size=args.block_size or 128, dense_layers=layers, dense_timesteps=steps, scene=scene)
 
 
 def _default_dtype(tiny: bool) -> str:
@@ -270,6 +327,10 @@ def _check_cogvideox(model_dir: Path, args: argparse.Namespace, geometry: Any, t
         for name, flag in (("num_frames", "--num-frames"), ("height", "--height"), ("width", "--width")):
             msg = msg.replace(f"{name}=", f"{flag}=")
         raise ValueError(msg) from None
+    if not tcfg.use_rotary_positional_embeddings or tcfg.use_learned_positional_embeddings:
+        if args.max_sequence_length is not None and args.max_sequence_length != tcfg.max_text_seq_length:
+            raise ValueError(f"--max-sequence-length={args.max_sequence_length}; this model's position table is "
+                             f"built for max_text_seq_length={tcfg.max_text_seq_length} text tokens")
     if args.dense_layers is not None and args.dense_layers > tcfg.num_layers:
         raise ValueError(f"--dense-layers={args.dense_layers}; this model has {tcfg.num_layers} layers "
                          f"(expected 0..{tcfg.num_layers})")
@@ -281,10 +342,75 @@ def _check_cogvideox(model_dir: Path, args: argparse.Namespace, geometry: Any, t
         raise ValueError(f"--image={args.image!r}: no such file")
 
 
+def parse_lora_specs(specs: list[str] | None) -> list[tuple[str, float]]:
+    """--lora values 'PATH[:SCALE]' -> [(path, scale)], each path an existing file / folder or a
+    model id; ValueError naming --lora otherwise (checked before any weight loads)."""
+    from jaxvid.hub import looks_like_repo_id
+
+    out = []
+    for spec in specs or []:
+        path, sep, tail = spec.rpartition(":")
+        scale = 1.0
+        if sep:
+            try:
+                scale = float(tail)
+            except ValueError:
+                path = spec  # a ':' inside the path
+        else:
+            path = spec
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora={spec!r}: scale {tail!r}; expected a finite number")
+        if not path or not (Path(path).expanduser().exists() or looks_like_repo_id(path)):
+            raise ValueError(f"--lora={spec!r}: {path!r} is no file or folder (nor a model id); expected PATH[:SCALE]")
+        out.append((path, scale))
+    return out
+
+
+def _video_input(args: argparse.Namespace, tcfg: Any, vcfg: Any) -> Any:
+    """--video for CogVideoX: uint8 [F, H, W, 3], cut to --num-frames, else to the longest 1 + 4k
+    prefix the model takes (for CogVideoX 1.5 also an even latent count)."""
+    from jaxvid import video
+
+    frames = video.load(args.video)
+    if args.num_frames is not None:
+        if args.num_frames > len(frames):
+            raise ValueError(f"--num-frames={args.num_frames}; --video {args.video} has only {len(frames)} frames")
+        return frames[: args.num_frames]
+    tc, pt = vcfg.temporal_compression_ratio, tcfg.patch_size_t or 1
+    n = len(frames)
+    while n >= 1 and ((n - 1) % tc or ((n - 1) // tc + 1) % pt):
+        n -= 1
+    if n < 1:
+        raise ValueError(f"--video {args.video}: {len(frames)} frames; the model needs 1 + {tc}k frames")
+    if n != len(frames):
+        log.info("--video: using the first %d of %d frames (1 + %dk frames for the VAE)", n, len(frames), tc)
+    return frames[:n]
+
+
+def _check_cogvideox_inputs(args: argparse.Namespace) -> None:
+    """Option checks that need no model: radial-only options, --strength without --video, files."""
+    if args.attention in (None, "dense"):
+        attention_plan(args)  # raises for radial options without --attention radial
+    if args.strength is not None and args.video is None:
+        raise ValueError("--strength is a video-to-video option; add --video IN.mp4")
+    if args.scene_rule is not None and args.scene_boundaries is None:
+        raise ValueError("--scene-rule needs --scene-boundaries")
+    if args.scene_boundaries is not None:
+        parse_scene_boundaries(args.scene_boundaries)
+    if args.video is not None and not Path(args.video).is_file():
+        raise ValueError(f"--video={args.video!r}: no such file")
+
+
 def generate_cogvideox(args: argparse.Namespace) -> Path:
     """One CogVideoX generation from parsed options; returns the path of the written video."""
     from jaxvid import video
-    from jaxvid.pipelines.cogvideox import CogVideoXPipeline, default_fps, read_pipeline_configs
+    from jaxvid.pipelines.cogvideox import (
+        CogVideoXPipeline,
+        default_fps,
+        default_geometry_sources,
+        read_pipeline_configs,
+        scene_for_frames,
+    )
 
     t0 = time.perf_counter()
     tiny = args.model is None
@@ -296,7 +422,8 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
                              "LongCat-Video")
     if not tiny and not args.prompt:
         raise ValueError("--prompt is required with --model")
-    plan = attention_plan(args)
+    _check_cogvideox_inputs(args)
+    loras = parse_lora_specs(args.lora)
     with tempfile.TemporaryDirectory(prefix="jaxvid-tiny-") as tmp:
         if tiny:
             from jaxvid.synthetic.cogvideox import write_tiny_pipeline
@@ -306,17 +433,44 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
         else:
             model_dir = Path(args.model)
         tcfg, vcfg, i2v = read_pipeline_configs(model_dir)
+        sources = {k: "given" if getattr(args, k) is not None else s
+                   for k, s in default_geometry_sources(tcfg, vcfg).items()}
+        source = None
+        if args.video is not None:
+            if i2v:
+                raise ValueError(f"--video was given, but --model {model_dir} is an image-to-video model; "
+                                 "video-to-video needs a text-to-video model")
+            source = _video_input(args, tcfg, vcfg)
+            if args.num_frames is None:
+                sources["num_frames"] = f"the input video, {len(source)} frames"
+            args.num_frames = len(source)
         geometry, sampling, prompt = _cogvideox_settings(args, tiny, tcfg, vcfg)
         _check_cogvideox(model_dir, args, geometry, tcfg, vcfg, i2v)
+        scene = None
+        if args.scene_boundaries is not None:
+            try:
+                scene = scene_for_frames(parse_scene_boundaries(args.scene_boundaries), geometry.num_frames, tcfg, vcfg,
+                                         args.scene_rule or "causal")
+            except ValueError as e:
+                raise ValueError(str(e).replace("scene_boundaries=", "--scene-boundaries=")) from None
+        plan = attention_plan(args, geometry.num_frames, scene)
         fps = args.fps or default_fps(tcfg)
         image = video.load_image(args.image) if args.image is not None else None
+        log.info("%s", _cogvideox_summary(args, geometry, sampling, sources, loras, plan))
         pipe = CogVideoXPipeline.from_pretrained(model_dir, dtype=args.dtype or _default_dtype(tiny),
                                                  scheduler=args.scheduler)
+        if loras:
+            names = [pipe.load_lora_weights(path, adapter_name=f"lora{i}_{Path(path).stem}")
+                     for i, (path, _) in enumerate(loras)]
+            pipe.set_adapters(names, [scale for _, scale in loras])
         if args.vae_tiling if args.vae_tiling is not None else not tiny:
             pipe.enable_vae_tiling()
+        if args.step_cache is not None:
+            pipe.enable_pyramid_attention_broadcast(block_skip_range=args.step_cache)
         # inside the `with`: the tiny folder (its tokenizer) must live until the prompt is encoded
         out = pipe.generate(prompt, args.negative_prompt or "", geometry, sampling,
-                            use_dynamic_cfg=bool(args.dynamic_cfg), image=image, attention=plan,
+                            use_dynamic_cfg=bool(args.dynamic_cfg), image=image, video=source,
+                            strength=0.8 if args.strength is None else args.strength, attention=plan,
                             progress=not args.no_progress)
     frames = out.frames[0]
     path = _save(frames, Path(args.output), fps)
@@ -327,6 +481,29 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
         sampling.num_inference_steps, t.get("decode", 0.0), time.perf_counter() - t0,
     )
     return path
+
+
+def _cogvideox_summary(args: argparse.Namespace, geometry: Any, sampling: Any, sources: dict[str, str],
+                       loras: list[tuple[str, float]], plan: Any) -> str:
+    """One line: what will be generated and where each size came from ("given", "model default (...)")."""
+    size = ", ".join(f"{k} {getattr(geometry, k)} ({sources[k]})" for k in ("num_frames", "height", "width"))
+    parts = [f"CogVideoX: {size}", f"{sampling.num_inference_steps} steps, guidance {sampling.guidance_scale:g}, "
+             f"seed {sampling.seed}, {sampling.max_sequence_length} text tokens"]
+    if args.video is not None:
+        parts.append(f"video-to-video from {args.video} at strength {0.8 if args.strength is None else args.strength:g}")
+    if plan is None:
+        parts.append("attention dense")
+    else:
+        layers, steps, which = radial_dense_settings(args, geometry.num_frames)
+        text = f"attention radial: {layers} dense layers, {steps} dense steps ({which})"
+        if args.scene_boundaries is not None:
+            text += f"; scenes at frames {args.scene_boundaries} ({args.scene_rule or 'causal'})"
+        parts.append(text)
+    if args.step_cache is not None:
+        parts.append(f"step cache: attention recomputed every {args.step_cache} steps within timesteps (100, 800)")
+    if loras:
+        parts.append("LoRA " + ", ".join(f"{Path(p).name}:{s:g}" for p, s in loras))
+    return " | ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,11 +606,25 @@ def generate(args: argparse.Namespace) -> list[Path]:
     if args.model is not None:
         from jaxvid.pipelines.longcat import is_longcat_folder
 
-        if not Path(args.model).is_dir():
-            raise ValueError(f"--model={args.model!r}: no such folder")
+        args.model = str(resolve_model_option(args.model))
         if is_longcat_folder(args.model):
             return generate_longcat(args)
     return [generate_cogvideox(args)]
+
+
+def resolve_model_option(model: str) -> Path:
+    """--model: a folder as it is, or a model id's snapshot in the local Hugging Face cache (no
+    network); ValueError naming --model and the download command when it is not there."""
+    from jaxvid.hub import looks_like_repo_id, resolve_model_path
+
+    if Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    if not looks_like_repo_id(model):
+        raise ValueError(f"--model={model!r}: no such folder (nor a model id like THUDM/CogVideoX-5b)")
+    try:
+        return resolve_model_path(model)
+    except FileNotFoundError as e:  # ModelNotCachedError: its message names the download command
+        raise ValueError(f"--model={model!r}: {e}") from None
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -347,12 +347,26 @@ class CogVideoXBlock(nnx.Module):
 
     def __call__(
         self, x: jax.Array, enc: jax.Array, temb: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None,
-        *, spec: Any = None, layout: VideoLayout,
-    ) -> tuple[jax.Array, jax.Array]:
-        """x: [B, N, D] video tokens, enc: [B, L, D] text tokens, temb: [B, time_embed_dim]."""
+        *, spec: Any = None, layout: VideoLayout, cached_attention: jax.Array | None = None,
+        reuse_attention: jax.Array | None = None,
+    ) -> tuple[jax.Array, ...]:
+        """x: [B, N, D] video tokens, enc: [B, L, D] text tokens, temb: [B, time_embed_dim] -> (x, enc).
+
+        Step caching (pyramid attention broadcast): with `cached_attention` [B, L + N, D] (this
+        layer's attention output from an earlier step) and `reuse_attention` (bool scalar, may be
+        traced), the attention is skipped (`lax.cond`) and the cached output used when the flag is
+        set; returns (x, enc, attention output) then, the output to cache for the next step.
+        """
         n_text = enc.shape[1]
         nx, nenc, gate, e_gate = self.norm1(x, enc, temb)
-        attn = self.attn1(jnp.concatenate([nenc, nx], axis=1), rope, text_tokens=n_text, spec=spec, layout=layout)
+
+        def attention() -> jax.Array:
+            return self.attn1(jnp.concatenate([nenc, nx], axis=1), rope, text_tokens=n_text, spec=spec, layout=layout)
+
+        if cached_attention is None:
+            attn = attention()
+        else:
+            attn = jax.lax.cond(reuse_attention, lambda: cached_attention.astype(nx.dtype), attention)
         x = x + gate * attn[:, n_text:]
         enc = enc + e_gate * attn[:, :n_text]
 
@@ -360,7 +374,7 @@ class CogVideoXBlock(nnx.Module):
         ff = self.ff(jnp.concatenate([nenc, nx], axis=1))
         x = x + gate * ff[:, n_text:]
         enc = enc + e_gate * ff[:, :n_text]
-        return x, enc
+        return (x, enc) if cached_attention is None else (x, enc, attn)
 
 
 # ============================================================================================
@@ -499,8 +513,23 @@ class CogVideoXTransformer3D(nnx.Module):
         n_dense, _ = attention.layer_split(n)
         return [(a, b, s) for a, b, s in ((0, n_dense, Dense()), (n_dense, n, attention.sparse)) if b > a]
 
-    def _run_blocks(self, x, enc, temb, rope, *, attention: Any, layout: VideoLayout):
+    def _run_blocks(self, x, enc, temb, rope, *, attention: Any, layout: VideoLayout, cache=None, reuse=None):
         graphdef, state = nnx.split(self.transformer_blocks)
+        if cache is not None:  # step caching: scan over (layer weights, layer's cached attention output)
+            outputs = []
+            for start, stop, spec in self._segments(attention):
+                seg = jax.tree.map(lambda a: a[start:stop], state)
+
+                def body(carry, layer, spec=spec):
+                    layer_state, cached = layer
+                    block = nnx.merge(graphdef, layer_state)
+                    x, enc, attn = block(*carry, temb, rope, spec=spec, layout=layout, cached_attention=cached,
+                                         reuse_attention=reuse)
+                    return (x, enc), attn
+
+                (x, enc), attn = jax.lax.scan(body, (x, enc), (seg, cache[start:stop]))
+                outputs.append(attn)
+            return x, enc, jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
         for start, stop, spec in self._segments(attention):
             seg = jax.tree.map(lambda a: a[start:stop], state)
 
@@ -520,7 +549,13 @@ class CogVideoXTransformer3D(nnx.Module):
         ofs: jax.Array | None = None,
         *,
         attention: AttentionPlan | None = None,
-    ) -> jax.Array:
+        attention_cache: jax.Array | None = None,
+        reuse_attention: jax.Array | bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """See the class docstring. Step caching: with `attention_cache` [num_layers, B, L + N, D]
+        (every layer's attention output of an earlier step, text tokens first) each layer uses its
+        cached output instead of attending when `reuse_attention` (bool scalar, may be traced) is
+        set; returns (output, the attention outputs to cache) then."""
         cfg = self.cfg
         self._check_inputs(hidden_states, encoder_hidden_states)
         b, f, _, h, w = hidden_states.shape
@@ -552,7 +587,15 @@ class CogVideoXTransformer3D(nnx.Module):
         layout = VideoLayout(frames=grid[0], height=grid[1], width=grid[2], text_tokens=enc.shape[1], text_first=True)
 
         # 3. Transformer blocks
-        x, enc = self._run_blocks(x, enc, temb, rope, attention=attention, layout=layout)
+        new_cache = None
+        if attention_cache is None:
+            x, enc = self._run_blocks(x, enc, temb, rope, attention=attention, layout=layout)
+        else:
+            want = (cfg.num_layers, b, enc.shape[1] + x.shape[1], cfg.inner_dim)
+            if tuple(attention_cache.shape) != want:
+                raise ValueError(f"attention_cache.shape={tuple(attention_cache.shape)}; expected {want}")
+            x, enc, new_cache = self._run_blocks(x, enc, temb, rope, attention=attention, layout=layout,
+                                                 cache=attention_cache, reuse=jnp.asarray(reuse_attention, bool))
 
         # 4. Final norm, AdaLN and projection
         x = self.norm_final(x)
@@ -562,4 +605,5 @@ class CogVideoXTransformer3D(nnx.Module):
         # 5. Unpatchify
         x = x.reshape(b, grid[0], grid[1], grid[2], cfg.out_channels, pt, p, p)
         x = x.transpose(0, 1, 5, 4, 2, 6, 3, 7)  # b, t, pt, c, h, ph, w, pw
-        return x.reshape(b, f, cfg.out_channels, h, w)
+        x = x.reshape(b, f, cfg.out_channels, h, w)
+        return x if new_cache is None else (x, new_cache)

@@ -22,10 +22,11 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -37,7 +38,8 @@ from jaxvid.models.longcat import LongCatConfig, LongCatVideoTransformer3D, LoRA
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoRA", "LoRALayer", "LoRALibrary", "load_lora", "runtime_factors", "merge_loras"]
+__all__ = ["LoRA", "LoRALayer", "LoRALibrary", "load_lora", "runtime_factors", "merge_loras", "merge_into_state",
+           "FusedLoRA", "fuse_lora", "unfuse_lora"]
 
 _PREFIX = "lora___lorahyphen___"
 _HYPHEN = "___lorahyphen___"
@@ -207,34 +209,123 @@ def runtime_factors(cfg: LongCatConfig, loras: Sequence[LoRA], dtype: Any = None
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Merging into a state (every model's LoRAs: LongCat's and CogVideoX's)
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat(state: nnx.State) -> dict[str, tuple[tuple, Any]]:
+    return {".".join(str(p) for p in path): (path, var) for path, var in nnx.to_flat_state(state)}
+
+
+@jax.jit
+def _add_low_rank(kernel: jax.Array, down: jax.Array, up: jax.Array) -> jax.Array:
+    """kernel + down @ up in fp32, cast back; stacked kernels [L, in, out] one layer at a time
+    (lax.map), so only one layer's fp32 update is alive at once."""
+
+    def one(args):
+        w, d, u = args
+        delta = jnp.matmul(d, u, precision=jax.lax.Precision.HIGHEST)
+        return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+    return jax.lax.map(one, (kernel, down, up)) if kernel.ndim == 3 else one((kernel, down, up))
+
+
+def _factors(entries: list[tuple[LoRALayer, float]], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Several LoRAs on one kernel side by side along the rank axis, scales folded into `down`;
+    layers of a stacked kernel that a LoRA does not touch get zeros (an exact no-op)."""
+    stacked = len(shape) == 3
+    d_in, d_out = shape[-2:]
+    total = sum(layer.rank for layer, _ in entries)
+    lead = (shape[0],) if stacked else ()
+    down = np.zeros(lead + (d_in, total), np.float32)
+    up = np.zeros(lead + (total, d_out), np.float32)
+    off = 0
+    for layer, weight in entries:
+        if layer.down.shape[0] != d_in or layer.up.shape[1] != d_out:
+            raise ValueError(f"LoRA layer {layer.module}: down {layer.down.shape} / up {layer.up.shape} do not fit "
+                             f"the kernel [in={d_in}, out={d_out}]")
+        sl = (layer.index,) if stacked else ()
+        down[sl + (slice(None), slice(off, off + layer.rank))] = layer.down * np.float32(weight * layer.alpha_scale)
+        up[sl + (slice(off, off + layer.rank), slice(None))] = layer.up
+        off += layer.rank
+    return down, up
+
+
+def _updates(flat: Mapping[str, tuple[tuple, Any]], loras: Sequence[tuple[LoRA, float]]) -> dict[str, jax.Array]:
+    by_path: dict[str, list[tuple[LoRALayer, float]]] = {}
+    for lora, weight in loras:
+        for layer in lora.layers:
+            path = layer.target + ".kernel"
+            if path not in flat:
+                raise ValueError(f"LoRA {lora.name!r}: the model has no parameter {path}")
+            by_path.setdefault(path, []).append((layer, float(weight) * lora.multiplier))
+    out = {}
+    for path, entries in by_path.items():
+        kernel = flat[path][1].get_value()
+        down, up = _factors(entries, tuple(kernel.shape))
+        out[path] = _add_low_rank(kernel, jnp.asarray(down), jnp.asarray(up))
+    return out
+
+
+def _replace(state: nnx.State, flat, new_values: Mapping[str, Any]) -> nnx.State:
+    items = []
+    for key, (path, var) in flat.items():
+        items.append((path, var.replace(new_values[key]) if key in new_values else var))
+    return nnx.from_flat_state(items)
+
+
+def merge_into_state(state: nnx.State, loras: Sequence[tuple[LoRA, float]]) -> nnx.State:
+    """A new state whose kernels include the LoRAs: kernel + weight * scale * down @ up per adapter.
+
+    `state`: the transformer's state (`nnx.split(model)[1]`); `loras`: (LoRA, weight) pairs.
+    Untouched parameters are shared with `state`, which is not changed.
+    """
+    if not loras:
+        return state
+    flat = _flat(state)
+    return _replace(state, flat, _updates(flat, loras))
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLoRA:
+    """What `fuse_lora` changed: the adapters and weights fused, and the original kernels (on the
+    host, with their device placement) so `unfuse_lora` restores them bit for bit."""
+
+    adapters: tuple[tuple[str, float], ...]
+    originals: Mapping[str, tuple[np.ndarray, Any]]
+
+
+def fuse_lora(state: nnx.State, loras: Sequence[tuple[LoRA, float]]) -> tuple[nnx.State, FusedLoRA]:
+    """Fuse (LoRA, weight) pairs into the weights: (fused state, record for `unfuse_lora`)."""
+    flat = _flat(state)
+    updates = _updates(flat, loras)
+    originals = {}
+    for key in updates:
+        w = flat[key][1].get_value()
+        originals[key] = (np.asarray(jax.device_get(w)), getattr(w, "sharding", None))
+    record = FusedLoRA(tuple((lora.name, float(w)) for lora, w in loras), originals)
+    return _replace(state, flat, updates), record
+
+
+def unfuse_lora(state: nnx.State, fused: FusedLoRA) -> nnx.State:
+    """The state with the kernels `fuse_lora` changed put back exactly as they were."""
+    flat = _flat(state)
+    missing = sorted(set(fused.originals) - set(flat))
+    if missing:
+        raise ValueError(f"unfuse_lora: the state has no parameters {missing[:5]}; is it the fused transformer's state?")
+    restored = {k: jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+                for k, (host, sharding) in fused.originals.items()}
+    return _replace(state, flat, restored)
+
+
 def merge_loras(model: LongCatVideoTransformer3D, loras: Iterable[LoRA]) -> LongCatVideoTransformer3D:
     """A new model whose Linear kernels include the LoRAs: W + multiplier * alpha_scale * down @ up.
 
     The update is formed in fp32 and cast to the parameter dtype; `model` itself is not changed.
     """
     graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
-    by_path = {".".join(str(p) for p in path): path for path in flat}
-    updates: dict[tuple, np.ndarray] = {}
-    for lora in loras:
-        for layer in lora.layers:
-            path = by_path.get(layer.target + ".kernel")
-            if path is None:
-                raise ValueError(f"LoRA {lora.name!r}: the model has no parameter {layer.target}.kernel")
-            if path not in updates:
-                updates[path] = np.zeros(flat[path].get_value().shape, np.float32)
-            delta = (layer.down * (lora.multiplier * layer.alpha_scale)) @ layer.up
-            if layer.index is None:
-                updates[path] += delta
-            else:
-                updates[path][layer.index] += delta
-    new = []
-    for path, var in flat.items():
-        if path in updates:
-            w = var.get_value()
-            var = var.replace((w.astype(jnp.float32) + jnp.asarray(updates[path])).astype(w.dtype))
-        new.append((path, var))
-    return nnx.merge(graphdef, nnx.from_flat_state(new))
+    return nnx.merge(graphdef, merge_into_state(state, [(lora, 1.0) for lora in loras]))
 
 
 class LoRALibrary:

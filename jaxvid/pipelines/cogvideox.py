@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +35,7 @@ from flax import nnx
 from jaxvid.attention.plan import AttentionPlan
 from jaxvid.models.dtypes import DTYPES, resolve_dtype
 from jaxvid.models.loading import load_model, parse_config
+from jaxvid.models.lora_cogvideox import CogVideoXLoraLoaderMixin
 from jaxvid.pipelines.loop import (
     CompiledFunction,
     Component,
@@ -44,6 +46,7 @@ from jaxvid.pipelines.loop import (
 )
 from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
 from jaxvid.pipelines.settings import Sampling, VideoGeometry
+from jaxvid.pipelines.step_cache import PyramidAttentionBroadcast
 from jaxvid.schedulers import cogvideox_ddim, cogvideox_dpm
 from jaxvid.schedulers.cogvideox_ddim import INIT_NOISE_SIGMA, CogVideoXSchedulerConfig
 from jaxvid.schedulers.guidance import classifier_free_guidance, cogvideox_guidance_scales
@@ -52,6 +55,7 @@ from jaxvid.tokenizer import COGVIDEOX_MAX_LENGTH, TextTokenizer, cogvideox_toke
 __all__ = [
     "CogVideoXPipeline", "GenerationKeys", "generation_keys", "dpm_step_noise", "preprocess_image",
     "check_video_shape", "read_pipeline_configs", "DTYPES", "default_fps", "default_geometry",
+    "default_geometry_sources", "preprocess_video", "truncate_schedule", "video_start_step", "StepEndCallback",
 ]
 
 log = logging.getLogger(__name__)
@@ -201,6 +205,8 @@ class LoopSpec:
     do_cfg: bool
     attention: AttentionPlan | None
     ofs: float | None  # the ofs value for models with an ofs embedding
+    num_steps: int | None = None  # steps one call runs; None: the whole schedule (1: step by step, for callbacks)
+    step_cache: PyramidAttentionBroadcast | None = None  # reuse attention outputs across steps (carry holds them)
 
 
 def _initial_noise(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -221,6 +227,13 @@ def _encode_image(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array, ke
     return (posterior.sample(key) * scale).transpose(0, 2, 1, 3, 4)
 
 
+def _encode_video(graphdef: nnx.GraphDef, state: nnx.State, video: jax.Array, key: jax.Array,
+                  scale: float) -> jax.Array:
+    """video [B, 3, F, H, W] in [-1, 1] -> sampled, scaled latents [B, F', C, h, w]."""
+    posterior = nnx.merge(graphdef, state).encode(video)
+    return (posterior.sample(key) * scale).transpose(0, 2, 1, 3, 4)
+
+
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, tiling: Any,
             scaling_factor: float) -> jax.Array:
     """latents [B, F, C, h, w] -> float32 frames [B, F', H, W, 3] in [0, 1] (clamp(x / 2 + 0.5), as diffusers)."""
@@ -235,27 +248,33 @@ def _denoise(
     spec: LoopSpec,
     progress: StepProgress | None,
     state: nnx.State,
-    latents: jax.Array,
+    carry: Any,
     prompt_embeds: jax.Array,
     image_latents: jax.Array | None,
     schedule: Any,
     guidance_scales: jax.Array,
     dpm_key: jax.Array,
-) -> jax.Array:
-    """The whole denoising loop: latents [B, F, C, h, w] -> denoised latents (same shape and dtype).
+    first_step: jax.Array,
+) -> Any:
+    """The denoising loop: `spec.num_steps` steps (default all) from step `first_step` (int32, traced).
 
-    prompt_embeds: [2B, L, D] = [negative; positive] with CFG, else [B, L, D]. image_latents:
-    [B, F, C, h, w] (I2V) or None. schedule: the scheduler state (per-step tables, timesteps [N]).
-    guidance_scales: float32 [N], the scale of each step.
+    carry: latents [B, F, C, h, w] (DDIM), or (latents, previous x_0 float32) (DPM), with the kept
+    attention outputs [layers, B or 2B, tokens, D] appended (a tuple) when `spec.step_cache` is set;
+    returns the carry after the last step (same shapes and dtypes). prompt_embeds: [2B, L, D] = [negative;
+    positive] with CFG, else [B, L, D]. image_latents: [B, F, C, h, w] (I2V) or None. schedule: the
+    scheduler state (per-step tables, timesteps [N]). guidance_scales: float32 [N], the scale of
+    each step. dpm_key: one key for the batch, or keys [B] (one per video, from a list of seeds).
     """
     plan = spec.attention
-    num_steps = schedule.timesteps.shape[0]
-    dtype = latents.dtype
+    num_steps = schedule.timesteps.shape[0] if spec.num_steps is None else spec.num_steps
+    dtype = (carry[0] if isinstance(carry, tuple) else carry).dtype
     if image_latents is not None and spec.do_cfg:
         image_latents = jnp.concatenate([image_latents, image_latents], axis=0)
     ofs = None if spec.ofs is None else jnp.full((1,), spec.ofs, dtype)
 
-    def predict(i: jax.Array, latents: jax.Array) -> jax.Array:
+    def predict(i: jax.Array, latents: jax.Array, cache: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        kept = {}
+
         def model_call(model_input: jax.Array) -> jax.Array:
             # Merged inside the loop body so the module lives at the loop's trace level (NNX checks this
             # when a model runs its layers with nnx.scan).
@@ -263,30 +282,44 @@ def _denoise(
             if image_latents is not None:
                 model_input = jnp.concatenate([model_input, image_latents], axis=2)
             timestep = jnp.broadcast_to(schedule.timesteps[i], (model_input.shape[0],))
-            return with_plan_switch(plan, i, lambda attention: model(
-                model_input, prompt_embeds, timestep, ofs, attention=attention).astype(jnp.float32))
+            if cache is None:
+                return with_plan_switch(plan, i, lambda attention: model(
+                    model_input, prompt_embeds, timestep, ofs, attention=attention).astype(jnp.float32))
+            reuse = spec.step_cache.reuse_at(i, schedule.timesteps[i])
+            out, kept["cache"] = with_plan_switch(plan, i, lambda attention: model(
+                model_input, prompt_embeds, timestep, ofs, attention=attention, attention_cache=cache,
+                reuse_attention=reuse))
+            return out.astype(jnp.float32)
 
-        return guided_prediction(model_call, latents, do_cfg=spec.do_cfg,
+        pred = guided_prediction(model_call, latents, do_cfg=spec.do_cfg,
                                  combine=lambda uncond, cond: classifier_free_guidance(uncond, cond, guidance_scales[i]))
+        return pred, kept.get("cache")
 
+    cached = spec.step_cache is not None
     if spec.scheduler == "ddim":
-        def step(i, carry):
-            pred = predict(i, carry)
-            out = cogvideox_ddim.step(spec.scheduler_config, schedule, pred, carry, i)
-            return out.prev_sample.astype(dtype)
+        def step(k, carry):
+            i = first_step + k
+            latents, cache = carry if cached else (carry, None)
+            pred, cache = predict(i, latents, cache)
+            out = cogvideox_ddim.step(spec.scheduler_config, schedule, pred, latents, i)
+            return (out.prev_sample.astype(dtype), cache) if cached else out.prev_sample.astype(dtype)
 
-        return denoise_loop(step, latents, num_steps, progress)
+        return denoise_loop(step, carry, num_steps, progress)
 
-    def dpm_step(i, carry):
-        latents, old_x0 = carry
-        pred = predict(i, latents)
-        noise = dpm_step_noise(dpm_key, i, latents.shape, dtype)
+    def dpm_step(k, carry):
+        i = first_step + k
+        latents, old_x0, cache = carry if cached else (*carry, None)
+        pred, cache = predict(i, latents, cache)
+        if dpm_key.ndim == 0:
+            noise = dpm_step_noise(dpm_key, i, latents.shape, dtype)
+        else:  # one key per video (a list of seeds)
+            noise = jax.vmap(lambda key: dpm_step_noise(key, i, latents.shape[1:], dtype))(dpm_key)
         out = cogvideox_dpm.step(spec.scheduler_config, schedule, pred, latents, i,
                                  old_pred_original_sample=old_x0, noise=noise)
-        return out.prev_sample.astype(dtype), out.pred_original_sample.astype(old_x0.dtype)
+        new = (out.prev_sample.astype(dtype), out.pred_original_sample.astype(old_x0.dtype))
+        return new + (cache,) if cached else new
 
-    old_x0 = jnp.zeros(latents.shape, jnp.float32)
-    return denoise_loop(dpm_step, (latents, old_x0), num_steps, progress)[0]
+    return denoise_loop(dpm_step, carry, num_steps, progress)
 
 
 # ============================================================================================
@@ -302,7 +335,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return read_json_file(path)
 
 
-class CogVideoXPipeline:
+class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
     """CogVideoX text-to-video, and image-to-video for the I2V checkpoints.
 
         pipe = CogVideoXPipeline.from_pretrained("THUDM/CogVideoX-2b folder", dtype="bf16")
@@ -310,7 +343,12 @@ class CogVideoXPipeline:
         jaxvid.video.save(out.frames[0], "out.mp4", fps=out.fps)
 
     `last_timings` holds the timings of the latest call (seconds): compile, steps, per_step,
-    encode, decode, total.
+    encode, decode, total; `last_sources` where the latest call's num_frames / height / width came
+    from ("given", "model default (...)", "the input video").
+
+    LoRAs as in diffusers (CogVideoXLoraLoaderMixin): `load_lora_weights(path, adapter_name=...,
+    scale=...)`, `set_adapters(names, weights)`, `fuse_lora()` / `unfuse_lora()`, ...; the
+    transformer runs with the active adapters merged into a copy of its weights.
     """
 
     def __init__(
@@ -351,6 +389,9 @@ class CogVideoXPipeline:
         self._initial_noise = CompiledFunction(_initial_noise, static_argnums=(1, 2))
         self._encode_text = CompiledFunction(_encode_text, static_argnums=(0, 3))
         self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4))
+        self._encode_video = CompiledFunction(_encode_video, static_argnums=(0, 4))
+        self.last_sources: dict[str, str] = {}
+        self.step_cache: PyramidAttentionBroadcast | None = None  # see enable_pyramid_attention_broadcast
         self._decode = CompiledFunction(_decode, static_argnums=(0, 3, 4))
 
     # ---- loading ------------------------------------------------------------------------
@@ -394,6 +435,17 @@ class CogVideoXPipeline:
 
     def disable_vae_tiling(self) -> None:
         self.vae_tiling = None
+
+    def enable_pyramid_attention_broadcast(self, block_skip_range: int = 2,
+                                           timestep_skip_range: tuple[int, int] = (100, 800)) -> None:
+        """Step caching (opt-in), as diffusers' apply_pyramid_attention_broadcast with
+        spatial_attention_block_skip_range: inside timestep_skip_range, attention is computed every
+        `block_skip_range` steps and its output reused in between (see jaxvid.pipelines.step_cache)."""
+        self.step_cache = PyramidAttentionBroadcast(block_skip_range=block_skip_range,
+                                                    timestep_skip_range=tuple(timestep_skip_range))
+
+    def disable_pyramid_attention_broadcast(self) -> None:
+        self.step_cache = None
 
     # ---- shapes -------------------------------------------------------------------------
     @property
@@ -471,117 +523,227 @@ class CogVideoXPipeline:
         """The size this checkpoint generates at when none is asked for (see `default_geometry`)."""
         return default_geometry(self.transformer.module.cfg, self.vae.module.cfg)
 
+    def resolve_geometry(self, num_frames: int | None = None, height: int | None = None, width: int | None = None
+                         ) -> tuple[VideoGeometry, dict[str, str]]:
+        """The video size with the checkpoint's defaults filled in, and where each value came from
+        ({"num_frames": "given" | "transformer sample_frames" | ..., ...}), for summary lines."""
+        geo = self.default_geometry()
+        sources = default_geometry_sources(self.transformer.module.cfg, self.vae.module.cfg)
+        given = {"num_frames": num_frames, "height": height, "width": width}
+        values = {k: getattr(geo, k) if v is None else v for k, v in given.items()}
+        return VideoGeometry(**values), {k: "given" if v is not None else sources[k] for k, v in given.items()}
+
     def __call__(
         self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] = "",
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
         *,
-        num_frames: int = 49,
-        height: int = 480,
-        width: int = 720,
-        num_inference_steps: int = 50,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = 6.0,
         use_dynamic_cfg: bool = False,
-        seed: int = 0,
+        num_videos_per_prompt: int = 1,
+        seed: int | list[int] = 0,
         image: Any = None,
+        video: Any = None,
+        strength: float = 0.8,
         attention: AttentionPlan | None = None,
         latents: Any = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
         output_type: str = "uint8",
         max_sequence_length: int = COGVIDEOX_MAX_LENGTH,
+        callback_on_step_end: StepEndCallback | None = None,
         progress: bool = True,
     ) -> VideoOutput:
         """Generate a video; returns a VideoOutput: frames uint8 [B, F, H, W, 3] (`.frames[0]` is the
         first video), the final latents [B, F', C, h, w] float32 (padding frames included, as diffusers
-        returns them) and the fps (8; 16 for CogVideoX 1.5).
+        returns them) and the fps (8; 16 for CogVideoX 1.5). B = prompts x num_videos_per_prompt.
 
-        output_type: "uint8", "np" (float32 frames in [0, 1]) or "latent" (no decoding, frames None).
-        `latents` replaces the initial noise ([B, F', C, h, w], F' padded to a multiple of
-        patch_size_t for CogVideoX 1.5). `image` (I2V models only, required there): a PIL image or an
-        array [H, W, 3]. `attention`: None (dense) or an AttentionPlan (its dense_timesteps switch
-        inside the jitted loop).
+        num_frames / height / width: None takes the checkpoint's own (`resolve_geometry`; for
+        CogVideoX 1.5, 81 x 768 x 1360). output_type: "uint8", "np" (float32 frames in [0, 1]) or
+        "latent" (no decoding, frames None). `latents` replaces the initial noise ([B, F', C, h, w],
+        F' padded to a multiple of patch_size_t for CogVideoX 1.5). `image` (I2V models only,
+        required there): a PIL image or an array [H, W, 3]. `video` (T2V models: video-to-video, as
+        diffusers' CogVideoXVideoToVideoPipeline): frames uint8 [F, H, W, 3] or a list of PIL images,
+        re-noised to `strength` (in (0, 1]: the last int(steps * strength) steps run); num_frames is
+        its length. `prompt_embeds` / `negative_prompt_embeds`: T5 embeddings [B, L, D] instead of
+        prompts. `seed`: an int for the batch, or a list of ints, one per video (video b is then
+        the one a single call with seed[b] makes). `attention`: None (dense) or an AttentionPlan
+        (its dense_timesteps switch inside the jitted loop). `callback_on_step_end(pipe, step,
+        timestep, {"latents": latents})` runs after every step as diffusers' does and may return
+        {"latents": new_latents}; the loop then runs one jitted step at a time.
         """
         check_output_type(output_type)
-        geometry = VideoGeometry(num_frames=num_frames, height=height, width=width)
+        geometry, sources = self.resolve_geometry(_video_frames(video) if video is not None and num_frames is None
+                                                  else num_frames, height, width)
+        if video is not None and num_frames is None:
+            sources["num_frames"] = "the input video"
         sampling = Sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-                            max_sequence_length=max_sequence_length)
+                            max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt)
+        self.last_sources = sources
         return self.generate(prompt, negative_prompt, geometry, sampling, use_dynamic_cfg=use_dynamic_cfg,
-                             image=image, attention=attention, latents=latents, output_type=output_type,
-                             progress=progress)
+                             image=image, video=video, strength=strength, attention=attention, latents=latents,
+                             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                             output_type=output_type, callback_on_step_end=callback_on_step_end, progress=progress)
 
-    def generate(self, prompt: str | list[str], negative_prompt: str | list[str], geometry: VideoGeometry,
-                 sampling: Sampling, *, use_dynamic_cfg: bool = False, image: Any = None,
-                 attention: AttentionPlan | None = None, latents: Any = None, output_type: str = "uint8",
+    def _text_embeddings(self, prompt: Any, negative_prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any,
+                         sampling: Sampling) -> tuple[jax.Array, int]:
+        """([negative; positive] or positive embeddings, each repeated num_videos_per_prompt times, as
+        diffusers' encode_prompt; prompts in the batch). Checks the inputs and names the bad one."""
+        dtype = jnp.dtype(self.transformer.module.cfg.dtype)
+        n = sampling.num_videos_per_prompt
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("prompt and prompt_embeds were both given; pass one of them")
+            positive = _check_embeds("prompt_embeds", prompt_embeds, self.transformer.module.cfg, dtype)
+            batch = positive.shape[0]
+        else:
+            if prompt is None:
+                raise ValueError("prompt=None; pass a prompt (a string or a list of strings) or prompt_embeds")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or not all(isinstance(q, str) for q in prompts):
+                raise ValueError(f"prompt={prompt!r}; expected a string or a non-empty list of strings")
+            batch, positive = len(prompts), None
+        negative = None
+        if sampling.do_cfg:
+            if negative_prompt_embeds is not None:
+                if negative_prompt not in (None, ""):
+                    raise ValueError("negative_prompt and negative_prompt_embeds were both given; pass one of them")
+                negative = _check_embeds("negative_prompt_embeds", negative_prompt_embeds, self.transformer.module.cfg,
+                                         dtype)
+                if positive is not None and negative.shape != positive.shape:
+                    raise ValueError(f"negative_prompt_embeds shape {tuple(negative.shape)}; expected "
+                                     f"{tuple(positive.shape)} like prompt_embeds")
+            else:
+                negatives = [negative_prompt or ""] * batch if isinstance(negative_prompt, str) or negative_prompt is None \
+                    else list(negative_prompt)
+                if len(negatives) != batch or not all(isinstance(q, str) for q in negatives):
+                    raise ValueError(f"negative_prompt={negative_prompt!r}; expected a string or {batch} strings "
+                                     "like prompt")
+        if positive is None or (sampling.do_cfg and negative is None):
+            texts = (negatives if sampling.do_cfg and negative is None else []) + (prompts if positive is None else [])
+            encoded = self.encode_prompt(texts, sampling.max_sequence_length)
+            if sampling.do_cfg and negative is None:
+                negative, encoded = encoded[:batch], encoded[batch:]
+            if positive is None:
+                positive = encoded
+        if sampling.do_cfg and negative.shape[1] != positive.shape[1]:
+            raise ValueError(f"negative_prompt_embeds has {negative.shape[1]} tokens, prompt_embeds {positive.shape[1]}; "
+                             "expected the same (max_sequence_length)")
+        parts = [negative, positive] if sampling.do_cfg else [positive]
+        return jnp.concatenate([jnp.repeat(x, n, axis=0) for x in parts], axis=0), batch
+
+    def generate(self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None,
+                 geometry: VideoGeometry, sampling: Sampling, *, use_dynamic_cfg: bool = False, image: Any = None,
+                 video: Any = None, strength: float = 0.8, attention: AttentionPlan | None = None,
+                 latents: Any = None, prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
+                 output_type: str = "uint8", callback_on_step_end: StepEndCallback | None = None,
                  progress: bool = True) -> VideoOutput:
         """`__call__` with the video size and the sampling settings passed whole."""
         t_start = time.perf_counter()
         check_output_type(output_type)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt={prompt!r}; expected a string or a non-empty list of strings")
-        negatives = [negative_prompt or ""] * len(prompts) if isinstance(negative_prompt, str) or negative_prompt is None \
-            else list(negative_prompt)
-        if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
-            raise ValueError(f"negative_prompt={negative_prompt!r}; expected a string or {len(prompts)} strings "
-                             "like prompt")
         if self.image_to_video and image is None:
             raise ValueError("image=None; this is an image-to-video model: pass the first frame (image=...)")
         if not self.image_to_video and image is not None:
             raise ValueError("image was given, but this is a text-to-video model (no image conditioning)")
+        if video is not None and self.image_to_video:
+            raise ValueError("video was given, but video-to-video needs a text-to-video model; this one is I2V")
         if attention is not None and not isinstance(attention, AttentionPlan):
             raise ValueError(f"attention={attention!r}; expected None (dense) or an AttentionPlan")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"callback_on_step_end={callback_on_step_end!r}; expected a callable "
+                             "(pipe, step, timestep, {'latents': ...}) -> dict or None")
         num_inference_steps = sampling.num_inference_steps
-        batch = len(prompts)
-        shape, additional_frames = self.latent_shape(batch, geometry.num_frames, geometry.height, geometry.width)
         tcfg = self.transformer.module.cfg
         dtype = jnp.dtype(tcfg.dtype)
-        keys = generation_keys(sampling.seed)
         timings: dict[str, float] = {"compile": 0.0}
 
         # 1. Text embeddings: [negative; positive] with CFG (diffusers: guidance_scale > 1)
         t0 = time.perf_counter()
-        do_cfg = sampling.do_cfg
-        embeds = self.encode_prompt(negatives + prompts if do_cfg else prompts, sampling.max_sequence_length)
+        embeds, prompts_batch = self._text_embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                                      sampling)
         timings["compile"] += self._encode_text.last_compile_seconds
+        batch = prompts_batch * sampling.num_videos_per_prompt
+        shape, additional_frames = self.latent_shape(batch, geometry.num_frames, geometry.height, geometry.width)
+        seeds = _seeds(sampling.seed, batch)
 
-        # 2. Image latents (I2V)
-        image_latents = None
-        if self.image_to_video:
-            first = self.encode_image(image, geometry.height, geometry.width, keys.image, batch)
-            timings["compile"] += self._encode_image.last_compile_seconds
-            image_latents = self.image_latents_for(first, shape)
-        jax.block_until_ready((embeds, image_latents))
-        timings["encode"] = time.perf_counter() - t0 - timings["compile"]
-
-        # 3. Schedule, guidance and initial noise
+        # 2. Schedule (video-to-video: the last int(N * strength) steps) and guidance
         module = cogvideox_ddim if self.scheduler == "ddim" else cogvideox_dpm
         schedule = module.set_timesteps(self.scheduler_config, num_inference_steps)
+        if video is not None:
+            schedule = truncate_schedule(schedule, video_start_step(num_inference_steps, strength))
+        num_steps = int(schedule.timesteps.shape[0])
         scales = cogvideox_guidance_scales(sampling.guidance_scale, np.asarray(schedule.timesteps),
                                            use_dynamic_cfg=use_dynamic_cfg)
-        if latents is None:
-            noise = self._initial_noise(keys.latents, shape, dtype)
-            timings["compile"] += self._initial_noise.last_compile_seconds
-        else:
+
+        # 3. Image latents (I2V), initial latents (noise, or the re-noised input video)
+        image_latents = None
+        if self.image_to_video:
+            first = jnp.concatenate([self.encode_image(image, geometry.height, geometry.width, generation_keys(s).image,
+                                                       n) for s, n in seeds], axis=0)
+            timings["compile"] += self._encode_image.last_compile_seconds
+            image_latents = self.image_latents_for(first, shape)
+        if latents is not None:
             noise = jnp.asarray(latents)
             if tuple(noise.shape) != shape:
                 raise ValueError(f"latents shape {tuple(noise.shape)}; expected {shape} for this request")
             noise = noise.astype(dtype) * jnp.asarray(INIT_NOISE_SIGMA, dtype)
+        else:
+            noise = jnp.concatenate([self._initial_noise(generation_keys(s).latents, (n,) + shape[1:], dtype)
+                                     for s, n in seeds], axis=0)
+            timings["compile"] += self._initial_noise.last_compile_seconds
+            if video is not None:
+                if additional_frames:
+                    raise ValueError(f"video has {geometry.num_frames} frames: {shape[1] - additional_frames} latent "
+                                     f"frames, not a multiple of patch_size_t={tcfg.patch_size_t} (diffusers' "
+                                     "video-to-video does not pad them)")
+                clean = jnp.concatenate([self.encode_video(video, geometry.height, geometry.width,
+                                                           generation_keys(s).image, n) for s, n in seeds], axis=0)
+                start = jnp.broadcast_to(schedule.timesteps[0], (batch,))
+                # noise was drawn times init_noise_sigma (1.0): the same draw diffusers adds to the clean latents
+                noise = cogvideox_ddim.add_noise(schedule.alphas_cumprod, clean, noise, start).astype(dtype)
+        jax.block_until_ready((embeds, image_latents, noise))
+        timings["encode"] = time.perf_counter() - t0 - timings["compile"]
 
-        # 4. The jitted denoising loop
-        spec = LoopSpec(scheduler=self.scheduler, scheduler_config=self.scheduler_config, do_cfg=do_cfg,
-                        attention=attention, ofs=I2V_OFS if tcfg.ofs_embed_dim else None)
+        # 4. The jitted denoising loop (one executable; one step per call when a callback edits latents)
+        spec = LoopSpec(scheduler=self.scheduler, scheduler_config=self.scheduler_config, do_cfg=sampling.do_cfg,
+                        attention=attention, ofs=I2V_OFS if tcfg.ofs_embed_dim else None,
+                        num_steps=None if callback_on_step_end is None else 1, step_cache=self.step_cache)
+        dpm_keys = (generation_keys(seeds[0][0]).dpm if len(seeds) == 1 and seeds[0][1] == batch
+                    else jnp.stack([generation_keys(s).dpm for s, n in seeds for _ in range(n)]))
+        carry = noise if self.scheduler == "ddim" else (noise, jnp.zeros(noise.shape, jnp.float32))
+        if self.step_cache is not None:  # every layer's attention output, [text; video] tokens
+            pt, p = tcfg.patch_size_t or 1, tcfg.patch_size
+            tokens = embeds.shape[1] + shape[1] // pt * (shape[3] // p) * (shape[4] // p)
+            cache = jnp.zeros((tcfg.num_layers, embeds.shape[0], tokens, tcfg.inner_dim), dtype)
+            carry = (carry, cache) if self.scheduler == "ddim" else carry + (cache,)
         self.progress.enabled = progress
         tr = self.transformer
-        args = (tr.graphdef, spec, tr.state, noise, embeds, image_latents, schedule,
-                jnp.asarray(scales, jnp.float32), keys.dpm)
-        timings["compile"] += self._denoise.prepare(*args)  # compile before the bar starts
-        self.progress.start(num_inference_steps)
+        run_state = self.lora_transformer_state()
+
+        def args(carry, step):
+            return (tr.graphdef, spec, run_state, carry, embeds, image_latents, schedule,
+                    jnp.asarray(scales, jnp.float32), dpm_keys, jnp.asarray(step, jnp.int32))
+
+        timings["compile"] += self._denoise.prepare(*args(carry, 0))  # compile before the bar starts
+        self.progress.start(num_steps)
         t0 = time.perf_counter()
         try:
-            out = jax.block_until_ready(self._denoise(*args))
+            if callback_on_step_end is None:
+                carry = jax.block_until_ready(self._denoise(*args(carry, 0)))
+            else:
+                for i in range(num_steps):
+                    carry = self._denoise(*args(carry, i))
+                    carry = _apply_callback(callback_on_step_end, self, i, int(schedule.timesteps[i]), carry)
+                carry = jax.block_until_ready(carry)
         finally:
             self.progress.close()
+        out = carry[0] if isinstance(carry, tuple) else carry
         timings["steps"] = time.perf_counter() - t0
-        timings["per_step"] = timings["steps"] / num_inference_steps
+        timings["per_step"] = timings["steps"] / max(num_steps, 1)
 
         # 5. Decode
         frames = None
@@ -597,7 +759,143 @@ class CogVideoXPipeline:
         log.info(
             "generated %s %s in %.2f s: compile %.2f s, %d steps at %.3f s/step, encode %.2f s, decode %.2f s",
             "latents" if frames is None else "frames", tuple((result.latents if frames is None else frames).shape),
-            timings["total"], timings["compile"], num_inference_steps, timings["per_step"], timings["encode"],
+            timings["total"], timings["compile"], num_steps, timings["per_step"], timings["encode"],
             timings.get("decode", 0.0),
         )
         return result
+
+    def encode_video(self, video: Any, height: int, width: int, key: jax.Array, batch: int) -> jax.Array:
+        """Preprocess and VAE-encode an input video (video-to-video) -> scaled latents [B, F', C, h, w],
+        one posterior sample per row, as diffusers' CogVideoXVideoToVideoPipeline.prepare_latents."""
+        vcfg = self.vae.module.cfg
+        pixels = jnp.asarray(preprocess_video(video, height, width), vcfg.dtype)  # [1, 3, F, H, W]
+        pixels = jnp.broadcast_to(pixels, (batch,) + pixels.shape[1:])
+        latents = self._encode_video(self.vae.graphdef, self.vae.state, pixels, key, float(vcfg.scaling_factor))
+        return latents.astype(self.transformer.module.cfg.dtype)
+
+
+# ============================================================================================
+# Helpers of a call: seeds, embeddings, video-to-video, callbacks, where defaults came from
+# ============================================================================================
+
+# callback_on_step_end(pipe, step, timestep, {"latents": latents}) -> {"latents": new} | {} | None
+StepEndCallback = Callable[[Any, int, int, dict[str, Any]], "dict[str, Any] | None"]
+
+
+def _seeds(seed: Any, batch: int) -> list[tuple[Any, int]]:
+    """(seed, videos) groups: one int for the whole batch, or one seed per video."""
+    if isinstance(seed, tuple):
+        if len(seed) != batch:
+            raise ValueError(f"seed: {len(seed)} seeds for {batch} videos (prompts x num_videos_per_prompt); "
+                             "expected one per video or a single int")
+        return [(s, 1) for s in seed]
+    return [(seed, batch)]
+
+
+def _check_embeds(name: str, value: Any, tcfg: Any, dtype: Any) -> jax.Array:
+    x = jnp.asarray(value)
+    if x.ndim != 3 or x.shape[0] < 1 or x.shape[2] != tcfg.text_embed_dim:
+        raise ValueError(f"{name} shape {tuple(x.shape)}; expected [batch, tokens, {tcfg.text_embed_dim}] "
+                         "(T5 embeddings, the transformer's text_embed_dim)")
+    return x.astype(dtype)
+
+
+def _apply_callback(callback: StepEndCallback, pipe: Any, step: int, timestep: int, carry: Any) -> Any:
+    latents = carry if not isinstance(carry, tuple) else carry[0]
+    out = callback(pipe, step, timestep, {"latents": latents})
+    if out is None or "latents" not in out:
+        return carry
+    new = jnp.asarray(out["latents"])
+    if new.shape != latents.shape:
+        raise ValueError(f"callback_on_step_end returned latents of shape {tuple(new.shape)} at step {step}; "
+                         f"expected {tuple(latents.shape)}")
+    new = new.astype(latents.dtype)
+    return new if not isinstance(carry, tuple) else (new,) + carry[1:]
+
+
+def _video_frames(video: Any) -> int:
+    return len(video) if isinstance(video, (list, tuple)) else int(np.shape(video)[0])
+
+
+def preprocess_video(video: Any, height: int, width: int) -> np.ndarray:
+    """Frames (uint8 / float-in-[0, 1] array [F, H, W, 3], or a list of PIL images / arrays) ->
+    float32 [1, 3, F, height, width] in [-1, 1], each frame as `preprocess_image` (diffusers'
+    VideoProcessor.preprocess_video: per-frame resize with Lanczos, / 255, * 2 - 1)."""
+    frames = list(video) if isinstance(video, (list, tuple)) else [np.asarray(video)[i] for i in range(len(video))] \
+        if np.ndim(video) == 4 else None
+    if not frames:
+        raise ValueError(f"video: expected frames [F, H, W, 3] or a non-empty list of images, got "
+                         f"{type(video).__name__} of shape {np.shape(video) if frames is None else '(0,)'}")
+    try:
+        pixels = [preprocess_image(f, height, width)[0] for f in frames]
+    except ValueError as e:
+        raise ValueError(f"video: {e}".replace("image: ", "")) from None
+    return np.stack(pixels, axis=1)[None]
+
+
+def video_start_step(num_inference_steps: int, strength: float) -> int:
+    """The first step video-to-video runs (diffusers' get_timesteps): N - int(N * strength)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength!r}; expected a number in (0, 1]")
+    run = min(int(num_inference_steps * strength), num_inference_steps)
+    if run < 1:
+        raise ValueError(f"strength={strength} with {num_inference_steps} steps runs no step "
+                         f"(int({num_inference_steps} * {strength}) = 0); raise strength or the step count")
+    return num_inference_steps - run
+
+
+def truncate_schedule(schedule: Any, start: int) -> Any:
+    """The scheduler state from step `start` on (every per-step table sliced; the training table
+    kept). DPM's first remaining step is first order, as diffusers' loop has no previous x_0 there."""
+    if start == 0:
+        return schedule
+    fields = {k: (v if k == "alphas_cumprod" else v[start:]) for k, v in schedule._asdict().items()}
+    if "second_order" in fields:
+        fields["second_order"] = fields["second_order"].at[0].set(False)
+    return type(schedule)(**fields)
+
+
+def default_geometry_sources(tcfg: Any, vcfg: Any) -> dict[str, str]:
+    """Where `default_geometry` takes each value from, in words (for summary lines)."""
+    s = vcfg.spatial_compression
+    out = {"num_frames": f"model default (transformer sample_frames={tcfg.sample_frames})"}
+    for name, sample, cap in (("height", tcfg.sample_height, MODEL_1_5_SIZE[0]),
+                              ("width", tcfg.sample_width, MODEL_1_5_SIZE[1])):
+        if tcfg.patch_size_t is not None and sample * s > cap:
+            out[name] = f"model default (CogVideoX 1.5 model card; sample_{name} x {s} = {sample * s} is the RoPE maximum)"
+        else:
+            out[name] = f"model default (transformer sample_{name}={sample} x VAE {s})"
+    return out
+
+
+SCENE_RULES = ("causal", "isolated")
+
+
+def scene_for_frames(boundaries: Any, num_frames: int, tcfg: Any, vcfg: Any, rule: str = "causal") -> Any:
+    """A radial plan's `Scene` from scene edges in pixel frames (e.g. (0, 17, 49) for 49 frames).
+
+    The attention layer's scene mask works on token frames: pixel frame f is latent frame
+    ceil(f / temporal_compression) (frame 0 alone in latent 0), CogVideoX 1.5's padding latents go
+    to the first scene and patch_size_t latents make one token frame. rule: "causal" (a scene sees
+    itself and the scenes before it) or "isolated" (itself only). ValueError naming
+    scene_boundaries when the edges are not 0 < ... < num_frames or two fall in one token frame.
+    """
+    from jaxvid.attention.plan import Scene
+
+    bounds = [int(b) for b in boundaries]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != num_frames or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"scene_boundaries={tuple(bounds)}; expected strictly increasing pixel-frame edges from 0 to "
+                         f"num_frames={num_frames}, e.g. (0, {num_frames // 2}, {num_frames})")
+    if rule not in SCENE_RULES:
+        raise ValueError(f"scene rule {rule!r}; expected one of {SCENE_RULES}")
+    tc = vcfg.temporal_compression_ratio
+    latent = (num_frames - 1) // tc + 1
+    pt = tcfg.patch_size_t or 1
+    pad = (-latent) % pt
+    tokens = [0] + [-(-(pad + -(-b // tc)) // pt) for b in bounds[1:]]
+    if any(b <= a for a, b in zip(tokens, tokens[1:])):
+        raise ValueError(f"scene_boundaries={tuple(bounds)}: two edges fall in one token frame ({tokens}); scenes "
+                         f"need at least {tc * pt} frames each")
+    n = len(tokens) - 1
+    adjacency = tuple(tuple(j == i or (rule == "causal" and j < i) for j in range(n)) for i in range(n))
+    return Scene(boundaries=tuple(tokens), adjacency=adjacency)

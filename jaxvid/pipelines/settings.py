@@ -41,7 +41,8 @@ class VideoGeometry:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Sampling:
-    """How to denoise: steps, guidance scale (<= 1: no CFG pass), seed, text length, videos per prompt."""
+    """How to denoise: steps, guidance scale (<= 1: no CFG pass), seed (an int, or a tuple of ints: one per
+    video), text length, videos per prompt."""
 
     num_inference_steps: int = 50
     guidance_scale: float = 6.0
@@ -56,9 +57,13 @@ class Sampling:
         if isinstance(g, bool) or not isinstance(g, (int, float, np.floating, np.integer)) or not math.isfinite(g):
             raise ValueError(f"guidance_scale={g!r}; expected a finite number (<= 1 turns guidance off)")
         object.__setattr__(self, "guidance_scale", float(g))
-        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
+        if isinstance(self.seed, (list, tuple)):  # one seed per video
+            if not self.seed or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in self.seed):
+                raise ValueError(f"seed={self.seed!r}; expected an int or a non-empty list of ints (one per video)")
+            object.__setattr__(self, "seed", tuple(int(s) for s in self.seed))
+        elif not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
             if not (hasattr(self.seed, "dtype") and hasattr(self.seed, "shape")):  # a jax.random key is fine too
-                raise ValueError(f"seed={self.seed!r}; expected an int")
+                raise ValueError(f"seed={self.seed!r}; expected an int or a list of ints (one per video)")
 
     @property
     def do_cfg(self) -> bool:
