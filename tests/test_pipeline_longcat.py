@@ -176,15 +176,15 @@ class Reference:
                                          sigmas=flow_match.longcat_sigmas(n, use_distill=use_distill))
         return np.asarray(state.timesteps), np.asarray(state.sigmas)
 
-    def generate_t2v(self, height, width, num_frames, n, g, seed, use_distill=False):
-        embeds, mask = self.encode_prompt(PROMPT, NEGATIVE, g > 1)
+    def generate_t2v(self, height, width, num_frames, n, g, seed, use_distill=False, prompt=PROMPT):
+        embeds, mask = self.encode_prompt(prompt, NEGATIVE, g > 1)
         timesteps, sigmas = self.schedule(n, use_distill)
         shape = (1, 4, (num_frames - 1) // 4 + 1, height // 8, width // 8)
         latents = jax.random.normal(_Keys.from_seed(seed).noise, shape, jnp.float32)
         return self.loop(latents, embeds, mask, timesteps, sigmas, g)
 
-    def generate_i2v(self, image, height, width, num_frames, n, g, seed):
-        embeds, mask = self.encode_prompt(PROMPT, NEGATIVE, g > 1)
+    def generate_i2v(self, image, height, width, num_frames, n, g, seed, prompt=PROMPT):
+        embeds, mask = self.encode_prompt(prompt, NEGATIVE, g > 1)
         timesteps, sigmas = self.schedule(n)
         keys = _Keys.from_seed(seed)
         shape = (1, 4, (num_frames - 1) // 4 + 1, height // 8, width // 8)
@@ -193,8 +193,8 @@ class Reference:
         return self.loop(latents, embeds, mask, timesteps, sigmas, g, nc=1)
 
     def generate_vc(self, video, height, width, num_frames, num_cond_frames, n, g, seed, enhance_hf,
-                    use_kv_cache=True):
-        embeds, mask = self.encode_prompt(PROMPT, NEGATIVE, g > 1)
+                    use_kv_cache=True, prompt=PROMPT):
+        embeds, mask = self.encode_prompt(prompt, NEGATIVE, g > 1)
         timesteps, sigmas = self.schedule(n)
         if enhance_hf:
             tail = list(np.linspace(500, 0, 10, dtype=np.float32, endpoint=False))
@@ -358,6 +358,109 @@ def test_refine_with_lora_bsa_and_conditioning_matches_reference(pipe, ref):
     err = rel_l2(out.frames, want_frames)
     assert err <= TOL, f"refine frames rel L2 {err:.2e}"
     print(f"refine frames: rel L2 {err:.2e}")  # shown with pytest -s
+
+
+# ---------------------------------------------------------------------------------------------
+# BSA in every mode, multi-prompt long video (issue 17)
+# ---------------------------------------------------------------------------------------------
+
+# The tiny frames (32 x 64 px: a 2 x 4 token grid per latent frame) are far below 480p, where the
+# resolution table says dense; explicit chunks of 1 x 2 x 2 tokens then complete the config's
+# bsa_params (sparsity 0.5): 2 chunks per frame, half the key chunks kept.
+BSA_VALUES = dict(chunk_3d_shape_q=(1, 2, 2), chunk_3d_shape_k=(1, 2, 2))
+
+
+@pytest.mark.parametrize("mode", ["t2v", "i2v", "continue"])
+def test_bsa_by_resolution_in_every_mode_matches_reference(pipe, ref, mode):
+    """The pipeline's per-run BSA (enable_bsa_by_resolution + explicit chunks) against the step-by-step
+    reference running the DiT with the same BSA spec as its default (the model's BSA path is checked
+    against upstream's in test_longcat_model / the dit_bsa fixture)."""
+    pipe.enable_bsa_by_resolution(**BSA_VALUES)
+    choice = pipe.bsa_choice(32, 64)
+    assert choice.params == {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [1, 2, 2],
+                             "chunk_3d_shape_k": [1, 2, 2]}
+    kw = dict(height=32, width=64, num_inference_steps=2, guidance_scale=1.0, seed=11, output_type="latent",
+              max_sequence_length=L)
+    if mode == "t2v":
+        out = pipe.generate_t2v(PROMPT, NEGATIVE, num_frames=9, **kw)
+    elif mode == "i2v":
+        image = _frames(1, 32, 64, seed=12)[0]
+        out = pipe.generate_i2v(image, PROMPT, NEGATIVE, num_frames=9, **kw)
+    else:
+        video = _frames(9, 32, 64, seed=13)
+        out = pipe.generate_vc(video, PROMPT, NEGATIVE, num_frames=13, num_cond_frames=5, enhance_hf=False, **kw)
+    assert pipe.last_attention.startswith("BSA sparsity 0.5, chunks q 1x2x2 / k 1x2x2 by resolution: config "
+                                          "bsa_params (dense (32x64"), pipe.last_attention
+    pipe.dit.enable_bsa(choice.params)  # the reference's DiT calls run this spec by default
+    if mode == "t2v":
+        want = ref.generate_t2v(32, 64, 9, 2, 1.0, seed=11)
+    elif mode == "i2v":
+        want = ref.generate_i2v(image, 32, 64, 9, 2, 1.0, seed=11)
+    else:
+        want = ref.generate_vc(video, 32, 64, 13, 5, 2, 1.0, seed=11, enhance_hf=False)
+    err = rel_l2(out.latents, want)
+    assert err <= TOL, f"{mode} with BSA: rel L2 {err:.2e}"
+    print(f"{mode} with BSA: rel L2 {err:.2e}")  # shown with pytest -s
+    if mode == "t2v":  # BSA really changes the result: the dense reference is far from it
+        pipe.dit.disable_bsa()
+        dense = ref.generate_t2v(32, 64, 9, 2, 1.0, seed=11)
+        assert rel_l2(dense, want) > 1e-3
+
+
+def test_bsa_chunks_that_do_not_tile_the_grid_fail_before_compiling(pipe):
+    pipe.enable_bsa_by_resolution(**BSA_VALUES)
+    with pytest.raises(ValueError, match=r"not divisible by the chunk shape \(1, 2, 2\).*width a multiple of 32"):
+        pipe.generate_t2v(PROMPT, height=32, width=48, num_frames=5, num_inference_steps=1, guidance_scale=1.0,
+                          max_sequence_length=L)  # 2 x 3 tokens per frame
+    # i2v: one clean latent frame; upstream's BSA asserts time chunks that divide it (as here)
+    pipe.enable_bsa_by_resolution(chunk_3d_shape_q=(2, 2, 2), chunk_3d_shape_k=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"conditioning queries/keys"):
+        pipe.generate_i2v(_frames(1, 32, 64, seed=0)[0], PROMPT, height=32, width=64, num_frames=9,
+                          num_inference_steps=1, guidance_scale=1.0, max_sequence_length=L)
+    with pytest.raises(ValueError, match="sparsity"):
+        pipe.enable_bsa_by_resolution(sparsity=1.5)
+
+
+def test_multi_prompt_long_video_follows_upstream_interactive_loop(pipe, ref, monkeypatch):
+    """run_demo_interactive_video: segment k continues the last num_cond_frames frames of segment k-1
+    with prompt k; the reference is that loop over the step-by-step generate_vc."""
+    prompts = [PROMPT, "Two dogs play in the snow near a frozen lake."]
+    video = _frames(9, 32, 32, seed=5)
+    calls = []
+    generate_vc = pipe.generate_vc
+
+    def spy(current, prompt, *args, **kwargs):
+        out = generate_vc(current, prompt, *args, **kwargs)
+        calls.append((np.array(current), prompt, out.frames[0]))
+        return out
+
+    monkeypatch.setattr(pipe, "generate_vc", spy)
+    got = pipe.generate_long(prompts, video=video, num_frames=9, num_cond_frames=5, height=32, width=32,
+                             num_inference_steps=3, guidance_scale=1.0, enhance_hf=False, seed=5,
+                             max_sequence_length=L).frames[0]
+    assert [c[1] for c in calls] == prompts  # with `video`: prompt k for continuation k + 1
+    np.testing.assert_array_equal(calls[0][0], video)
+    # segment k's conditioning frames are segment k-1's output tail (uint8, as upstream passes them)
+    np.testing.assert_array_equal(calls[1][0][-5:], calls[0][2][-5:])
+    current, pieces = video, [video]
+    for segment, prompt in enumerate(prompts):
+        latents = ref.generate_vc(current, 32, 32, 9, 5, 3, 1.0, seed=5 + segment + 1, enhance_hf=False,
+                                  prompt=prompt)
+        new = (ref.decode(latents)[0] * 255).astype(np.uint8)
+        pieces.append(new[5:])
+        current = new
+    want = np.concatenate(pieces)
+    assert got.shape == want.shape == (9 + 2 * 4, 32, 32, 3)
+    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+    print(f"multi-prompt long video: uint8 max diff {diff.max()}, mean {diff.mean():.2e}")  # shown with pytest -s
+    assert diff.max() <= 2 and diff.mean() < 0.01, f"multi-prompt: max diff {diff.max()}, mean {diff.mean():.4f}"
+
+
+def test_multi_prompt_argument_errors(pipe):
+    with pytest.raises(ValueError, match="num_segments=3 but prompt has 2 prompts"):
+        pipe.generate_long([PROMPT, PROMPT], num_segments=3, height=32, width=32, num_frames=9)
+    with pytest.raises(ValueError, match="at least 2"):
+        pipe.generate_long([PROMPT], height=32, width=32, num_frames=9)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,11 @@ class BSARow:
     min_pixels: int
     params: Mapping[str, Any] | None
 
+    def __hash__(self) -> int:  # params is a dict: hash a frozen copy (rows sit in static model configs)
+        frozen = None if self.params is None else tuple(sorted(
+            (k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.params.items()))
+        return hash((self.name, self.min_pixels, frozen))
+
 
 class BSAChoice(NamedTuple):
     """The bsa_params to use (None = dense) and which table row chose them."""
