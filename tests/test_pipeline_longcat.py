@@ -576,27 +576,47 @@ def test_frames_to_uint8_truncates_like_upstream():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cli_t2v_writes_a_video(folder, tmp_path):
+def test_cli_multi_prompt_long_video_with_bsa_writes_a_video(folder, tmp_path, caplog):
+    """--prompt-file (t2v with line 1, a continuation with line 2) and the BSA flags, end to end; the
+    summary line names the attention (explicit chunks over the config's bsa_params: 32 px is below
+    every resolution row)."""
     from jaxvid import video
     from jaxvid.cli.main import main
 
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\nTwo dogs play in the snow near a frozen lake.\n")
     out = tmp_path / "clip.mp4"
-    rc = main(["generate", "--model", str(folder), "--mode", "t2v", "--prompt", PROMPT, "--height", "32",
-               "--width", "32", "--num-frames", "5", "--steps", "3", "--max-sequence-length", str(L), "--dtype",
-               "fp32", "--no-progress", "--output", str(out)])
+    with caplog.at_level("INFO"):
+        rc = main(["generate", "--model", str(folder), "--prompt-file", str(prompts), "--height", "32", "--width",
+                   "32", "--num-frames", "5", "--num-cond-frames", "1", "--steps", "2", "--guidance", "1",
+                   "--no-enhance-hf", "--max-sequence-length", str(L), "--dtype", "fp32", "--no-progress", "--bsa",
+                   "--bsa-chunk-q", "1,2,2", "--bsa-chunk-k", "1,2,2", "--output", str(out)])
     assert rc == 0
     written = out if out.exists() else out.with_suffix(".gif")
     frames = video.load(written)
-    assert frames.shape[0] == 5 and frames.shape[1:3] == (32, 32)
+    assert frames.shape[0] == 5 + 4 and frames.shape[1:3] == (32, 32)  # t2v + one continuation's new frames
+    assert "long video: segment 1/1" in caplog.text
+    assert "attention: BSA sparsity 0.5, chunks q 1x2x2 / k 1x2x2 by resolution: config bsa_params" in caplog.text
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "i2v", "--prompt", "p"], "--mode i2v needs --image"),
     (["--mode", "t2v"], "--prompt is required"),
     (["--mode", "continue", "--prompt", "p", "--video", "missing.mp4"], "no such file"),
+    (["--mode", "t2v", "--prompt", "p", "--bsa-sparsity", "0.5"], "--bsa-sparsity: BSA is off in this run"),
+    (["--mode", "refine", "--video", "{one_line}", "--no-bsa", "--bsa-chunk-q", "4,4,4"], "--bsa-chunk-q: BSA is off"),
+    (["--mode", "t2v", "--prompt", "p", "--bsa", "--bsa-cdf-threshold", "0"], "--bsa-cdf-threshold=0.0"),
+    (["--mode", "t2v", "--prompt-file", "p.txt"], "--prompt-file is for --mode long"),
+    (["--mode", "long", "--prompt", "p", "--prompt-file", "p.txt"], "--prompt and --prompt-file"),
+    (["--mode", "long", "--prompt-file", "missing.txt"], "--prompt-file='missing.txt': no such file"),
+    (["--prompt-file", "{one_line}"], "has 1 prompt(s); expected at least 2"),
 ])
 def test_cli_rejects_bad_requests(folder, argv, message, caplog):
     from jaxvid.cli.main import main
+
+    one_line = folder.parent / "one_line.txt"
+    one_line.write_text("# a comment\na cat walks\n\n")
+    argv = [a.replace("{one_line}", str(one_line)) for a in argv]
 
     with caplog.at_level("ERROR"):
         assert main(["generate", "--model", str(folder), *argv]) == 2
@@ -613,6 +633,13 @@ def test_generate_parser_takes_the_longcat_options():
     args = parser.parse_args(["generate", "--model", "m", "--mode", "refine", "--video", "v.mp4",
                               "--spatial-refine-only"])
     assert (args.mode, args.video, args.spatial_refine_only, args.guidance) == ("refine", "v.mp4", True, None)
+    args = parser.parse_args(["generate", "--model", "m", "--bsa", "--bsa-chunk-q", "4,4,8", "--bsa-chunk-k",
+                              "2,4,4", "--bsa-cdf-threshold", "0.9", "--prompt-file", "p.txt"])
+    assert (args.bsa, args.bsa_chunk_q, args.bsa_chunk_k, args.bsa_cdf_threshold, args.prompt_file) == (
+        True, (4, 4, 8), (2, 4, 4), 0.9, "p.txt")
+    assert parser.parse_args(["generate", "--no-bsa"]).bsa is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--bsa-chunk-q", "4,4"])
 
 
 def test_converted_folder_loads_the_same_pipeline(pipe, folder, tmp_path):

@@ -401,6 +401,11 @@ def _check_longcat(args: argparse.Namespace, mode: str) -> None:
         value = getattr(args, dest)
         if value is not None and not Path(value).is_file():
             raise ValueError(f"{_flag(dest)}={value!r}: no such file")
+    bsa_values = _given(args, ("bsa_sparsity", "bsa_cdf_threshold", "bsa_chunk_q", "bsa_chunk_k"))
+    refines = bool(args.refine) or mode == "refine"
+    if bsa_values and (args.bsa is False or (args.bsa is None and not refines)):
+        why = "--no-bsa" if args.bsa is False else f"--mode {mode} runs dense unless --bsa (or --refine) is given"
+        raise ValueError(f"{', '.join(bsa_values)}: BSA is off in this run ({why}); add --bsa")
     if (args.height is None) != (args.width is None):
         raise ValueError(f"--height={args.height}, --width={args.width}: give both or neither")
     for dest, multiple in (("height", 16), ("width", 16), ("refine_height", 64), ("refine_width", 64)):
@@ -436,6 +441,9 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
     mode = args.mode or ("long" if args.prompt_file is not None else "t2v")
     _check_longcat(args, mode)
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file is not None else None
+    if prompts is not None and len(prompts) < (1 if args.video else 2):
+        raise ValueError(f"--prompt-file={args.prompt_file!r} has {len(prompts)} prompt(s); expected at least "
+                         f"{1 if args.video else 2}: one for the first segment and one per continuation")
     target_fps = 15.0 if args.target_fps is None else args.target_fps
     image = video_io.load_image(args.image) if args.image else None
     source = _read_video(args.video, target_fps if mode in ("continue", "long") else None) if args.video else None
