@@ -351,6 +351,37 @@ def test_refine_with_lora_bsa_and_conditioning_matches_reference(pipe, ref):
 BSA_VALUES = dict(chunk_3d_shape_q=(1, 2, 2), chunk_3d_shape_k=(1, 2, 2))
 
 
+def test_config_json_bsa_table_is_read_and_used_by_resolution(pipe, folder, monkeypatch):
+    """config.json's bsa_params as a table per resolution: parsed (each row checked), its largest row is
+    enable_bsa()'s default, and runs pick their row by size (the row names the summary line uses)."""
+    import json
+
+    from jaxvid.attention.plan import BSA
+    from jaxvid.models.longcat import LongCatConfig
+
+    d = json.loads((folder / "dit" / "config.json").read_text())
+    row720 = {"sparsity": 0.9375, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+    row480 = {"sparsity": 0.75, "cdf_threshold": 0.9, "chunk_3d_shape_q": [4, 2, 2], "chunk_3d_shape_k": [4, 2, 2]}
+    d["bsa_params"] = {"480p": row480, "720p": row720, "360p": None}
+    cfg = LongCatConfig.from_hf_config(d)
+    assert cfg.bsa_params == BSA.from_dict(row720)
+    assert [(r.name, r.params) for r in cfg.bsa_table] == [("720p", row720), ("480p", row480), ("360p", None)]
+    monkeypatch.setattr(pipe.dit, "cfg", cfg)
+    pipe.enable_bsa_by_resolution()
+    for (h, w), want, which in [((704, 1280), row720, "720p"), ((480, 832), row480, "480p"),
+                                ((360, 640), None, "360p"), ((128, 128), None, "dense")]:
+        choice = pipe.bsa_choice(h, w)
+        assert choice.params == want and choice.which.startswith(which), (h, w, choice)
+    plan, text = pipe._attention_for((1, 4, 24, 60, 104))  # 480 x 832 px
+    assert plan.sparse == BSA.from_dict(row480) and text.startswith("BSA sparsity 0.75 cdf_threshold 0.9")
+    assert "by resolution: 480p (480x832" in text
+    pipe.enable_bsa_by_resolution(sparsity=0.5)  # explicit values replace fields of the row
+    assert pipe.bsa_choice(480, 832).params == {**row480, "sparsity": 0.5}
+    d["bsa_params"] = {"720p": {**row720, "sparsity": "high"}}
+    with pytest.raises(ValueError, match=r"bsa_params\['720p'\]: sparsity='high'"):
+        LongCatConfig.from_hf_config(d)
+
+
 @pytest.mark.parametrize("mode", ["t2v", "i2v", "continue"])
 def test_bsa_by_resolution_in_every_mode_matches_reference(pipe, ref, mode):
     """The pipeline's per-run BSA (enable_bsa_by_resolution + explicit chunks) against the step-by-step
