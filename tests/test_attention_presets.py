@@ -51,7 +51,9 @@ def test_radial_bad_input_names_the_argument(bad):
 @pytest.mark.parametrize("h,w,sparsity,chunk,row", [
     (720, 1280, 0.9375, [4, 4, 4], "720p"), (1280, 720, 0.9375, [4, 4, 4], "720p"),  # portrait too
     (1080, 1920, 0.9375, [4, 4, 4], "720p"),  # "720p and up"
-    (480, 832, 0.875, [4, 4, 8], "480p"), (704, 1280, 0.875, [4, 4, 8], "480p"),
+    (704, 1280, 0.9375, [4, 4, 4], "720p"), (960, 960, 0.9375, [4, 4, 4], "720p"),  # LongCat's 720p buckets
+    (480, 832, 0.875, [4, 4, 8], "480p"), (320, 1216, 0.875, [4, 4, 8], "480p"),  # LongCat's 480p buckets
+    (480, 640, 0.875, [4, 4, 8], "480p"),  # 4:3 at 480 lines
 ])
 def test_bsa_default_table(h, w, sparsity, chunk, row):
     choice = bsa_params_for(h, w)
@@ -61,7 +63,7 @@ def test_bsa_default_table(h, w, sparsity, chunk, row):
     BSAParams.from_dict(choice.params)  # the LongCat config accepts it as it is
 
 
-@pytest.mark.parametrize("h,w", [(256, 256), (320, 512), (479, 832)])
+@pytest.mark.parametrize("h,w", [(256, 256), (320, 512), (400, 640)])
 def test_bsa_below_480p_is_dense(h, w):
     choice = bsa_params_for(h, w)
     assert choice.params is None and choice.which.startswith("dense")
@@ -119,6 +121,29 @@ def test_bsa_bad_size_names_the_argument():
 
 
 def test_custom_rows_sorted_by_size():
-    rows = [BSARow("small", 200, {"sparsity": 0.5}), BSARow("big", 600, {"sparsity": 0.9})]
+    rows = [BSARow("small", 200 * 200, {"sparsity": 0.5}), BSARow("big", 600 * 600, {"sparsity": 0.9})]
     assert bsa_params_for(600, 800, rows).params == {"sparsity": 0.9}
     assert bsa_params_for(300, 800, rows).params == {"sparsity": 0.5}
+
+
+def test_resolve_bsa_explicit_values_replace_fields_of_the_row():
+    from jaxvid.attention.presets import resolve_bsa
+
+    # no explicit values: the row as it is
+    assert resolve_bsa(480, 832) == bsa_params_for(480, 832)
+    # explicit values replace fields of the row; the summary names both
+    choice = resolve_bsa(704, 1280, {"sparsity": 0.9, "chunk_3d_shape_k": (2, 4, 4), "cdf_threshold": None})
+    assert choice.params == {"sparsity": 0.9, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4],
+                             "chunk_3d_shape_k": [2, 4, 4]}
+    assert choice.which.startswith("720p") and "explicit sparsity=0.9" in choice.which
+    # a dense row with explicit values: the config's params complete them
+    base = {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+    choice = resolve_bsa(32, 64, {"chunk_3d_shape_q": [1, 2, 2]}, base=base)
+    assert choice.params == {**base, "chunk_3d_shape_q": [1, 2, 2]} and choice.which.startswith("config bsa_params")
+    assert resolve_bsa(32, 64, base=base).params is None  # no explicit values: the table's dense row
+    with pytest.raises(ValueError, match="no base bsa_params"):
+        resolve_bsa(32, 64, {"sparsity": 0.5})
+    with pytest.raises(ValueError, match=r"\['chunk'\]"):
+        resolve_bsa(480, 832, {"chunk": [1, 1, 1]})
+    # a config table replaces the built-in one
+    assert resolve_bsa(720, 1280, table=CONFIG_TABLE).params == CONFIG_TABLE["480p"]

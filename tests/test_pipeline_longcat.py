@@ -176,15 +176,15 @@ class Reference:
                                          sigmas=flow_match.longcat_sigmas(n, use_distill=use_distill))
         return np.asarray(state.timesteps), np.asarray(state.sigmas)
 
-    def generate_t2v(self, height, width, num_frames, n, g, seed, use_distill=False):
-        embeds, mask = self.encode_prompt(PROMPT, NEGATIVE, g > 1)
+    def generate_t2v(self, height, width, num_frames, n, g, seed, use_distill=False, prompt=PROMPT):
+        embeds, mask = self.encode_prompt(prompt, NEGATIVE, g > 1)
         timesteps, sigmas = self.schedule(n, use_distill)
         shape = (1, 4, (num_frames - 1) // 4 + 1, height // 8, width // 8)
         latents = jax.random.normal(_Keys.from_seed(seed).noise, shape, jnp.float32)
         return self.loop(latents, embeds, mask, timesteps, sigmas, g)
 
-    def generate_i2v(self, image, height, width, num_frames, n, g, seed):
-        embeds, mask = self.encode_prompt(PROMPT, NEGATIVE, g > 1)
+    def generate_i2v(self, image, height, width, num_frames, n, g, seed, prompt=PROMPT):
+        embeds, mask = self.encode_prompt(prompt, NEGATIVE, g > 1)
         timesteps, sigmas = self.schedule(n)
         keys = _Keys.from_seed(seed)
         shape = (1, 4, (num_frames - 1) // 4 + 1, height // 8, width // 8)
@@ -193,8 +193,8 @@ class Reference:
         return self.loop(latents, embeds, mask, timesteps, sigmas, g, nc=1)
 
     def generate_vc(self, video, height, width, num_frames, num_cond_frames, n, g, seed, enhance_hf,
-                    use_kv_cache=True):
-        embeds, mask = self.encode_prompt(PROMPT, NEGATIVE, g > 1)
+                    use_kv_cache=True, prompt=PROMPT):
+        embeds, mask = self.encode_prompt(prompt, NEGATIVE, g > 1)
         timesteps, sigmas = self.schedule(n)
         if enhance_hf:
             tail = list(np.linspace(500, 0, 10, dtype=np.float32, endpoint=False))
@@ -320,26 +320,6 @@ def test_continuation_kv_cache_enhance_hf_matches_reference(pipe, ref):
     assert rel_l2(no_cache.latents, want) < 0.1
 
 
-def test_long_video_is_repeated_continuation(pipe, ref):
-    video = _frames(9, 32, 32, seed=5)
-    got = pipe.generate_long(PROMPT, video=video, num_segments=2, num_frames=9, num_cond_frames=5, height=32,
-                             width=32, num_inference_steps=3, guidance_scale=1.0, enhance_hf=False, seed=5,
-                             max_sequence_length=L).frames[0]
-    assert got.dtype == np.uint8 and got.shape == (9 + 2 * 4, 32, 32, 3)
-    np.testing.assert_array_equal(got[:9], video)
-    current, pieces = video, [video]
-    for segment in range(2):
-        latents = ref.generate_vc(current, 32, 32, 9, 5, 3, 1.0, seed=5 + segment + 1, enhance_hf=False)
-        new = (ref.decode(latents)[0] * 255).astype(np.uint8)  # run_demo_long_video's conversion
-        pieces.append(new[5:])
-        current = new
-    want = np.concatenate(pieces)
-    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
-    print(f"long video: uint8 max diff {diff.max()}, mean {diff.mean():.2e}")  # shown with pytest -s
-    # uint8 truncation can flip a level where the float values sit on a boundary
-    assert diff.max() <= 2 and diff.mean() < 0.01, f"long video: max diff {diff.max()}, mean {diff.mean():.4f}"
-
-
 @pytest.mark.slow  # one of the slowest on 2 cores (issue 16 item 17); -m 'not slow' skips
 def test_refine_with_lora_bsa_and_conditioning_matches_reference(pipe, ref):
     pipe.enable_loras(["refinement_lora"])
@@ -358,6 +338,187 @@ def test_refine_with_lora_bsa_and_conditioning_matches_reference(pipe, ref):
     err = rel_l2(out.frames, want_frames)
     assert err <= TOL, f"refine frames rel L2 {err:.2e}"
     print(f"refine frames: rel L2 {err:.2e}")  # shown with pytest -s
+
+
+# ---------------------------------------------------------------------------------------------
+# BSA in every mode, multi-prompt long video (issue 17)
+# ---------------------------------------------------------------------------------------------
+
+# The tiny frames (32 x 32 px: a 2 x 2 token grid per latent frame) are far below 480p, where the
+# resolution table says dense; explicit chunks of 1 x 2 x 2 tokens then complete the config's
+# bsa_params (sparsity 0.5): one chunk per latent frame, int(0.5 * n) of the n key chunks kept
+# (1 of 3 in t2v; 1 of 2 clean / 2 of 4 in the continuation), so the selection really drops keys.
+BSA_VALUES = dict(chunk_3d_shape_q=(1, 2, 2), chunk_3d_shape_k=(1, 2, 2))
+
+
+def test_config_json_bsa_table_is_read_and_used_by_resolution(pipe, folder, monkeypatch):
+    """config.json's bsa_params as a table per resolution: parsed (each row checked), its largest row is
+    enable_bsa()'s default, and runs pick their row by size (the row names the summary line uses)."""
+    import json
+
+    from jaxvid.attention.plan import BSA
+    from jaxvid.models.longcat import LongCatConfig
+
+    d = json.loads((folder / "dit" / "config.json").read_text())
+    row720 = {"sparsity": 0.9375, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+    row480 = {"sparsity": 0.75, "cdf_threshold": 0.9, "chunk_3d_shape_q": [4, 2, 2], "chunk_3d_shape_k": [4, 2, 2]}
+    d["bsa_params"] = {"480p": row480, "720p": row720, "360p": None}
+    cfg = LongCatConfig.from_hf_config(d)
+    assert cfg.bsa_params == BSA.from_dict(row720)
+    assert [(r.name, r.params) for r in cfg.bsa_table] == [("720p", row720), ("480p", row480), ("360p", None)]
+    monkeypatch.setattr(pipe.dit, "cfg", cfg)
+    pipe.enable_bsa_by_resolution()
+    for (h, w), want, which in [((704, 1280), row720, "720p"), ((480, 832), row480, "480p"),
+                                ((360, 640), None, "360p"), ((128, 128), None, "dense")]:
+        choice = pipe.bsa_choice(h, w)
+        assert choice.params == want and choice.which.startswith(which), (h, w, choice)
+    plan, text = pipe._attention_for((1, 4, 24, 60, 104))  # 480 x 832 px
+    assert plan.sparse == BSA.from_dict(row480) and text.startswith("BSA sparsity 0.75 cdf_threshold 0.9")
+    assert "by resolution: 480p (480x832" in text
+    pipe.enable_bsa_by_resolution(sparsity=0.5)  # explicit values replace fields of the row
+    assert pipe.bsa_choice(480, 832).params == {**row480, "sparsity": 0.5}
+    d["bsa_params"] = {"720p": {**row720, "sparsity": "high"}}
+    with pytest.raises(ValueError, match=r"bsa_params\['720p'\]: sparsity='high'"):
+        LongCatConfig.from_hf_config(d)
+
+
+@pytest.mark.parametrize("mode", ["t2v", "i2v", "continue"])
+def test_bsa_by_resolution_in_every_mode_matches_reference(pipe, ref, mode):
+    """The pipeline's per-run BSA (enable_bsa_by_resolution + explicit chunks) against the step-by-step
+    reference running the DiT with the same BSA spec as its default (the model's BSA path is checked
+    against upstream's in test_longcat_model / the dit_bsa fixture); the continuation uses the KV cache."""
+    pipe.enable_bsa_by_resolution(**BSA_VALUES)
+    choice = pipe.bsa_choice(32, 32)
+    assert choice.params == {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [1, 2, 2],
+                             "chunk_3d_shape_k": [1, 2, 2]}
+    kw = dict(height=32, width=32, num_inference_steps=2, guidance_scale=1.0, seed=11, output_type="latent",
+              max_sequence_length=L)
+    if mode == "t2v":
+        out = pipe.generate_t2v(PROMPT, NEGATIVE, num_frames=9, **kw)
+    elif mode == "i2v":
+        image = _frames(1, 32, 32, seed=12)[0]
+        out = pipe.generate_i2v(image, PROMPT, NEGATIVE, num_frames=9, **kw)
+    else:
+        video = _frames(9, 32, 32, seed=13)
+        out = pipe.generate_vc(video, PROMPT, NEGATIVE, num_frames=13, num_cond_frames=5, enhance_hf=False, **kw)
+    assert pipe.last_attention.startswith("BSA sparsity 0.5, chunks q 1x2x2 / k 1x2x2 by resolution: config "
+                                          "bsa_params (dense (32x32"), pipe.last_attention
+    pipe.dit.enable_bsa(choice.params)  # the reference's DiT calls run this spec by default
+    if mode == "t2v":
+        want = ref.generate_t2v(32, 32, 9, 2, 1.0, seed=11)
+    elif mode == "i2v":
+        want = ref.generate_i2v(image, 32, 32, 9, 2, 1.0, seed=11)
+    else:
+        want = ref.generate_vc(video, 32, 32, 13, 5, 2, 1.0, seed=11, enhance_hf=False)
+    err = rel_l2(out.latents, want)
+    assert err <= TOL, f"{mode} with BSA: rel L2 {err:.2e}"
+    print(f"{mode} with BSA: rel L2 {err:.2e}")  # shown with pytest -s
+
+
+def test_bsa_chunks_that_do_not_tile_the_grid_fail_before_compiling(pipe):
+    """Upstream's flash_attn_bsa_3d asserts chunks that divide the token grid; so does the pipeline,
+    before compiling, naming the sizes that fit (denoise on zeros: nothing runs)."""
+    embeds, mask = jnp.zeros((1, 1, L, 32)), jnp.ones((1, L), jnp.int32)
+    schedule = pipe.schedule(1)
+    pipe.enable_bsa_by_resolution(**BSA_VALUES)
+    with pytest.raises(ValueError, match=r"not divisible by the chunk shape \(1, 2, 2\).*width a multiple of 32"):
+        pipe.denoise(jnp.zeros((1, 4, 2, 4, 6)), embeds, mask, schedule, guidance_scale=1.0)  # 2 x 3 tokens
+    # i2v: one clean latent frame; time chunks of 2 do not divide it (upstream asserts the same)
+    pipe.enable_bsa_by_resolution(chunk_3d_shape_q=(2, 2, 2), chunk_3d_shape_k=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"conditioning queries/keys"):
+        pipe.denoise(jnp.zeros((1, 4, 3, 4, 4)), embeds, mask, schedule, guidance_scale=1.0, num_cond_latents=1)
+    # KV cache: 3 clean latent frames cached with BSA, time chunks of 2 do not divide them
+    with pytest.raises(ValueError, match=r"\(3, 2, 2\) \(T, H/patch, W/patch\) of the queries"):
+        pipe.denoise(jnp.zeros((1, 4, 5, 4, 4)), embeds, mask, schedule, guidance_scale=1.0, num_cond_latents=3,
+                     use_kv_cache=True)
+    with pytest.raises(ValueError, match="sparsity"):
+        pipe.enable_bsa_by_resolution(sparsity=1.5)
+
+
+def test_multi_prompt_long_video_follows_upstream_interactive_loop(pipe, ref, monkeypatch):
+    """run_demo_interactive_video: segment k continues the last num_cond_frames frames of segment k-1
+    with prompt k; the reference is that loop over the step-by-step generate_vc."""
+    prompts = [PROMPT, "Two dogs play in the snow near a frozen lake."]
+    video = _frames(9, 32, 32, seed=5)
+    calls = []
+    generate_vc = pipe.generate_vc
+
+    def spy(current, prompt, *args, **kwargs):
+        out = generate_vc(current, prompt, *args, **kwargs)
+        calls.append((np.array(current), prompt, out.frames[0]))
+        return out
+
+    monkeypatch.setattr(pipe, "generate_vc", spy)
+    got = pipe.generate_long(prompts, video=video, num_frames=9, num_cond_frames=5, height=32, width=32,
+                             num_inference_steps=3, guidance_scale=1.0, enhance_hf=False, seed=5,
+                             max_sequence_length=L).frames[0]
+    assert [c[1] for c in calls] == prompts  # with `video`: prompt k for continuation k + 1
+    np.testing.assert_array_equal(calls[0][0], video)
+    # segment k's conditioning frames are segment k-1's output tail (uint8, as upstream passes them)
+    np.testing.assert_array_equal(calls[1][0][-5:], calls[0][2][-5:])
+    current, pieces = video, [video]
+    for segment, prompt in enumerate(prompts):
+        latents = ref.generate_vc(current, 32, 32, 9, 5, 3, 1.0, seed=5 + segment + 1, enhance_hf=False,
+                                  prompt=prompt)
+        new = (ref.decode(latents)[0] * 255).astype(np.uint8)
+        pieces.append(new[5:])
+        current = new
+    want = np.concatenate(pieces)
+    assert got.shape == want.shape == (9 + 2 * 4, 32, 32, 3)
+    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+    print(f"multi-prompt long video: uint8 max diff {diff.max()}, mean {diff.mean():.2e}")  # shown with pytest -s
+    assert diff.max() <= 2 and diff.mean() < 0.01, f"multi-prompt: max diff {diff.max()}, mean {diff.mean():.4f}"
+
+
+def test_long_video_segments_and_prompts_follow_upstream_demos(pipe, monkeypatch):
+    """The segment loop alone (generate_t2v / generate_vc stubbed, no compilation): which prompt and
+    which frames each segment gets, as run_demo_long_video (one prompt) and run_demo_interactive_video
+    (a prompt per segment) pass them; the stubs' frames are random, so any mix-up shows."""
+    rng = np.random.default_rng(0)
+    calls = []
+
+    def t2v(prompt, negative, **kw):
+        frames = rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+        calls.append(("t2v", prompt, None, frames, kw["seed"]))
+        return type("Out", (), {"frames": frames[None]})
+
+    def vc(current, prompt, negative, **kw):
+        frames = rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+        calls.append(("vc", prompt, np.array(current), frames, kw["seed"]))
+        return type("Out", (), {"frames": frames[None]})
+
+    monkeypatch.setattr(pipe, "generate_t2v", t2v)
+    monkeypatch.setattr(pipe, "generate_vc", vc)
+    kw = dict(num_frames=9, num_cond_frames=5, height=32, width=32, seed=7)
+    for prompt, video, want_prompts in [
+        ("one", None, ["one"] * 3),  # run_demo_long_video, num_segments=2
+        (["a", "b", "c"], None, ["a", "b", "c"]),  # run_demo_interactive_video: t2v with prompt 0
+        (["b", "c"], _frames(9, 32, 32, seed=1), ["b", "c"]),  # continuing a given video
+    ]:
+        calls.clear()
+        got = pipe.generate_long(prompt, video=video, **({"num_segments": 2} if isinstance(prompt, str) else {}),
+                                 **kw).frames[0]
+        segments = [c for c in calls]
+        assert [c[1] for c in segments if c[0] == "vc"] == want_prompts[-2:]
+        if video is None:
+            assert segments[0][:2] == ("t2v", want_prompts[0])
+            first = segments[0][3]
+        else:
+            first = video
+        vcs = [c for c in segments if c[0] == "vc"]
+        # every continuation conditions on the whole previous segment (generate_vc takes its last
+        # num_cond_frames) and keeps only its new frames; seeds seed + 1, seed + 2, ...
+        np.testing.assert_array_equal(vcs[0][2], first)
+        np.testing.assert_array_equal(vcs[1][2], vcs[0][3])
+        assert [c[4] for c in vcs] == [8, 9]
+        np.testing.assert_array_equal(got, np.concatenate([first, vcs[0][3][5:], vcs[1][3][5:]]))
+
+
+def test_multi_prompt_argument_errors(pipe):
+    with pytest.raises(ValueError, match="num_segments=3 but prompt has 2 prompts"):
+        pipe.generate_long([PROMPT, PROMPT], num_segments=3, height=32, width=32, num_frames=9)
+    with pytest.raises(ValueError, match="at least 2"):
+        pipe.generate_long([PROMPT], height=32, width=32, num_frames=9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,27 +607,47 @@ def test_frames_to_uint8_truncates_like_upstream():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cli_t2v_writes_a_video(folder, tmp_path):
+def test_cli_multi_prompt_long_video_with_bsa_writes_a_video(folder, tmp_path, caplog):
+    """--prompt-file (t2v with line 1, a continuation with line 2) and the BSA flags, end to end; the
+    summary line names the attention (explicit chunks over the config's bsa_params: 32 px is below
+    every resolution row)."""
     from jaxvid import video
     from jaxvid.cli.main import main
 
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\nTwo dogs play in the snow near a frozen lake.\n")
     out = tmp_path / "clip.mp4"
-    rc = main(["generate", "--model", str(folder), "--mode", "t2v", "--prompt", PROMPT, "--height", "32",
-               "--width", "32", "--num-frames", "5", "--steps", "3", "--max-sequence-length", str(L), "--dtype",
-               "fp32", "--no-progress", "--output", str(out)])
+    with caplog.at_level("INFO"):
+        rc = main(["generate", "--model", str(folder), "--prompt-file", str(prompts), "--height", "32", "--width",
+                   "32", "--num-frames", "5", "--num-cond-frames", "1", "--steps", "2", "--guidance", "1",
+                   "--no-enhance-hf", "--max-sequence-length", str(L), "--dtype", "fp32", "--no-progress", "--bsa",
+                   "--bsa-chunk-q", "1,2,2", "--bsa-chunk-k", "1,2,2", "--output", str(out)])
     assert rc == 0
     written = out if out.exists() else out.with_suffix(".gif")
     frames = video.load(written)
-    assert frames.shape[0] == 5 and frames.shape[1:3] == (32, 32)
+    assert frames.shape[0] == 5 + 4 and frames.shape[1:3] == (32, 32)  # t2v + one continuation's new frames
+    assert "long video: segment 1/1" in caplog.text
+    assert "attention: BSA sparsity 0.5, chunks q 1x2x2 / k 1x2x2 by resolution: config bsa_params" in caplog.text
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "i2v", "--prompt", "p"], "--mode i2v needs --image"),
     (["--mode", "t2v"], "--prompt is required"),
     (["--mode", "continue", "--prompt", "p", "--video", "missing.mp4"], "no such file"),
+    (["--mode", "t2v", "--prompt", "p", "--bsa-sparsity", "0.5"], "--bsa-sparsity: BSA is off in this run"),
+    (["--mode", "refine", "--video", "{one_line}", "--no-bsa", "--bsa-chunk-q", "4,4,4"], "--bsa-chunk-q: BSA is off"),
+    (["--mode", "t2v", "--prompt", "p", "--bsa", "--bsa-cdf-threshold", "0"], "--bsa-cdf-threshold=0.0"),
+    (["--mode", "t2v", "--prompt-file", "p.txt"], "--prompt-file is for --mode long"),
+    (["--mode", "long", "--prompt", "p", "--prompt-file", "p.txt"], "--prompt and --prompt-file"),
+    (["--mode", "long", "--prompt-file", "missing.txt"], "--prompt-file='missing.txt': no such file"),
+    (["--prompt-file", "{one_line}"], "has 1 prompt(s); expected at least 2"),
 ])
 def test_cli_rejects_bad_requests(folder, argv, message, caplog):
     from jaxvid.cli.main import main
+
+    one_line = folder.parent / "one_line.txt"
+    one_line.write_text("# a comment\na cat walks\n\n")
+    argv = [a.replace("{one_line}", str(one_line)) for a in argv]
 
     with caplog.at_level("ERROR"):
         assert main(["generate", "--model", str(folder), *argv]) == 2
@@ -483,6 +664,13 @@ def test_generate_parser_takes_the_longcat_options():
     args = parser.parse_args(["generate", "--model", "m", "--mode", "refine", "--video", "v.mp4",
                               "--spatial-refine-only"])
     assert (args.mode, args.video, args.spatial_refine_only, args.guidance) == ("refine", "v.mp4", True, None)
+    args = parser.parse_args(["generate", "--model", "m", "--bsa", "--bsa-chunk-q", "4,4,8", "--bsa-chunk-k",
+                              "2,4,4", "--bsa-cdf-threshold", "0.9", "--prompt-file", "p.txt"])
+    assert (args.bsa, args.bsa_chunk_q, args.bsa_chunk_k, args.bsa_cdf_threshold, args.prompt_file) == (
+        True, (4, 4, 8), (2, 4, 4), 0.9, "p.txt")
+    assert parser.parse_args(["generate", "--no-bsa"]).bsa is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--bsa-chunk-q", "4,4"])
 
 
 def test_converted_folder_loads_the_same_pipeline(pipe, folder, tmp_path):

@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "RADIAL_PRESETS", "RadialPreset", "radial_preset",
-    "BSARow", "BSAChoice", "DEFAULT_BSA_TABLE", "bsa_params_for", "bsa_table_from_config",
+    "BSARow", "BSAChoice", "DEFAULT_BSA_TABLE", "bsa_params_for", "bsa_table_from_config", "min_pixels_of",
+    "resolve_bsa", "BSA_FIELDS",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -77,22 +78,27 @@ def radial_preset(num_frames: int, preset: str = "auto") -> RadialPreset:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BSARow:
-    """One row of a per-resolution BSA table: videos whose shorter side is >= `min_side` pixels.
+    """One row of a per-resolution BSA table: frames of at least `min_pixels` pixels (height x width).
 
     params: upstream's `bsa_params` dict (sparsity, cdf_threshold, chunk_3d_shape_q,
     chunk_3d_shape_k), or None for dense attention at this resolution.
     """
 
     name: str
-    min_side: int
+    min_pixels: int
     params: Mapping[str, Any] | None
+
+    def __hash__(self) -> int:  # params is a dict: hash a frozen copy (rows sit in static model configs)
+        frozen = None if self.params is None else tuple(sorted(
+            (k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.params.items()))
+        return hash((self.name, self.min_pixels, frozen))
 
 
 class BSAChoice(NamedTuple):
     """The bsa_params to use (None = dense) and which table row chose them."""
 
     params: dict[str, Any] | None
-    which: str  # e.g. "720p (shorter side 720 >= 720)"
+    which: str  # e.g. "720p (704x1280 = 901120 px >= 691200)"
 
 
 def _params(sparsity: float, chunk: Sequence[int]) -> dict[str, Any]:
@@ -100,12 +106,25 @@ def _params(sparsity: float, chunk: Sequence[int]) -> dict[str, Any]:
             "chunk_3d_shape_k": list(chunk)}
 
 
+# A row "<N>p" covers frames with at least 3/4 of the pixels of a 16:9 frame N lines high. By
+# pixel count, not by the shorter side, because LongCat's own size buckets are equal-area tables:
+# its 720p buckets (704x1280 for 16:9, what upstream refines at, 960x960, 480x1920) all hold about
+# 1280*720 pixels, its 480p buckets (480x832, 320x1216, 608x640) about 832*480; 3/4 also lets a
+# 4:3 frame N lines high (480x640) count as Np.
+AREA_FRACTION = 0.75
+
+
+def min_pixels_of(lines: int) -> int:
+    """The `min_pixels` of a row named "<lines>p": 3/4 of a 16:9 frame `lines` high."""
+    return round(AREA_FRACTION * lines * lines * 16 / 9)
+
+
 # The BSA guide's mixed strategy: 720p and up 0.9375 with 4x4x4 chunks (upstream's refinement
 # setting), 480p 0.875 with 4x4x8 chunks (fewer, wider chunks on the smaller grid), below dense
 # (too few tokens for sparsity to pay).
 DEFAULT_BSA_TABLE: tuple[BSARow, ...] = (
-    BSARow("720p", 720, _params(0.9375, (4, 4, 4))),
-    BSARow("480p", 480, _params(0.875, (4, 4, 8))),
+    BSARow("720p", min_pixels_of(720), _params(0.9375, (4, 4, 4))),
+    BSARow("480p", min_pixels_of(480), _params(0.875, (4, 4, 8))),
 )
 
 _RESOLUTION_KEY = re.compile(r"^(?P<side>\d+)p$")
@@ -115,9 +134,10 @@ _PARAM_KEYS = {"sparsity", "cdf_threshold", "chunk_3d_shape_q", "chunk_3d_shape_
 def bsa_table_from_config(bsa_params: Any) -> tuple[BSARow, ...] | None:
     """A per-resolution table from config.json's `bsa_params`, or None if it holds one params dict.
 
-    Table form: keys "<shorter side>p" ("720p", "480p", ...), each a params dict or null (dense),
-    e.g. {"720p": {"sparsity": 0.9375, ...}, "480p": {"sparsity": 0.875, ...}}. The single
-    upstream form {"sparsity": ..., "chunk_3d_shape_q": ...} returns None (use it as it is).
+    Table form: keys "<N>p" ("720p", "480p", ...), each a params dict or null (dense), e.g.
+    {"720p": {"sparsity": 0.9375, ...}, "480p": {"sparsity": 0.875, ...}}; row "<N>p" covers
+    frames of at least `min_pixels_of(N)` pixels. The single upstream form {"sparsity": ...,
+    "chunk_3d_shape_q": ...} returns None (use it as it is).
     """
     if bsa_params is None:
         return None
@@ -136,30 +156,70 @@ def bsa_table_from_config(bsa_params: Any) -> tuple[BSARow, ...] | None:
                 raise ValueError(f"bsa_params[{key!r}]={params!r}; expected null or a dict with keys from "
                                  f"{sorted(_PARAM_KEYS)}")
             params = dict(params)
-        rows.append(BSARow(str(key), int(m["side"]), params))
-    return tuple(sorted(rows, key=lambda r: -r.min_side))
+        rows.append(BSARow(str(key), min_pixels_of(int(m["side"])), params))
+    return tuple(sorted(rows, key=lambda r: -r.min_pixels))
 
 
-def bsa_params_for(height: int, width: int, table: Sequence[BSARow] | Mapping[str, Any] = DEFAULT_BSA_TABLE) -> BSAChoice:
-    """The BSA row for a `height` x `width` video (pixels): the first row whose `min_side` the
-    shorter side reaches, rows taken from the largest; below every row -> dense (params None).
-
-    `table`: rows (default DEFAULT_BSA_TABLE) or config.json's per-resolution `bsa_params` dict.
-    """
+def _check_size(height: int, width: int) -> None:
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r}; expected a positive integer (pixels)")
+
+
+def _rows(table: Sequence[BSARow] | Mapping[str, Any]) -> tuple[BSARow, ...]:
     if isinstance(table, Mapping):
         rows = bsa_table_from_config(table)
         if rows is None:
             raise ValueError("table: this bsa_params holds one params dict, not a table per resolution")
-    else:
-        rows = tuple(sorted(table, key=lambda r: -r.min_side))
-    side = min(height, width)
+        return rows
+    return tuple(sorted(table, key=lambda r: -r.min_pixels))
+
+
+def bsa_params_for(height: int, width: int, table: Sequence[BSARow] | Mapping[str, Any] = DEFAULT_BSA_TABLE) -> BSAChoice:
+    """The BSA row for a `height` x `width` video (pixels): the first row whose `min_pixels` the
+    frame reaches, rows taken from the largest; below every row -> dense (params None).
+
+    `table`: rows (default DEFAULT_BSA_TABLE) or config.json's per-resolution `bsa_params` dict.
+    """
+    _check_size(height, width)
+    rows = _rows(table)
+    pixels = height * width
     for row in rows:
-        if side >= row.min_side:
+        if pixels >= row.min_pixels:
             params = None if row.params is None else {k: (list(v) if isinstance(v, (list, tuple)) else v)
                                                       for k, v in row.params.items()}
-            return BSAChoice(params, f"{row.name} (shorter side {side} >= {row.min_side})")
-    lowest = rows[-1].min_side if rows else 0
-    return BSAChoice(None, f"dense (shorter side {side} < {lowest})")
+            return BSAChoice(params, f"{row.name} ({height}x{width} = {pixels} px >= {row.min_pixels})")
+    lowest = rows[-1].min_pixels if rows else 0
+    return BSAChoice(None, f"dense ({height}x{width} = {pixels} px < {lowest})")
+
+
+BSA_FIELDS = ("sparsity", "cdf_threshold", "chunk_3d_shape_q", "chunk_3d_shape_k")
+
+
+def resolve_bsa(height: int, width: int, explicit: Mapping[str, Any] | None = None, *,
+                table: Sequence[BSARow] | Mapping[str, Any] | None = None,
+                base: Mapping[str, Any] | None = None) -> BSAChoice:
+    """The BSA params of a run with BSA on, and where they came from.
+
+    No explicit values: the table's row for the size (`table`, default DEFAULT_BSA_TABLE; a row
+    may say dense). Explicit values (sparsity, cdf_threshold, chunk_3d_shape_q, chunk_3d_shape_k;
+    None entries are ignored) replace those fields of the row's params, or of `base` (the
+    config's single bsa_params) where the row is dense: a user who gives values wants BSA.
+    """
+    explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
+    unknown = sorted(set(explicit) - set(BSA_FIELDS))
+    if unknown:
+        raise ValueError(f"BSA values {unknown}: expected some of {list(BSA_FIELDS)}")
+    choice = bsa_params_for(height, width, DEFAULT_BSA_TABLE if table is None else table)
+    if not explicit:
+        return choice
+    params, which = choice.params, choice.which
+    if params is None:
+        if base is None:
+            raise ValueError(f"explicit BSA values {explicit} at {height}x{width}: the table says dense there "
+                             "and there are no base bsa_params to complete them")
+        params, which = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(base).items()}, \
+            f"config bsa_params ({choice.which})"
+    given = ", ".join(f"{k}={v}" for k, v in explicit.items())
+    params = {**params, **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in explicit.items()}}
+    return BSAChoice(params, f"{which} + explicit {given}")

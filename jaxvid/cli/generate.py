@@ -33,7 +33,8 @@ COGVIDEOX_OPTIONS = ("dynamic_cfg", "scheduler", "attention", "dense_layers", "d
                      "block_size", "vae_tiling", "lora", "strength", "preset", "scene_boundaries", "scene_rule", "step_cache")
 LONGCAT_OPTIONS = ("mode", "cond_video", "num_cond_frames", "resolution", "distill", "refine",
                    "refine_steps", "refine_height", "refine_width", "spatial_refine_only", "num_segments",
-                   "target_fps", "no_kv_cache", "no_enhance_hf", "bsa_sparsity")
+                   "target_fps", "no_kv_cache", "no_enhance_hf", "bsa_sparsity", "bsa", "bsa_cdf_threshold",
+                   "bsa_chunk_q", "bsa_chunk_k", "prompt_file")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -149,8 +150,21 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="continue / long: recompute the clean frames every step")
     lc.add_argument("--no-enhance-hf", action="store_true", default=None,
                     help="continue / long: keep the plain schedule")
+    lc.add_argument("--prompt-file", default=None,
+                    help="long: a text file, one prompt per segment (upstream's interactive demo): line 1 for the "
+                    "first segment (t2v, or the first continuation with --video), each next line one continuation")
+    lc.add_argument("--bsa", action=argparse.BooleanOptionalAction, default=None,
+                    help="block sparse attention in every stage (default: off, on in refinement); parameters by "
+                    "resolution (the config's bsa_params table, else 720p+: 0.9375 4x4x4, 480p: 0.875 4x4x8, below "
+                    "dense) unless given below")
     lc.add_argument("--bsa-sparsity", type=float, default=None,
-                    help="refine: BSA sparsity in [0, 1) (default: the config's bsa_params)")
+                    help="BSA sparsity in [0, 1) (default: the resolution row's)")
+    lc.add_argument("--bsa-cdf-threshold", type=float, default=None,
+                    help="BSA: keep key chunks up to this softmax mass, in (0, 1] (default: the resolution row's)")
+    lc.add_argument("--bsa-chunk-q", type=_chunk3, default=None, metavar="T,H,W",
+                    help="BSA query chunk in latent tokens (default: the resolution row's, e.g. 4,4,4)")
+    lc.add_argument("--bsa-chunk-k", type=_chunk3, default=None, metavar="T,H,W",
+                    help="BSA key chunk in latent tokens (default: the resolution row's, e.g. 4,4,4)")
     p.set_defaults(func=run_generate)
     return p
 
@@ -158,6 +172,17 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Checks (before anything is loaded)
 # ---------------------------------------------------------------------------------------------
+
+
+def _chunk3(text: str) -> tuple[int, int, int]:
+    """--bsa-chunk-q / -k: 'T,H,W' -> three positive ints."""
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}; expected three positive ints T,H,W (e.g. 4,4,4)")
+    return dims  # type: ignore[return-value]
 
 
 def _given(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:
@@ -185,6 +210,9 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--bsa-sparsity={args.bsa_sparsity}; expected a number in [0, 1)")
     if getattr(args, "strength", None) is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
         raise ValueError(f"--strength={args.strength}; expected a number in (0, 1]")
+    cdf = getattr(args, "bsa_cdf_threshold", None)
+    if cdf is not None and not (math.isfinite(cdf) and 0 < cdf <= 1):
+        raise ValueError(f"--bsa-cdf-threshold={cdf}; expected a number in (0, 1]")
 
 
 def check_output(path: str) -> Path:
@@ -532,17 +560,29 @@ def _check_longcat(args: argparse.Namespace, mode: str) -> None:
     cog_only = _given(args, COGVIDEOX_OPTIONS)
     if cog_only:
         raise _options_error(cog_only, f"--model {args.model} is a LongCat-Video model", "CogVideoX")
-    if not args.prompt and mode != "refine":
+    if args.prompt_file is not None:
+        if mode != "long":
+            raise ValueError(f"--prompt-file is for --mode long (one prompt per segment), not --mode {mode}")
+        if args.prompt is not None:
+            raise ValueError("--prompt and --prompt-file given: expected one (--prompt-file: one prompt per segment)")
+        if args.num_segments is not None:
+            raise ValueError("--num-segments with --prompt-file: the file's lines give the segments")
+    elif not args.prompt and mode != "refine":
         raise ValueError(f"--prompt is required with --mode {mode}")
     need = {"i2v": "image", "continue": "video", "refine": "video"}
     if mode in need and getattr(args, need[mode]) is None:
         raise ValueError(f"--mode {mode} needs --{need[mode]}")
     if args.refine and mode == "refine":
         raise ValueError("--refine with --mode refine: the refine mode already refines")
-    for dest in ("image", "video", "cond_video"):
+    for dest in ("image", "video", "cond_video", "prompt_file"):
         value = getattr(args, dest)
         if value is not None and not Path(value).is_file():
             raise ValueError(f"{_flag(dest)}={value!r}: no such file")
+    bsa_values = _given(args, ("bsa_sparsity", "bsa_cdf_threshold", "bsa_chunk_q", "bsa_chunk_k"))
+    refines = bool(args.refine) or mode == "refine"
+    if bsa_values and (args.bsa is False or (args.bsa is None and not refines)):
+        why = "--no-bsa" if args.bsa is False else f"--mode {mode} runs dense unless --bsa (or --refine) is given"
+        raise ValueError(f"{', '.join(bsa_values)}: BSA is off in this run ({why}); add --bsa")
     if (args.height is None) != (args.width is None):
         raise ValueError(f"--height={args.height}, --width={args.width}: give both or neither")
     for dest, multiple in (("height", 16), ("width", 16), ("refine_height", 64), ("refine_width", 64)):
@@ -555,16 +595,32 @@ def _check_longcat(args: argparse.Namespace, mode: str) -> None:
         raise ValueError(f"--num-cond-frames={args.num_cond_frames}; expected 1 + 4k frames (e.g. 13)")
 
 
+def read_prompt_file(path: str) -> list[str]:
+    """--prompt-file: one prompt per line (UTF-8); blank lines and lines starting with '#' are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompt-file={path!r}: cannot read it as UTF-8 text ({e})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(prompts) < 1:
+        raise ValueError(f"--prompt-file={path!r}: no prompts in it; expected one prompt per line")
+    return prompts
+
+
 def generate_longcat(args: argparse.Namespace) -> list[Path]:
     """One LongCat-Video run from parsed options; returns the written video paths."""
     from jaxvid import video as video_io
     from jaxvid.models.dtypes import resolve_dtype
     from jaxvid.pipelines.longcat import REFINE_FPS, LongCatPipeline
-    from jaxvid.pipelines.longcat_runs import LongCatRun, run_longcat
+    from jaxvid.pipelines.longcat_runs import LongCatRun, run_longcat_report
 
     t0 = time.perf_counter()
-    mode = args.mode or "t2v"
+    mode = args.mode or ("long" if args.prompt_file is not None else "t2v")
     _check_longcat(args, mode)
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file is not None else None
+    if prompts is not None and len(prompts) < (1 if args.video else 2):
+        raise ValueError(f"--prompt-file={args.prompt_file!r} has {len(prompts)} prompt(s); expected at least "
+                         f"{1 if args.video else 2}: one for the first segment and one per continuation")
     target_fps = 15.0 if args.target_fps is None else args.target_fps
     image = video_io.load_image(args.image) if args.image else None
     source = _read_video(args.video, target_fps if mode in ("continue", "long") else None) if args.video else None
@@ -578,18 +634,19 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
         use_kv_cache=not args.no_kv_cache, enhance_hf=not args.no_enhance_hf, num_segments=args.num_segments or 11,
         refine=bool(args.refine), refine_steps=args.refine_steps or 50, refine_height=args.refine_height,
         refine_width=args.refine_width, spatial_refine_only=bool(args.spatial_refine_only),
-        bsa_sparsity=args.bsa_sparsity)
+        prompts=prompts, bsa=args.bsa, bsa_sparsity=args.bsa_sparsity, bsa_cdf_threshold=args.bsa_cdf_threshold,
+        bsa_chunk_q=args.bsa_chunk_q, bsa_chunk_k=args.bsa_chunk_k)
     dtype = resolve_dtype(args.dtype or _default_dtype(False), "--dtype")
     pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress)
-    outputs = run_longcat(pipe, run)
+    outputs, attention = run_longcat_report(pipe, run)
     output = Path(args.output)
     written = []
     for name, path in (("video", output), ("refined", output.with_name(output.stem + "_refine" + output.suffix))):
         if name in outputs:
             frames, fps = outputs[name].frames[0], args.fps or outputs[name].fps
             written.append(_save(frames, path, fps))
-            log.info("wrote %s: %d frames %dx%d at %d fps", written[-1], frames.shape[0], frames.shape[1],
-                     frames.shape[2], fps)
+            log.info("wrote %s: %d frames %dx%d at %d fps | attention: %s", written[-1], frames.shape[0],
+                     frames.shape[1], frames.shape[2], fps, attention[name])
     log.info("done in %.1f s", time.perf_counter() - t0)
     return written
 

@@ -36,6 +36,7 @@ from flax import nnx
 
 from jaxvid.attention import BSA, AttentionPlan, Dense, VideoLayout, attend
 from jaxvid.attention.dense import dense_attention
+from jaxvid.attention.presets import BSARow, bsa_table_from_config
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,20 @@ def _int_tuple(name: str, value: Any, n: int) -> tuple[int, ...]:
 BSAParams = BSA
 
 
+def _bsa_table(rows: tuple[BSARow, ...], what: str) -> tuple[tuple[BSARow, ...], BSA | None]:
+    """A per-resolution bsa_params table, each row checked as a BSA spec, and the params of its
+    largest BSA row (what `enable_bsa()` without a size uses; None if every row is dense)."""
+    from jaxvid.models.hf_config import check_field_types
+
+    default = None
+    for row in rows:
+        if row.params is not None:
+            params = check_field_types(BSA, row.params, what=f"{what} bsa_params[{row.name!r}]")
+            spec = BSA.from_dict(params)
+            default = default or spec
+    return rows, default
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class LongCatConfig:
     """LongCat-Video DiT hyperparameters (upstream `LongCatVideoTransformer3DModel.__init__`).
@@ -85,6 +100,9 @@ class LongCatConfig:
     enable_bsa / bsa_params: the model's default attention (config.json's switches): BSA with these
     parameters when enabled (only for latents with > 1 frame), else dense; `attention_plan()` turns
     them into the AttentionPlan the forward pass uses when it is given none.
+    bsa_table: config.json's `bsa_params` when it is a table per resolution ({"720p": {...},
+    "480p": {...}}, see jaxvid.attention.presets); bsa_params is then its largest BSA row, and the
+    pipeline picks the row by video size.
     text_tokens_zero_pad: zero the padded text embeddings and let every text token be attended.
     cp_split_hw: upstream's context-parallel split; only (1, 1) (single device) is supported.
     """
@@ -101,6 +119,7 @@ class LongCatConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     enable_bsa: bool = False
     bsa_params: BSA | None = None
+    bsa_table: tuple[BSARow, ...] | None = None
     cp_split_hw: tuple[int, int] = (1, 1)
     text_tokens_zero_pad: bool = False
     dtype: Any = jnp.float32
@@ -121,7 +140,13 @@ class LongCatConfig:
             raise ValueError(f"LongCatConfig.cp_split_hw={self.cp_split_hw}; only (1, 1) is supported "
                              "(jaxvid shards over devices with a mesh, not upstream's context-parallel split)")
         if isinstance(self.bsa_params, Mapping):
-            object.__setattr__(self, "bsa_params", BSA.from_dict(self.bsa_params))
+            rows = bsa_table_from_config(self.bsa_params)
+            if rows is None:
+                object.__setattr__(self, "bsa_params", BSA.from_dict(self.bsa_params))
+            else:
+                rows, default = _bsa_table(rows, "LongCatConfig")
+                object.__setattr__(self, "bsa_table", rows)
+                object.__setattr__(self, "bsa_params", default)
         if self.bsa_params is not None and not isinstance(self.bsa_params, BSA):
             raise ValueError(f"LongCatConfig.bsa_params={self.bsa_params!r}; expected a BSA spec, a dict or None")
         if self.enable_bsa and self.bsa_params is None:
@@ -181,11 +206,14 @@ class LongCatConfig:
         from jaxvid.models.hf_config import check_field_types, drop_unknown_keys
 
         what = "LongCat transformer config.json"
-        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "bsa_table"}
         d = {k: v for k, v in d.items() if k not in _IGNORED_HF_KEYS and not k.startswith("_")}
         kwargs = drop_unknown_keys(d, fields, what=what)
         if kwargs.get("cp_split_hw") is None:
             kwargs.pop("cp_split_hw", None)  # upstream's None means no split
+        table = bsa_table_from_config(kwargs.get("bsa_params"))  # a table per resolution (jaxvid's extension)
+        if table is not None:
+            kwargs["bsa_table"], kwargs["bsa_params"] = _bsa_table(table, what)
         kwargs = check_field_types(cls, kwargs, what=what)
         if isinstance(kwargs.get("bsa_params"), Mapping):
             params = check_field_types(BSA, kwargs["bsa_params"], what=f"{what} bsa_params")

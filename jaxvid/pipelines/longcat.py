@@ -16,7 +16,11 @@ Modes (upstream method -> here):
 - `generate_vc`: the last `num_cond_frames` frames of a video become clean conditioning latents; with
   `use_kv_cache` their keys/values are computed once (timestep 0, no cross-attention) and every step
   denoises only the new frames. `enhance_hf` swaps the schedule's tail for 10 uniform steps.
-- `generate_long`: t2v, then repeated continuation from the last frames of the previous segment.
+- `generate_long`: t2v, then repeated continuation from the last frames of the previous segment;
+  with a list of prompts, one per segment (upstream's run_demo_interactive_video).
+- BSA in every mode: `enable_bsa()` (the config's bsa_params, as upstream's switch) or
+  `enable_bsa_by_resolution()` (parameters by video size, jaxvid.attention.presets); chunks that
+  do not tile the token grid are an error before compiling, as upstream asserts.
 - `generate_refine`: the 480p video is resized to its 720p bucket (bilinear), doubled in time
   (linear) unless `spatial_refine_only`, VAE-encoded, noised to t = 0.5 and denoised from there
   with the refinement LoRA; upstream runs it with block sparse attention (`enable_bsa()`).
@@ -52,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvid.attention.plan import AttentionPlan
+from jaxvid.attention.plan import BSA, AttentionPlan
+from jaxvid.attention.presets import BSAChoice, resolve_bsa
 from jaxvid.pipelines.longcat_buckets import bucket_size
 from jaxvid.pipelines.loop import (
     CompiledFunction,
@@ -338,6 +343,59 @@ def _check_prompt(prompt: Any, what: str = "prompt") -> list[str]:
 _positive_int = check_positive_int
 
 
+def _bsa_dict(bsa: BSA) -> dict[str, Any]:
+    """A BSA spec as upstream's bsa_params dict (lists for the chunk shapes)."""
+    return {"sparsity": bsa.sparsity, "cdf_threshold": bsa.cdf_threshold,
+            "chunk_3d_shape_q": list(bsa.chunk_3d_shape_q), "chunk_3d_shape_k": list(bsa.chunk_3d_shape_k)}
+
+
+def _describe_bsa(bsa: BSA) -> str:
+    q, k = ("x".join(map(str, c)) for c in (bsa.chunk_3d_shape_q, bsa.chunk_3d_shape_k))
+    cdf = "" if bsa.cdf_threshold is None else f" cdf_threshold {bsa.cdf_threshold}"
+    return f"sparsity {bsa.sparsity}{cdf}, chunks q {q} / k {k}"
+
+
+def _check_bsa_fits(plan: AttentionPlan, latents_shape: Sequence[int], num_cond_latents: int, use_kv_cache: bool,
+                    patch: Sequence[int], vae_spatial: int) -> None:
+    """Fail before compiling when BSA's 3D chunks do not tile the token grid of a run.
+
+    Upstream's flash_attn_bsa_3d (and FastVideo's copy of it) asserts that every chunk dimension
+    divides the (T, H/patch, W/patch) grid of the queries and of the keys, padding nothing; jaxvid
+    keeps that rule and says which sizes fit. Grids are checked as the DiT calls attention: with the
+    KV cache the clean frames alone (one cache pass), then the noisy frames against all frames;
+    without it the clean frames' own attention, then the noisy frames against all.
+    """
+    from jaxvid.models.longcat import LongCatVideoTransformer3D
+
+    if not isinstance(plan.sparse, BSA):
+        return
+    t, h, w = (int(x) for x in latents_shape[-3:])
+    grid_hw = (h // patch[1], w // patch[2])
+    calls = []
+    if use_kv_cache and num_cond_latents:
+        if num_cond_latents > 1:
+            calls.append(((num_cond_latents, *grid_hw), 0, False))
+        calls.append(((t - num_cond_latents, *grid_hw), num_cond_latents, True))
+    else:
+        calls.append(((t, *grid_hw), num_cond_latents, False))
+    for grid, nc, cache in calls:
+        if grid[0] <= 1 and not cache:
+            continue  # BSA is not used on single-frame latents
+        try:
+            LongCatVideoTransformer3D._check_bsa(plan.sparse, grid, nc, cache)
+        except ValueError as e:
+            q, k = plan.sparse.chunk_3d_shape_q, plan.sparse.chunk_3d_shape_k
+            px = vae_spatial * patch[1]
+            mh, mw = px * math.lcm(q[1], k[1]), px * math.lcm(q[2], k[2])
+            raise ValueError(
+                f"{e}. In pixels: BSA with chunks q {q} / k {k} needs height a multiple of {mh} and width a "
+                f"multiple of {mw} (e.g. {mh * max(1, round(h * vae_spatial / mh))}x"
+                f"{mw * max(1, round(w * vae_spatial / mw))} for {h * vae_spatial}x{w * vae_spatial}), and "
+                f"latent frame counts (all, clean, noisy) that the time chunks divide; upstream and FastVideo "
+                f"assert the same. Change the size or the chunks (bsa chunk_3d_shape_q / _k), or turn BSA off"
+            ) from None
+
+
 class LongCatPipeline:
     """LongCat-Video's pipeline on jaxvid components (see the module docstring).
 
@@ -368,6 +426,8 @@ class LongCatPipeline:
         self._tokenizers: dict[int, Any] = {}
         self._lora_cache: tuple[Any, Any] = (None, None)
         self.last_timings: dict[str, float] = {}
+        self._bsa_by_size: dict[str, Any] | None = None  # enable_bsa_by_resolution's explicit values
+        self.last_attention = "dense"  # what the latest denoise ran, for summary lines
         self._encode_text = CompiledFunction(_encode_text, static_argnums=(0,))
         self._vae_encode = CompiledFunction(_vae_encode, static_argnums=(0,))
         self._vae_decode = CompiledFunction(_vae_decode, static_argnums=(0,))
@@ -462,11 +522,49 @@ class LongCatPipeline:
     def enable_bsa(self, **overrides: Any) -> AttentionPlan:
         """Block sparse self-attention in the DiT from now on (upstream enables it for 720p refinement);
         returns the plan (the DiT's bsa_params with `overrides`, e.g. sparsity=0.875)."""
+        self._bsa_by_size = None
         return self.dit.enable_bsa(**overrides)
 
     def disable_bsa(self) -> AttentionPlan:
         """Dense self-attention from now on; returns the dense plan."""
+        self._bsa_by_size = None
         return self.dit.disable_bsa()
+
+    def enable_bsa_by_resolution(self, *, sparsity: float | None = None, cdf_threshold: float | None = None,
+                                 chunk_3d_shape_q: Sequence[int] | None = None,
+                                 chunk_3d_shape_k: Sequence[int] | None = None) -> None:
+        """BSA from now on with parameters picked per run by the video's size (the BSA guide's mixed
+        strategy): the row of config.json's per-resolution `bsa_params` table if it has one, else
+        `jaxvid.attention.presets.DEFAULT_BSA_TABLE` (720p and up 0.9375 / 4x4x4, 480p 0.875 / 4x4x8,
+        below dense). Values given here replace those fields of the row (of the config's bsa_params
+        where the row is dense). `last_attention` says what each run used."""
+        explicit = {k: v for k, v in dict(sparsity=sparsity, cdf_threshold=cdf_threshold,
+                                          chunk_3d_shape_q=chunk_3d_shape_q,
+                                          chunk_3d_shape_k=chunk_3d_shape_k).items() if v is not None}
+        if explicit:  # bad values fail here, not at the first run
+            BSA.from_dict({**_bsa_dict(self.dit.cfg.bsa_params or BSA()), **explicit})
+        self._bsa_by_size = explicit
+        self.dit.disable_bsa()  # the per-run plan is passed explicitly
+
+    def bsa_choice(self, height: int, width: int) -> BSAChoice | None:
+        """The BSA row a `height` x `width` run uses under enable_bsa_by_resolution (None when it is off)."""
+        if self._bsa_by_size is None:
+            return None
+        cfg = self.dit.cfg
+        return resolve_bsa(int(height), int(width), self._bsa_by_size, table=cfg.bsa_table,
+                           base=None if cfg.bsa_params is None else _bsa_dict(cfg.bsa_params))
+
+    def _attention_for(self, latents_shape: Sequence[int]) -> tuple[AttentionPlan, str]:
+        """The plan of a run on latents [B, C, T, h, w] without an explicit one, and its description."""
+        s = self.vae_scale_factor_spatial
+        choice = self.bsa_choice(latents_shape[-2] * s, latents_shape[-1] * s)
+        if choice is not None:
+            if choice.params is None:
+                return AttentionPlan.dense(), f"dense by resolution: {choice.which}"
+            bsa = BSA.from_dict(choice.params)
+            return AttentionPlan(sparse=bsa), f"BSA {_describe_bsa(bsa)} by resolution: {choice.which}"
+        plan = self.dit.attention_plan()
+        return plan, ("dense" if plan.is_dense else f"BSA {_describe_bsa(plan.sparse)} (config bsa_params)")
 
     # ---- text ------------------------------------------------------------------------------------
 
@@ -592,9 +690,15 @@ class LongCatPipeline:
         timesteps switch inside the loop, its dense layers run as a separate scan.
         """
         do_cfg = guidance_scale > 1.0
-        attention = self.dit.attention_plan() if attention is None else attention
-        if not isinstance(attention, AttentionPlan):
+        if attention is None:
+            attention, self.last_attention = self._attention_for(latents.shape)
+        elif not isinstance(attention, AttentionPlan):
             raise ValueError(f"attention={attention!r}; expected None or an AttentionPlan")
+        else:
+            self.last_attention = "dense" if attention.is_dense else f"plan {attention}"
+        _check_bsa_fits(attention, latents.shape, int(num_cond_latents), bool(use_kv_cache),
+                        self.dit.cfg.patch_size, self.vae_scale_factor_spatial)
+        log.info("attention: %s", self.last_attention)
         if embeds.shape[0] != latents.shape[0] * (2 if do_cfg else 1):
             raise ValueError(f"embeds batch {embeds.shape[0]} does not fit latents batch {latents.shape[0]} "
                              f"(CFG {'on' if do_cfg else 'off'})")
@@ -721,31 +825,49 @@ class LongCatPipeline:
                            num_cond_latents=num_cond_latents, use_kv_cache=use_kv_cache)
         return self._finish(out, output_type)
 
-    def generate_long(self, prompt: str, negative_prompt: str | None = None, *, num_segments: int = 11,
-                      video: np.ndarray | None = None, num_frames: int = 93, num_cond_frames: int = 13,
-                      height: int = 480, width: int = 832, num_inference_steps: int = 50,
+    def generate_long(self, prompt: str | Sequence[str], negative_prompt: str | None = None, *,
+                      num_segments: int | None = None, video: np.ndarray | None = None, num_frames: int = 93,
+                      num_cond_frames: int = 13, height: int = 480, width: int = 832, num_inference_steps: int = 50,
                       use_distill: bool = False, guidance_scale: float = 4.0, seed: int = 0,
                       max_sequence_length: int = MAX_SEQUENCE_LENGTH, use_kv_cache: bool = True,
                       enhance_hf: bool = True) -> VideoOutput:
-        """run_demo_long_video: a t2v segment (or `video`), then num_segments continuations, each conditioned
-        on the last num_cond_frames frames of the previous one -> VideoOutput with uint8 frames [1, F, H, W, 3]
-        (no latents: the segments' latents do not join into one tensor).
+        """run_demo_long_video: a t2v segment (or `video`), then num_segments continuations (default 11),
+        each conditioned on the last num_cond_frames frames of the previous one -> VideoOutput with uint8
+        frames [1, F, H, W, 3] (no latents: the segments' latents do not join into one tensor).
 
+        Interactive / multi-prompt (run_demo_interactive_video): `prompt` a list, one prompt per segment:
+        prompt[0] for the t2v segment and prompt[k] for continuation k (with `video`: prompt[k] for
+        continuation k + 1, nothing is generated from text); num_segments then follows from the list.
         Frames pass between segments as upstream's uint8 (truncated); segment s uses seed + s.
         """
+        if isinstance(prompt, str):
+            prompts = None
+            num_segments = 11 if num_segments is None else num_segments
+        else:
+            prompts = _check_prompt(prompt, "prompt")
+            implied = len(prompts) - (0 if video is not None else 1)
+            if implied < 1:
+                raise ValueError(f"prompt: {len(prompts)} prompt(s); a multi-prompt long video needs one for the first "
+                                 "segment and one per continuation (at least 2, or 1 with `video`)")
+            if num_segments is not None and num_segments != implied:
+                raise ValueError(f"num_segments={num_segments} but prompt has {len(prompts)} prompts: "
+                                 f"expected {implied} continuation segments (or leave num_segments out)")
+            num_segments = implied
         _positive_int("num_segments", num_segments)
+        segment_prompts = [prompt] * (num_segments + 1) if prompts is None else (
+            prompts if video is None else [None, *prompts])
         sampling = Sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                             max_sequence_length=max_sequence_length)
         common = dict(num_frames=num_frames, height=height, width=width, use_distill=use_distill,
                       **self._sampling_kwargs(sampling))
         if video is None:
-            video = self.generate_t2v(prompt, negative_prompt, **common).frames[0]
+            video = self.generate_t2v(segment_prompts[0], negative_prompt, **common).frames[0]
         video = _as_frames(video, "video")
         frames, current = [video], video
         for segment in range(num_segments):
             log.info("long video: segment %d/%d", segment + 1, num_segments)
-            out = self.generate_vc(current, prompt, negative_prompt, num_cond_frames=num_cond_frames,
-                                   use_kv_cache=use_kv_cache, enhance_hf=enhance_hf,
+            out = self.generate_vc(current, segment_prompts[segment + 1], negative_prompt,
+                                   num_cond_frames=num_cond_frames, use_kv_cache=use_kv_cache, enhance_hf=enhance_hf,
                                    **{**common, "seed": seed + segment + 1})
             new = out.frames[0]  # uint8 as upstream passes frames between segments (truncated)
             frames.append(new[num_cond_frames:])

@@ -15,6 +15,14 @@ What each mode runs is what upstream's scripts run (frames as they write them, u
 
 distill swaps in the cfg_step LoRA (16 steps, guidance 1, no enhance_hf); refine=True also runs the
 720p refinement (refinement LoRA, BSA on) on the result of t2v / i2v / continue / long.
+`prompts=[...]` with mode "long" is upstream's interactive demo (run_demo_interactive_video): one
+prompt per segment, each segment continuing from the last num_cond_frames frames of the one before.
+
+BSA (block sparse attention) in every mode, named as FastVideo names its flags: bsa=None keeps
+upstream's defaults (stage 1 dense, refinement BSA), True turns it on everywhere, False off
+everywhere. Its parameters come by resolution (`LongCatPipeline.enable_bsa_by_resolution`: the
+config's per-resolution table or jaxvid.attention.presets.DEFAULT_BSA_TABLE); bsa_sparsity,
+bsa_cdf_threshold, bsa_chunk_q / bsa_chunk_k replace fields of the chosen row.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from jaxvid.pipelines.longcat import (
 )
 from jaxvid.pipelines.output import VideoOutput
 
-__all__ = ["MODES", "LongCatRun", "run_longcat", "T2V_SIZE", "DEFAULT_FRAMES", "DEFAULT_STEPS", "DISTILL_STEPS",
+__all__ = ["MODES", "LongCatRun", "run_longcat", "run_longcat_report", "T2V_SIZE", "DEFAULT_FRAMES", "DEFAULT_STEPS", "DISTILL_STEPS",
            "DEFAULT_GUIDANCE", "DISTILL_GUIDANCE", "DEFAULT_COND_FRAMES", "DEFAULT_REFINE_COND_FRAMES"]
 
 log = logging.getLogger(__name__)
@@ -56,7 +64,11 @@ class LongCatRun:
     video: continue / long: the video to continue (already at the target frame rate); refine: the
     stage-1 video. cond_video: refine: a video whose last num_cond_frames frames stay clean.
     refine_cond_video: continue + refine: the source video at the refined frame rate (30 fps).
-    bsa_sparsity: the refinement's BSA sparsity (None: the DiT config's bsa_params).
+    prompts: mode "long" only: one prompt per segment (the first for the t2v segment, or for the
+    first continuation when `video` is given); replaces `prompt` and `num_segments`.
+    bsa: None = upstream's defaults (stage 1 dense, refinement with BSA), True = BSA in every stage,
+    False = none. bsa_sparsity / bsa_cdf_threshold / bsa_chunk_q / bsa_chunk_k ((t, h, w) token
+    chunks): explicit values over the per-resolution row, for every stage that runs BSA.
     """
 
     mode: str = "t2v"
@@ -84,7 +96,12 @@ class LongCatRun:
     refine_height: int | None = None
     refine_width: int | None = None
     spatial_refine_only: bool = False
+    prompts: tuple[str, ...] | None = None
+    bsa: bool | None = None
     bsa_sparsity: float | None = None
+    bsa_cdf_threshold: float | None = None
+    bsa_chunk_q: tuple[int, int, int] | None = None
+    bsa_chunk_k: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -94,11 +111,42 @@ class LongCatRun:
             raise ValueError(f"mode={self.mode!r} needs {need[self.mode]}")
         if self.refine and self.mode == "refine":
             raise ValueError("refine=True with mode='refine': the refine mode already refines")
+        if self.prompts is not None:
+            if self.mode != "long":
+                raise ValueError(f"prompts with mode={self.mode!r}: one prompt per segment is for mode 'long'")
+            if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
+                raise ValueError(f"prompts={self.prompts!r}; expected a list of strings, one per segment")
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+            need = 1 if self.video is not None else 2
+            if len(self.prompts) < need:
+                raise ValueError(f"prompts has {len(self.prompts)} prompt(s); expected at least {need}: one for the "
+                                 f"{'first continuation' if need == 1 else 't2v segment'} and one per continuation")
+        if self.bsa not in (None, True, False):
+            raise ValueError(f"bsa={self.bsa!r}; expected None (upstream's defaults), True or False")
+        given = [name for name in ("bsa_sparsity", "bsa_cdf_threshold", "bsa_chunk_q", "bsa_chunk_k")
+                 if getattr(self, name) is not None]
+        refines = self.refine or self.mode == "refine"
+        if given and (self.bsa is False or (self.bsa is None and not refines)):
+            raise ValueError(f"{', '.join(given)} given but BSA is off in this run (bsa={self.bsa}, "
+                             f"mode={self.mode!r}{', no refinement' if not refines else ''}); pass bsa=True")
+
+    def bsa_values(self) -> dict[str, Any]:
+        """The explicit BSA values, as `LongCatPipeline.enable_bsa_by_resolution` takes them."""
+        return {k: v for k, v in dict(sparsity=self.bsa_sparsity, cdf_threshold=self.bsa_cdf_threshold,
+                                      chunk_3d_shape_q=self.bsa_chunk_q,
+                                      chunk_3d_shape_k=self.bsa_chunk_k).items() if v is not None}
+
+
+def _set_bsa(pipe: LongCatPipeline, run: LongCatRun, on: bool) -> None:
+    if on:
+        pipe.enable_bsa_by_resolution(**run.bsa_values())
+    else:
+        pipe.disable_bsa()
 
 
 def _refine_setup(pipe: LongCatPipeline, run: LongCatRun) -> None:
     pipe.enable_loras([REFINEMENT_LORA])
-    pipe.enable_bsa(**({} if run.bsa_sparsity is None else {"sparsity": run.bsa_sparsity}))
+    _set_bsa(pipe, run, run.bsa is not False)  # upstream refines with BSA on
 
 
 def run_longcat(pipe: LongCatPipeline, run: LongCatRun) -> dict[str, VideoOutput]:
@@ -106,6 +154,16 @@ def run_longcat(pipe: LongCatPipeline, run: LongCatRun) -> dict[str, VideoOutput
 
     Leaves the pipeline's LoRAs and attention as the run set them (upstream's scripts do the same).
     """
+    return run_longcat_report(pipe, run)[0]
+
+
+def run_longcat_report(pipe: LongCatPipeline, run: LongCatRun) -> tuple[dict[str, VideoOutput], dict[str, str]]:
+    """`run_longcat`, and for each output the attention its last denoising ran (`pipe.last_attention`:
+    dense, or BSA with its parameters and the resolution row that chose them)."""
+    return _run(pipe, run)
+
+
+def _run(pipe: LongCatPipeline, run: LongCatRun) -> tuple[dict[str, VideoOutput], dict[str, str]]:
     negative = DEFAULT_NEGATIVE_PROMPT if run.negative_prompt is None else run.negative_prompt
     steps = run.num_inference_steps or (DISTILL_STEPS if run.distill else DEFAULT_STEPS)
     guidance = run.guidance_scale if run.guidance_scale is not None else (
@@ -119,6 +177,8 @@ def run_longcat(pipe: LongCatPipeline, run: LongCatRun) -> dict[str, VideoOutput
     refine_fps = FPS if run.spatial_refine_only else REFINE_FPS
     if run.distill:
         pipe.enable_loras([CFG_STEP_LORA])
+    if run.mode != "refine":
+        _set_bsa(pipe, run, run.bsa is True)
 
     if run.mode == "t2v":
         h, w = (run.height or T2V_SIZE[0], run.width or T2V_SIZE[1])
@@ -137,7 +197,8 @@ def run_longcat(pipe: LongCatPipeline, run: LongCatRun) -> dict[str, VideoOutput
         result = VideoOutput(frames=full[None], latents=out.latents, fps=FPS)
     elif run.mode == "long":
         h, w = (run.height or T2V_SIZE[0], run.width or T2V_SIZE[1])
-        result = pipe.generate_long(run.prompt, negative, num_segments=run.num_segments, video=run.video,
+        result = pipe.generate_long(list(run.prompts) if run.prompts is not None else run.prompt, negative,
+                                    num_segments=None if run.prompts is not None else run.num_segments, video=run.video,
                                     num_frames=num_frames, num_cond_frames=ncf, height=h, width=w, **common, **vc)
         stage1 = result.frames[0]
     else:  # refine
@@ -149,9 +210,9 @@ def run_longcat(pipe: LongCatPipeline, run: LongCatRun) -> dict[str, VideoOutput
                                    num_inference_steps=run.num_inference_steps or DEFAULT_STEPS,
                                    spatial_refine_only=run.spatial_refine_only, seed=run.seed, **size,
                                    max_sequence_length=run.max_sequence_length)
-        return {"video": out}
+        return {"video": out}, {"video": pipe.last_attention}
 
-    outputs = {"video": result}
+    outputs, attention = {"video": result}, {"video": pipe.last_attention}
     if run.refine:
         pipe.disable_all_loras()
         _refine_setup(pipe, run)
@@ -171,4 +232,5 @@ def run_longcat(pipe: LongCatPipeline, run: LongCatRun) -> dict[str, VideoOutput
         else:
             refined = pipe.generate_refine(run.prompt, stage1, **kw).frames[0]
         outputs["refined"] = VideoOutput(frames=refined[None], latents=None, fps=refine_fps)
-    return outputs
+        attention["refined"] = pipe.last_attention
+    return outputs, attention
