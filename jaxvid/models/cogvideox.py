@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxvid.attention import AttentionPlan, Dense, VideoLayout, attend
+from jaxvid.models.fp8 import Fp8Linear, fused_fp8_dot
 from jaxvid.models.layers import (
     ACTIVATIONS,
     AdaLayerNorm,
@@ -308,6 +309,8 @@ class CogVideoXAttention(nnx.Module):
         """The three projections as one [D, 3D] matmul (one GEMM reads x once); weights stay separate
         so the parameters keep diffusers' names."""
         projs = (self.to_q, self.to_k, self.to_v)
+        if isinstance(self.to_q, Fp8Linear):  # fp8 weights (jaxvid.models.fp8): one f8 GEMM
+            return tuple(jnp.split(fused_fp8_dot(x, projs), 3, axis=-1))
         dtype = x.dtype if self.to_q.dtype is None else self.to_q.dtype
         kernel = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(dtype)
         y = jnp.dot(x.astype(dtype), kernel)
