@@ -10,7 +10,13 @@ from flax import nnx
 
 from jaxvid.models.cogvideox import CogVideoXTransformer3D
 from jaxvid.models.fp8 import (
-    E4M3_MAX, FP8_DTYPE, Fp8Linear, fp8_dot, fp8_dot_reference, quantize_model_fp8, quantize_per_token,
+    E4M3_MAX,
+    FP8_DTYPE,
+    Fp8Linear,
+    fp8_dot,
+    fp8_dot_reference,
+    quantize_model_fp8,
+    quantize_per_token,
     quantize_weight,
 )
 from jaxvid.models.longcat import LongCatConfig

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvid.attention import AttentionPlan, Dense, VideoLayout, attend
+from jaxvid.attention import AttentionPlan, VideoLayout, attend
 from jaxvid.models.fp8 import Fp8Linear, fused_fp8_dot
 from jaxvid.models.layers import (
     ACTIVATIONS,
@@ -500,7 +500,7 @@ class CogVideoXTransformer3D(nnx.Module):
         if not isinstance(attention, AttentionPlan):
             raise ValueError(f"attention={attention!r}; expected None or a jaxvid.attention.AttentionPlan")
         n_dense, _ = attention.layer_split(n)
-        return [(a, b, s) for a, b, s in ((0, n_dense, Dense()), (n_dense, n, attention.sparse)) if b > a]
+        return [(a, b, s) for a, b, s in ((0, n_dense, attention.dense_spec()), (n_dense, n, attention.sparse)) if b > a]
 
     def _run_blocks(self, x, enc, temb, rope, *, attention: Any, layout: VideoLayout):
         graphdef, state = nnx.split(self.transformer_blocks)

@@ -660,7 +660,7 @@ class LongCatVideoTransformer3D(nnx.Module):
             raise ValueError(f"attention={attention!r}; expected None or an AttentionPlan whose sparse spec is "
                              "Dense() or BSA(...) (LongCat's self-attention)")
         # BSA only for latents with more than one frame ("bsa will not be used in image sampling")
-        sparse = attention.sparse if t > 1 else Dense()
+        sparse = attention.sparse if t > 1 else attention.dense_spec()
         if isinstance(sparse, BSA):
             self._check_bsa(sparse, grid, num_cond_latents, use_cache)
         plan = _Plan(grid=grid, num_cond_latents=int(num_cond_latents), spec=sparse, use_cache=use_cache,
@@ -702,7 +702,7 @@ class LongCatVideoTransformer3D(nnx.Module):
         """
         depth = self.cfg.depth
         graphdef, state = nnx.split(self.blocks)
-        segments = [(a, z, spec) for a, z, spec in ((0, n_dense, Dense()), (n_dense, depth, plan.spec)) if z > a]
+        segments = [(a, z, spec) for a, z, spec in ((0, n_dense, Dense(precision=plan.spec.precision)), (n_dense, depth, plan.spec)) if z > a]
         outputs = []
         for start, stop, spec in segments:
             layer_plan = dataclasses.replace(plan, spec=spec)
