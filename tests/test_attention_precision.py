@@ -188,3 +188,26 @@ def test_attend_dense_fp8_uses_the_reference_on_cpu():
                                          block_q=128, block_kv=128, precision="fp8", kv_len=s)[:, :s]
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6, atol=1e-6)
     assert 0 < _rel_l2(out, exact) < REL_L2_BOUND["fp8"]
+
+
+@pytest.mark.parametrize("argv, option", [(["--weights", "int4"], "--weights"),
+                                          (["--attention-precision", "fp4"], "--attention-precision")])
+def test_generate_rejects_bad_precision_options(argv, option, capsys):
+    from jaxvid.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0], err
+
+
+def test_longcat_attention_precision_switch():
+    from jaxvid.models.longcat import LongCatConfig
+
+    cfg = LongCatConfig.tiny(enable_bsa=True, bsa_params=BSA(sparsity=0.5), attention_precision="int8-fp8")
+    plan = cfg.attention_plan()
+    assert plan.precision == "int8-fp8" and plan.sparse.precision == "int8-fp8"
+    assert LongCatConfig.tiny().attention_plan() == AttentionPlan.dense()
+    with pytest.raises(ValueError, match="attention_precision='fp4'"):
+        LongCatConfig.tiny(attention_precision="fp4")

@@ -79,6 +79,12 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="text tokens (CogVideoX: 226; LongCat: 512)")
     common.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                         help="weights and compute dtype (default: bf16 on GPU, fp32 on CPU and for the tiny model)")
+    common.add_argument("--weights", choices=("fp8",), default=None,
+                        help="fp8: the DiT's attention/MLP linears in float8 e4m3 with per-channel scales (Hopper "
+                        "FP8 GEMMs; quantized at load unless the checkpoint was converted with --weights fp8)")
+    common.add_argument("--attention-precision", choices=("bf16", "fp8", "int8-fp8"), default=None,
+                        help="attention arithmetic: bf16 (default), or Sage-style 8-bit fp8 / int8-fp8 (8-bit Q.K^T "
+                        "with smoothed K, fp8 P.V)")
     common.add_argument("--fps", type=int, default=None,
                         help="frames per second of the file (CogVideoX: 8, 16 for 1.5; LongCat: 15, refined 30)")
     common.add_argument("--output", default="out.mp4",
@@ -297,6 +303,10 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
     if not tiny and not args.prompt:
         raise ValueError("--prompt is required with --model")
     plan = attention_plan(args)
+    if args.attention_precision not in (None, "bf16"):
+        from jaxvid.attention.plan import AttentionPlan
+
+        plan = (plan or AttentionPlan.dense()).with_precision(args.attention_precision)
     with tempfile.TemporaryDirectory(prefix="jaxvid-tiny-") as tmp:
         if tiny:
             from jaxvid.synthetic.cogvideox import write_tiny_pipeline
@@ -311,7 +321,7 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
         fps = args.fps or default_fps(tcfg)
         image = video.load_image(args.image) if args.image is not None else None
         pipe = CogVideoXPipeline.from_pretrained(model_dir, dtype=args.dtype or _default_dtype(tiny),
-                                                 scheduler=args.scheduler)
+                                                 scheduler=args.scheduler, weights=args.weights)
         if args.vae_tiling if args.vae_tiling is not None else not tiny:
             pipe.enable_vae_tiling()
         # inside the `with`: the tiny folder (its tokenizer) must live until the prompt is encoded
@@ -403,7 +413,10 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
         refine_width=args.refine_width, spatial_refine_only=bool(args.spatial_refine_only),
         bsa_sparsity=args.bsa_sparsity)
     dtype = resolve_dtype(args.dtype or _default_dtype(False), "--dtype")
-    pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress)
+    pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress,
+                                           weights=args.weights)
+    if args.attention_precision is not None:
+        pipe.dit.set_attention_precision(args.attention_precision)
     outputs = run_longcat(pipe, run)
     output = Path(args.output)
     written = []

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvid.attention import BSA, AttentionPlan, Dense, VideoLayout, attend
+from jaxvid.attention import BSA, PRECISIONS, AttentionPlan, Dense, VideoLayout, attend
 from jaxvid.attention.dense import dense_attention
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class LongCatConfig:
     bsa_params: BSA | None = None
     cp_split_hw: tuple[int, int] = (1, 1)
     text_tokens_zero_pad: bool = False
+    attention_precision: str = "bf16"  # jaxvid's, not upstream's: the default plan's attention arithmetic
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -120,6 +121,9 @@ class LongCatConfig:
         if self.cp_split_hw != (1, 1):
             raise ValueError(f"LongCatConfig.cp_split_hw={self.cp_split_hw}; only (1, 1) is supported "
                              "(jaxvid shards over devices with a mesh, not upstream's context-parallel split)")
+        if self.attention_precision not in PRECISIONS:
+            raise ValueError(f"LongCatConfig.attention_precision={self.attention_precision!r}; expected one of "
+                             f"{PRECISIONS}")
         if isinstance(self.bsa_params, Mapping):
             object.__setattr__(self, "bsa_params", BSA.from_dict(self.bsa_params))
         if self.bsa_params is not None and not isinstance(self.bsa_params, BSA):
@@ -193,8 +197,10 @@ class LongCatConfig:
         return cls(**kwargs)
 
     def attention_plan(self) -> AttentionPlan:
-        """The plan config.json asks for: BSA (bsa_params) on every layer and step when enable_bsa, else dense."""
-        return AttentionPlan(sparse=self.bsa_params) if self.enable_bsa else AttentionPlan.dense()
+        """The plan config.json asks for: BSA (bsa_params) on every layer and step when enable_bsa, else dense;
+        in `attention_precision` (jaxvid.attention.plan.PRECISIONS)."""
+        plan = AttentionPlan(sparse=self.bsa_params) if self.enable_bsa else AttentionPlan.dense()
+        return plan.with_precision(self.attention_precision) if self.attention_precision != "bf16" else plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,6 +618,13 @@ class LongCatVideoTransformer3D(nnx.Module):
         plan = bsa_plan(self.cfg.bsa_params, params, **overrides)
         self.cfg = dataclasses.replace(self.cfg, enable_bsa=True, bsa_params=plan.sparse)
         log.info("LongCat: block sparse attention enabled %s", plan.sparse)
+        return plan
+
+    def set_attention_precision(self, precision: str) -> AttentionPlan:
+        """Attention arithmetic of the default plan from now on ("bf16", "fp8", "int8-fp8"); returns the plan."""
+        plan = self.cfg.attention_plan().with_precision(precision)  # checks the name
+        self.cfg = dataclasses.replace(self.cfg, attention_precision=precision)
+        log.info("LongCat: attention precision %s", precision)
         return plan
 
     def disable_bsa(self) -> AttentionPlan:
