@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from pallas_kernels.reference import check_block_sparse_args, indices_to_block_mask
 
 __all__ = [
-    "PRECISIONS", "P_SCALE", "QuantizedQKV", "check_precision", "quantize_qkv", "quantized_attention_reference",
+    "PRECISIONS", "P_SCALE", "QuantizedQKV", "check_precision", "quantize_qkv", "quantized_attention_online",
+    "quantized_attention_reference",
     "smooth_keys",
 ]
 
@@ -137,6 +138,7 @@ def quantized_attention_reference(
     scale: float | None = None,
     kv_len: int | jax.Array | None = None,
     smooth: bool = True,
+    pv_precision: str = "fp8",
 ) -> jax.Array:
     """Block-sparse attention computed from the 8-bit tensors, by the contract of
     `pallas_kernels.reference.block_sparse_attention_reference` (tables, kv_len, empty rows -> 0).
@@ -144,7 +146,12 @@ def quantized_attention_reference(
     S = dequant(Q8) dequant(K8)^T (exact products, f32 sums), softmax in f32 with P rounded to
     e4m3(P * 448) / 448 in the numerator (the denominator sums the unrounded P, as the kernels
     do), then P V with V dequantized per channel. Returns [B, Sq, H, D] in q's dtype.
+
+    pv_precision="bf16": the kernels' fallback where an fp8 P.V is not available (P rounded to
+    bf16, V as given); only Q.K^T is 8-bit then.
     """
+    if pv_precision not in ("fp8", "bf16"):
+        raise ValueError(f"pv_precision={pv_precision!r}; expected 'fp8' or 'bf16'")
     check_block_sparse_args(q, k, v, kv_indices, kv_counts, block_q, block_kv)
     check_precision(precision)
     if precision == "bf16":
@@ -158,11 +165,12 @@ def quantized_attention_reference(
         kv_len = k.shape[1]
     return _reference(q, k, v, jnp.asarray(kv_indices, jnp.int32), jnp.asarray(kv_counts, jnp.int32),
                       jnp.asarray(kv_len, jnp.int32), block_q=block_q, block_kv=block_kv, scale=float(scale),
-                      precision=precision, smooth=smooth)
+                      precision=precision, smooth=smooth, pv_precision=pv_precision)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "precision", "smooth"))
-def _reference(q, k, v, kv_indices, kv_counts, kv_len, *, block_q, block_kv, scale, precision, smooth):
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "precision", "smooth", "pv_precision"))
+def _reference(q, k, v, kv_indices, kv_counts, kv_len, *, block_q, block_kv, scale, precision, smooth,
+               pv_precision):
     qq = quantize_qkv(q, k, v, precision=precision, block_q=block_q, block_kv=block_kv, kv_len=kv_len,
                       smooth=smooth)
     qf = _dequantize(qq.q8, qq.q_scale, block_q)
@@ -178,7 +186,97 @@ def _reference(q, k, v, kv_indices, kv_counts, kv_len, *, block_q, block_kv, sca
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.where(token_mask, jnp.exp(logits - row_max), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    p8 = (p * P_SCALE).astype(FP8).astype(jnp.float32) / P_SCALE
+    if pv_precision == "fp8":
+        p8 = (p * P_SCALE).astype(FP8).astype(jnp.float32) / P_SCALE
+    else:
+        p8 = p.astype(jnp.bfloat16).astype(jnp.float32)
+        vf = jnp.where((jnp.arange(k.shape[1]) < kv_len)[None, :, None, None], v.astype(jnp.float32), 0.0)
     out = jnp.einsum("bhqk,bkhd->bqhd", p8, vf, precision=jax.lax.Precision.HIGHEST)
     out = out / jnp.moveaxis(jnp.where(denom > 0, denom, 1.0), 1, 2)
+    return out.astype(q.dtype)
+
+
+def quantized_attention_online(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_indices: jax.Array,
+    kv_counts: jax.Array,
+    *,
+    block_q: int,
+    block_kv: int,
+    precision: str,
+    scale: float | None = None,
+    kv_len: int | jax.Array | None = None,
+    pv_precision: str = "fp8",
+) -> jax.Array:
+    """The 8-bit kernels' arithmetic step by step, in jnp: what a GPU test compares them with.
+
+    Same quantization as `quantized_attention_reference`, but P is rounded the way an online
+    softmax kernel rounds it: per listed key block, in list order, against the running row max
+    (exp2 domain), the accumulator rescaled as the max grows; the output is acc / (l * 448) in
+    bf16, times the V scales (pv_precision "fp8"), or acc / l in bf16 ("bf16" P.V). Differs from
+    `quantized_attention_reference` only by where P's e4m3 roundings fall (both are faithful).
+    """
+    check_block_sparse_args(q, k, v, kv_indices, kv_counts, block_q, block_kv)
+    check_precision(precision)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if kv_len is None:
+        kv_len = k.shape[1]
+    return _online(q, k, v, jnp.asarray(kv_indices, jnp.int32), jnp.asarray(kv_counts, jnp.int32),
+                   jnp.asarray(kv_len, jnp.int32), block_q=block_q, block_kv=block_kv, scale=float(scale),
+                   precision=precision, pv_precision=pv_precision)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "precision", "pv_precision"))
+def _online(q, k, v, kv_indices, kv_counts, kv_len, *, block_q, block_kv, scale, precision, pv_precision):
+    b, sq, h, d = q.shape
+    nq, nk = sq // block_q, k.shape[1] // block_kv
+    qq = quantize_qkv(q, k, v, precision=precision, block_q=block_q, block_kv=block_kv, kv_len=kv_len)
+
+    def blocks(x, n, blk):  # [B, S, H, D] -> [B, H, n, blk, D] f32
+        return jnp.moveaxis(x.astype(jnp.float32).reshape(b, n, blk, h, d), 3, 1)
+
+    q8, k8 = blocks(qq.q8, nq, block_q), blocks(qq.k8, nk, block_kv)
+    if pv_precision == "fp8":
+        vb = blocks(qq.v8, nk, block_kv)
+    else:
+        vb = blocks(v.astype(jnp.bfloat16), nk, block_kv)
+    qs = jnp.moveaxis(qq.q_scale, 2, 1)  # [B, H, nq]
+    ks = jnp.moveaxis(qq.k_scale, 2, 1)  # [B, H, nk]
+    idx = jnp.broadcast_to(kv_indices, (b, h, nq, kv_indices.shape[-1]))
+    cnt = jnp.broadcast_to(kv_counts, (b, h, nq))
+    c_q = qs * (scale * math.log2(math.e))
+
+    def step(carry, j):
+        acc, m, denom = carry
+        blk = idx[..., j]  # [B, H, nq]
+        active = (j < cnt)[..., None]  # [B, H, nq, 1]
+        kb = jnp.take_along_axis(k8, blk[..., None, None], axis=2)
+        s = jnp.einsum("bhnqd,bhnkd->bhnqk", q8, kb, precision=jax.lax.Precision.HIGHEST)
+        c = (c_q * jnp.take_along_axis(ks, blk, axis=2))[..., None, None]
+        keep = ((blk[..., None] * block_kv + jnp.arange(block_kv)) < kv_len)[..., None, :]
+        s = jnp.where(keep, s, -1e30)
+        m_new = jnp.where(active, jnp.maximum(m, jnp.max(s, axis=-1) * c[..., 0]), m)
+        alpha = jnp.where(active, jnp.exp2(m - m_new), 1.0)
+        p = jnp.where(keep & active[..., None], jnp.exp2(s * c - m_new[..., None]), 0.0)
+        denom = denom * alpha + jnp.sum(p, axis=-1)
+        if pv_precision == "fp8":
+            p_op = (p * P_SCALE).astype(FP8).astype(jnp.float32)
+        else:
+            p_op = p.astype(jnp.bfloat16).astype(jnp.float32)
+        vblk = jnp.take_along_axis(vb, blk[..., None, None], axis=2)
+        acc = acc * alpha[..., None] + jnp.einsum("bhnqk,bhnkd->bhnqd", p_op, vblk,
+                                                  precision=jax.lax.Precision.HIGHEST)
+        return (acc, m_new, denom), None
+
+    init = (jnp.zeros((b, h, nq, block_q, d), jnp.float32), jnp.full((b, h, nq, block_q), -jnp.inf, jnp.float32),
+            jnp.zeros((b, h, nq, block_q), jnp.float32))
+    (acc, _, denom), _ = jax.lax.scan(step, init, jnp.arange(kv_indices.shape[-1]))
+    unit = P_SCALE if pv_precision == "fp8" else 1.0
+    out = (acc / (denom * unit + _TINY)[..., None]).astype(jnp.bfloat16).astype(jnp.float32)
+    out = jnp.moveaxis(out, 1, 3).reshape(b, sq, h, d)
+    if pv_precision == "fp8":
+        out = out * qq.v_scale[:, None]
     return out.astype(q.dtype)
