@@ -183,6 +183,7 @@ def bench_case(spec: AttentionSpec, *, impl: str, repeats: int, cudnn_cache: dic
             continue
         note = "" if cfg is None else f"num_slots={cfg.num_slots} sched={cfg.use_schedule_barrier} tile={cfg.kv_tile}"
         rows.append(row("kernel", ms, density, note))
+        log.info("%s kernel (%s): %.2f ms", spec.name, note or "default config", ms)
         if cfg is None and spec.pattern == "dense":
             rows[-1].note = _check_against_cudnn(kernel, spec, q, k, v, indices, counts, kv_len)
     if precisions:
@@ -211,6 +212,7 @@ def _precision_rows(spec, q, k, v, indices, counts, kv_len, density, row, precis
                 rel = float(jnp.linalg.norm(out - base) / jnp.linalg.norm(base))
                 note = f"rel L2 vs bf16 kernel {rel:.3f}, NaN {int(jnp.isnan(out).sum())}, incl. quantize"
                 out_rows.append(row(part, ms, density, note))
+                log.info("%s %s: %.2f ms, %s", spec.name, part, ms, note)  # shows even if a later row is cut off
             except Exception as err:  # report and go on: the table must print
                 log.exception("%s %s failed", spec.name, part)
                 out_rows.append(Row(spec.name, part, float("nan"), density, 0.0, None,

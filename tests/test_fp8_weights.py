@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxvid.models.cogvideox import CogVideoXTransformer3D
 from jaxvid.models.fp8 import (
     E4M3_MAX,
     FP8_DTYPE,
@@ -21,7 +20,7 @@ from jaxvid.models.fp8 import (
 )
 from jaxvid.models.longcat import LongCatConfig
 from jaxvid.synthetic.cogvideox import tiny_configs, write_random_cogvideox
-from jaxvid.synthetic.random_weights import random_longcat, random_model
+from jaxvid.synthetic.random_weights import random_longcat
 
 # Relative L2 of a whole tiny model's output, fp8 linears vs the same fp32 model (weights N(0, 0.1^2);
 # measured on CPU, jax 0.10.2: CogVideoX 5.7e-4 (its residual stream and unquantized final layer
@@ -89,17 +88,6 @@ def test_fp8_dot_hlo_is_an_f8_dot():
     assert any("-> tensor<3x5x48xf32>" in line for line in dots), dots
 
 
-@pytest.fixture(scope="module")
-def cog_model():
-    cfg = dataclasses_replace_fp32(tiny_configs()[0])
-    return random_model(CogVideoXTransformer3D, cfg, seed=1, std=0.1)
-
-
-def dataclasses_replace_fp32(cfg):
-    import dataclasses
-    return dataclasses.replace(cfg, dtype=jnp.float32, param_dtype=jnp.float32)
-
-
 def _cog_args(cfg, seed=0):
     k = jax.random.split(jax.random.key(seed), 2)
     x = jax.random.normal(k[0], (1, 3, cfg.in_channels, 8, 8), jnp.float32)
@@ -113,18 +101,59 @@ def _fp8_copy(model):
     return quantize_model_fp8(copy)
 
 
-def test_cogvideox_fp8_model_close_to_fp32(cog_model):
-    args = _cog_args(cog_model.cfg)
-    ref = forward(cog_model, *args)
-    fp8 = _fp8_copy(cog_model)
-    blocks = fp8.transformer_blocks
+def _cog_cfg():
+    import dataclasses
+
+    return dataclasses.replace(tiny_configs()[0], dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def cog_src(tmp_path_factory):
+    """A tiny random CogVideoX transformer folder (diffusers layout, fp32, weights N(0, 0.1^2))."""
+    import numpy as np_
+
+    rng = np_.random.default_rng(3)
+
+    def values(key, shape):  # as the default generator (norm weights around 1), 5x its spread
+        x = rng.standard_normal(shape).astype(np_.float32) * np_.float32(0.1)
+        return x + np_.float32(1.0) if "norm" in key and key.endswith(".weight") else x
+
+    return write_random_cogvideox(tmp_path_factory.mktemp("cog") / "src", _cog_cfg(), seed=3, values=values)
+
+
+def test_cogvideox_fp8_load_convert_and_error(tmp_path, cog_src):
+    """Load with weights="fp8" (quantized after loading), convert with --weights fp8 and load that:
+    the same tensors bit for bit, the same output; and the fp8 model against the fp32 one."""
+    from jaxvid.cli.convert import main as convert_main
+    from jaxvid.models.loading import load_model
+
+    ref_model = load_model(cog_src, dtype="fp32")
+    loaded = load_model(cog_src, dtype="fp32", weights="fp8")
+    blocks = loaded.transformer_blocks
     assert all(isinstance(m, Fp8Linear) for m in (blocks.attn1.to_q, blocks.attn1.to_out, blocks.ff.linear_in))
     # modulation, embeddings and the final layer stay in the model dtype
-    assert isinstance(blocks.norm1.linear, nnx.Linear) and isinstance(fp8.proj_out, nnx.Linear)
-    assert isinstance(fp8.patch_embed.proj, nnx.Linear) and blocks.norm1.linear.kernel[...].dtype == jnp.float32
+    assert isinstance(blocks.norm1.linear, nnx.Linear) and isinstance(loaded.proj_out, nnx.Linear)
+    assert isinstance(loaded.patch_embed.proj, nnx.Linear) and blocks.norm1.linear.kernel[...].dtype == jnp.float32
     assert blocks.attn1.to_q.kernel[...].dtype == FP8_DTYPE and blocks.attn1.to_q.kernel[...].ndim == 3  # stacked
-    out = forward(fp8, *args)
-    err = _rel_l2(out, ref)
+
+    dst = tmp_path / "fp8"
+    assert convert_main([str(cog_src), str(dst), "--dtype", "fp32", "--weights", "fp8", "--quiet"]) == 0
+    assert not list(tmp_path.glob(".fp8*"))  # no temp folder left
+    converted = load_model(dst)  # a converted fp8 checkpoint loads as fp8 by itself
+    a = nnx.to_flat_state(nnx.state(loaded, nnx.Param))
+    b = dict(nnx.to_flat_state(nnx.state(converted, nnx.Param)))
+    assert len(a) == len(b)
+    for path, v in a:
+        got = b[path].get_value()
+        assert got.dtype == v.get_value().dtype, path
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(v.get_value().astype(jnp.float32)))
+    kernel = converted.transformer_blocks.ff.linear_in.kernel[...]
+    assert kernel.dtype == FP8_DTYPE and kernel.dtype.itemsize == 1  # 1 byte per weight
+
+    args = _cog_args(ref_model.cfg)
+    out = forward(loaded, *args)
+    np.testing.assert_array_equal(np.asarray(forward(converted, *args)), np.asarray(out))
+    err = _rel_l2(out, forward(ref_model, *args))
     assert 0 < err < COGVIDEOX_REL_L2_BOUND, err
 
 
@@ -152,33 +181,6 @@ def test_bad_weights_option_and_model(tmp_path):
     vae = nnx.eval_shape(lambda: AutoencoderKLCogVideoX(CogVideoXVAEConfig.tiny(), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="weights='fp8' is supported for"):
         quantize_model_fp8(vae)
-
-
-def test_load_and_convert_fp8_round_trip(tmp_path, cog_model):
-    from jaxvid.cli.convert import main as convert_main
-    from jaxvid.models.loading import load_model
-
-    cfg = cog_model.cfg
-    src = write_random_cogvideox(tmp_path / "src", cfg, seed=3)
-    loaded = load_model(src, dtype="fp32", weights="fp8")  # quantized after loading
-    assert isinstance(loaded.transformer_blocks.attn1.to_k, Fp8Linear)
-
-    dst = tmp_path / "fp8"
-    assert convert_main([str(src), str(dst), "--dtype", "fp32", "--weights", "fp8", "--quiet"]) == 0
-    assert not list(tmp_path.glob(".fp8*"))  # no temp folder left
-    converted = load_model(dst)  # a converted fp8 checkpoint loads as fp8 by itself
-    a = nnx.to_flat_state(nnx.state(loaded, nnx.Param))
-    b = dict(nnx.to_flat_state(nnx.state(converted, nnx.Param)))
-    assert len(a) == len(b)
-    for path, v in a:
-        got = b[path].get_value()
-        assert got.dtype == v.get_value().dtype, path
-        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(v.get_value().astype(jnp.float32)))
-    args = _cog_args(cfg)
-    np.testing.assert_array_equal(np.asarray(forward(converted, *args)), np.asarray(forward(loaded, *args)))
-    # half the bytes: every quantized kernel is 1 byte per weight
-    kernel = converted.transformer_blocks.ff.linear_in.kernel[...]
-    assert kernel.dtype == FP8_DTYPE and kernel.dtype.itemsize == 1
 
 
 def test_convert_bad_weights_option(tmp_path, capsys):
