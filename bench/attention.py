@@ -3,6 +3,7 @@
     python bench/attention.py                                  # every case in bench/specs.py
     python bench/attention.py --cases longcat720p-bsa0.9375-4x4x4 --json attn.json
     python bench/attention.py --cases cogvx2b-dense --sweep    # every TuningConfig that fits
+    python bench/attention.py --cases longcat720p-bsa0.9375-4x4x4 --kernel-only --precisions fp8 int8-fp8
 
 Per case and part: median ms over --repeats timed calls after a warm-up, useful TFLOP/s
 (4 * B * H * S^2 * D * density / t, S the padded length the kernel runs on) and that rate over
@@ -12,6 +13,11 @@ Parts: "kernel" (the block-sparse kernel on ready index tables), and for BSA als
 in chunk order: what a caller that keeps tokens in chunk order pays) and "e2e" (`bsa_attention`:
 select, permute q/k/v into chunk order, kernel, permute the output back). Random bf16 inputs
 ("-smooth" cases: spatially correlated q/k); "dense" cases also check the kernel against cuDNN.
+--precisions adds 8-bit rows beside the bf16 kernel ("kernel-fp8", "kernel-int8-fp8": the Sage-style
+kernel of pallas_kernels/block_sparse_mgpu_fp8.py, its quantization step included in the time; and
+".../pv-bf16": the fallback with a bf16 P.V), each with its relative L2 against the bf16 kernel's
+output on the same tables (a fp32 reference does not fit at 720p). A variant that fails to compile
+gets a NaN row with the error, so the table always prints.
 """
 from __future__ import annotations
 
@@ -114,7 +120,8 @@ def flops(spec: AttentionSpec, density: float) -> float:
     return 4.0 * spec.batch * spec.heads * spec.padded_seq ** 2 * spec.head_dim * density
 
 
-def bench_case(spec: AttentionSpec, *, impl: str, repeats: int, cudnn_cache: dict, sweep: bool) -> list[Row]:
+def bench_case(spec: AttentionSpec, *, impl: str, repeats: int, cudnn_cache: dict, sweep: bool,
+               precisions: tuple[str, ...] = (), kernel_only: bool = False) -> list[Row]:
     from pallas_kernels.api import block_sparse_attention
     from pallas_kernels.heuristics import tuning_space
 
@@ -132,7 +139,14 @@ def bench_case(spec: AttentionSpec, *, impl: str, repeats: int, cudnn_cache: dic
         return Row(spec.name, part, ms, density, rate, rate / cudnn_rate, note)
 
     kv_len = spec.seq if spec.padded_seq != spec.seq else None
-    if spec.pattern == "bsa":
+    if spec.pattern == "bsa" and kernel_only:
+        from jaxvid.attention.bsa import select_blocks
+
+        indices, counts = jax.jit(lambda q, k: select_blocks(
+            q, k, spec.latent, spec.latent, sparsity=spec.sparsity, chunk_3d_shape_q=spec.chunk,
+            chunk_3d_shape_k=spec.chunk))(q, k)
+        density = float(jnp.mean(counts)) / (spec.padded_seq // spec.block)
+    elif spec.pattern == "bsa":
         from jaxvid.attention.bsa import bsa_attention, select_blocks, to_chunk_order
 
         sel_kwargs = dict(sparsity=spec.sparsity, chunk_3d_shape_q=spec.chunk, chunk_3d_shape_k=spec.chunk)
@@ -169,9 +183,41 @@ def bench_case(spec: AttentionSpec, *, impl: str, repeats: int, cudnn_cache: dic
             continue
         note = "" if cfg is None else f"num_slots={cfg.num_slots} sched={cfg.use_schedule_barrier} tile={cfg.kv_tile}"
         rows.append(row("kernel", ms, density, note))
+        log.info("%s kernel (%s): %.2f ms", spec.name, note or "default config", ms)
         if cfg is None and spec.pattern == "dense":
             rows[-1].note = _check_against_cudnn(kernel, spec, q, k, v, indices, counts, kv_len)
+    if precisions:
+        rows += _precision_rows(spec, q, k, v, indices, counts, kv_len, density, row, precisions, repeats)
     return rows
+
+
+def _precision_rows(spec, q, k, v, indices, counts, kv_len, density, row, precisions, repeats) -> list[Row]:
+    """8-bit kernel rows beside the bf16 kernel: time (quantization included) and rel. L2 vs bf16."""
+    from pallas_kernels.api import block_sparse_attention
+    from pallas_kernels.block_sparse_mgpu_fp8 import block_sparse_attention_mgpu_fp8
+
+    base = block_sparse_attention(q, k, v, indices, counts, block_q=spec.block, block_kv=spec.block,
+                                  kv_len=kv_len).astype(jnp.float32)
+    out_rows = []
+    for precision in precisions:
+        if precision == "bf16":
+            continue
+        for pv in ("fp8", "bf16"):
+            part = f"kernel-{precision}" + ("" if pv == "fp8" else "/pv-bf16")
+            fn = jax.jit(lambda q, k, v, i, c, precision=precision, pv=pv: block_sparse_attention_mgpu_fp8(
+                q, k, v, i, c, block_q=spec.block, block_kv=spec.block, kv_len=kv_len, precision=precision, pv=pv))
+            try:
+                ms = median_ms(fn, q, k, v, indices, counts, repeats=repeats)
+                out = fn(q, k, v, indices, counts).astype(jnp.float32)
+                rel = float(jnp.linalg.norm(out - base) / jnp.linalg.norm(base))
+                note = f"rel L2 vs bf16 kernel {rel:.3f}, NaN {int(jnp.isnan(out).sum())}, incl. quantize"
+                out_rows.append(row(part, ms, density, note))
+                log.info("%s %s: %.2f ms, %s", spec.name, part, ms, note)  # shows even if a later row is cut off
+            except Exception as err:  # report and go on: the table must print
+                log.exception("%s %s failed", spec.name, part)
+                out_rows.append(Row(spec.name, part, float("nan"), density, 0.0, None,
+                                    f"FAILED {type(err).__name__}: {' '.join(str(err).split())[:160]}"))
+    return out_rows
 
 
 def _check_against_cudnn(kernel, spec, q, k, v, indices, counts, kv_len) -> str:
@@ -201,6 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sweep", action="store_true", help="also time every TuningConfig that fits")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--precisions", nargs="*", default=(), choices=("bf16", "fp8", "int8-fp8"),
+                        help="8-bit kernel rows beside the bf16 kernel")
+    parser.add_argument("--kernel-only", action="store_true", help="BSA: skip the select / select+kernel / e2e rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     specs = SPECS if not args.cases else tuple(spec_by_name(n) for n in args.cases)
@@ -210,7 +259,7 @@ def main(argv=None) -> int:
     for spec in specs:
         log.info("case %s", spec.name)
         rows += bench_case(spec, impl=args.implementation, repeats=args.repeats, cudnn_cache=cache,
-                           sweep=args.sweep)
+                           sweep=args.sweep, precisions=tuple(args.precisions), kernel_only=args.kernel_only)
         log.info("%s", format_table(rows[-3:], device))
     print(format_table(rows, device))
     if args.json:

@@ -31,7 +31,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +50,9 @@ from convert.safetensors_io import SafetensorsReader, read_header
 log = logging.getLogger("jaxvid.convert")
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+# Stored weight formats beyond the float dtypes: "fp8" stores the DiT's linear kernels as e4m3 with
+# per-output-channel scales (which tensors, and how, is the resolver's business: Target.quantize).
+WEIGHT_FORMATS = ("fp8",)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 # Classes that diffusers video pipelines carry and jaxvid has no JAX port of: the only components
 # a conversion may skip (with weights) without failing. Everything else with weights must convert.
@@ -76,6 +79,9 @@ class Target:
     rules: list[Rule]
     ignore: tuple[str, ...]
     param_dtype: np.dtype
+    # (target name, converted array) -> the tensors to store instead, e.g. an fp8 kernel and its
+    # scales; None stores every array as it is. Applied tensor by tensor while streaming.
+    quantize: Callable[[str, np.ndarray], list[tuple[str, np.ndarray]]] | None = None
 
 
 class TargetResolver(Protocol):
@@ -83,7 +89,8 @@ class TargetResolver(Protocol):
 
     def supports(self, class_name: str) -> bool: ...
     def supported(self) -> list[str]: ...
-    def target(self, class_name: str, hf_config: dict[str, Any], source: SafetensorsReader, dtype: np.dtype) -> Target: ...
+    def target(self, class_name: str, hf_config: dict[str, Any], source: SafetensorsReader, dtype: np.dtype,
+               *, weights: str | None = None) -> Target: ...
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -123,7 +130,13 @@ class ComponentPlan:
         return sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in self.target.specs.values())
 
 
-def plan_component(src: Path, resolver: TargetResolver, *, dtype: str | None = None) -> ComponentPlan:
+def check_weights(weights: str | None) -> None:
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r}; expected None (float weights) or one of {WEIGHT_FORMATS}")
+
+
+def plan_component(src: Path, resolver: TargetResolver, *, dtype: str | None = None,
+                   weights: str | None = None) -> ComponentPlan:
     """Read `src`'s config.json and safetensors headers and check its key table (no tensor is read).
 
     Raises ValueError (ConversionError, SafetensorsError) on an unknown class, a bad config or any
@@ -132,6 +145,7 @@ def plan_component(src: Path, resolver: TargetResolver, *, dtype: str | None = N
     src = Path(src)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)} or None")
+    check_weights(weights)
     hf_config = read_config(src)
     class_name = class_name_of(hf_config, where=src / "config.json")
     if class_name is None:
@@ -144,7 +158,8 @@ def plan_component(src: Path, resolver: TargetResolver, *, dtype: str | None = N
     else:  # numpy cannot name bfloat16 on its own
         target_dtype = np.dtype(ml_dtypes.bfloat16) if DTYPES[dtype] == "bfloat16" else np.dtype(DTYPES[dtype])
     try:
-        target = resolver.target(class_name, hf_config, source, target_dtype)
+        target = (resolver.target(class_name, hf_config, source, target_dtype, weights=weights) if weights
+                  else resolver.target(class_name, hf_config, source, target_dtype))
     except (TypeError, KeyError, AttributeError) as e:  # a config value of the wrong type
         raise ValueError(f"{src / 'config.json'}: bad config for {class_name}: {type(e).__name__}: {e}") from None
     except ValueError as e:
@@ -168,13 +183,16 @@ def write_component(plan: ComponentPlan, dst: Path, *, progress: tqdm | None = N
              plan.src, plan.class_name, len(plan.rules), len(plan.target.specs), plan.n_bytes / 1e9, param_dtype)
     t0 = time.perf_counter()
     with CheckpointWriter(
-        dst, class_name=plan.class_name, config=plan.hf_config, extra={"source": str(plan.src), "dtype": param_dtype}
+        dst, class_name=plan.class_name, config=plan.hf_config,
+        extra={"source": str(plan.src), "dtype": param_dtype, **({"weights": "fp8"} if plan.target.quantize else {})}
     ) as writer:
         if progress is not None:
             progress.set_description(label)
+        quantize = plan.target.quantize
         for rule, array in iter_converted(plan.rules, plan.source, plan.target.specs):
             cancel.check()
-            writer.add(rule.target, array)
+            for key, stored in (quantize(rule.target, array) if quantize else [(rule.target, array)]):
+                writer.add(key, stored)
             if progress is not None:
                 progress.update(array.nbytes)
         cancel.check()
@@ -189,12 +207,12 @@ def _bar(total_bytes: int, show: bool) -> tqdm:
 
 
 def convert_component(src: Path, dst: Path, resolver: TargetResolver, *, dtype: str | None = None,
-                      show_progress: bool = True, label: str | None = None) -> Path:
+                      show_progress: bool = True, label: str | None = None, weights: str | None = None) -> Path:
     """Convert one component folder (config.json + safetensors) into a jaxvid checkpoint at `dst`.
 
     `dtype`: 'bf16' / 'fp32' / 'fp16' or None (the dtype holding most of the source's bytes).
     """
-    plan = plan_component(src, resolver, dtype=dtype)
+    plan = plan_component(src, resolver, dtype=dtype, weights=weights)
     with _bar(plan.n_bytes, show_progress) as bar:
         return write_component(plan, dst, progress=bar, label=label)
 
@@ -217,14 +235,15 @@ class Summary:
 
 
 def _classify(folder: Path, name: str, resolver: TargetResolver, *, dtype: str | None,
-              plans: dict[str, ComponentPlan], copies: list[str], summary: Summary) -> None:
+              plans: dict[str, ComponentPlan], copies: list[str], summary: Summary,
+              weight_format: str | None = None) -> None:
     """Decide what to do with one component folder; raise for anything that can neither convert nor be skipped."""
     weights = has_weights(folder)
     cls = None
     if (folder / "config.json").is_file():
         cls = class_name_of(read_config(folder), where=folder / "config.json")
     if cls is not None and resolver.supports(cls):
-        plans[name] = plan_component(folder, resolver, dtype=dtype)
+        plans[name] = plan_component(folder, resolver, dtype=dtype, weights=weight_format)
         summary.converted[name] = cls
     elif not weights:
         copies.append(name)
@@ -261,7 +280,8 @@ def _check_lora_folder(folder: Path) -> None:
     log.info("%s: %d LoRA file(s) checked: %s", folder, len(files), [f.name for f in files])
 
 
-def _plan_pipeline(src: Path, root: Path, resolver: TargetResolver, *, dtype: str | None, summary: Summary):
+def _plan_pipeline(src: Path, root: Path, resolver: TargetResolver, *, dtype: str | None, summary: Summary,
+                   weights: str | None = None):
     index_file = inside(src / "model_index.json", root, what=str(src))
     index = read_json_object(index_file)
     plans: dict[str, ComponentPlan] = {}
@@ -277,7 +297,8 @@ def _plan_pipeline(src: Path, root: Path, resolver: TargetResolver, *, dtype: st
         folder = child(src, name, root, what=f"{index_file}: component {name!r}")
         if not folder.is_dir():
             raise ValueError(f"{index_file}: lists component {name!r} ({value[-1]}) but {folder} is not a folder")
-        _classify(folder, name, resolver, dtype=dtype, plans=plans, copies=copies, summary=summary)
+        _classify(folder, name, resolver, dtype=dtype, plans=plans, copies=copies, summary=summary,
+                  weight_format=weights)
     if not plans:
         raise ValueError(f"SRC={str(src)!r}: no component jaxvid can convert (model_index.json lists "
                          f"{sorted(k for k in index if not k.startswith('_'))})")
@@ -304,7 +325,8 @@ def is_component_set(path: str | os.PathLike, resolver: TargetResolver) -> bool:
     return False
 
 
-def _plan_component_set(src: Path, root: Path, resolver: TargetResolver, *, dtype: str | None, summary: Summary):
+def _plan_component_set(src: Path, root: Path, resolver: TargetResolver, *, dtype: str | None, summary: Summary,
+                        weights: str | None = None):
     plans: dict[str, ComponentPlan] = {}
     copies: list[str] = []
     files: list[str] = []
@@ -325,7 +347,8 @@ def _plan_component_set(src: Path, root: Path, resolver: TargetResolver, *, dtyp
             _check_lora_folder(entry)
             copies.append(name)
         else:
-            _classify(entry, name, resolver, dtype=dtype, plans=plans, copies=copies, summary=summary)
+            _classify(entry, name, resolver, dtype=dtype, plans=plans, copies=copies, summary=summary,
+                      weight_format=weights)
     if not plans:
         raise ValueError(f"SRC={str(src)!r}: no subfolder whose config.json names a model class jaxvid supports")
     if "dit" in plans and plans["dit"].class_name == "LongCatVideoTransformer3DModel":
@@ -424,16 +447,19 @@ def check_paths(src: Path, dst: Path, *, overwrite: bool, dtype: str | None) -> 
 
 def convert_path(
     src: str | os.PathLike, dst: str | os.PathLike, resolver: TargetResolver, *, dtype: str | None = None,
-    overwrite: bool = False, show_progress: bool = True, cancel: Cancellation | None = None,
+    overwrite: bool = False, show_progress: bool = True, weights: str | None = None,
+    cancel: Cancellation | None = None,
 ) -> Path:
     """Convert a component, pipeline or component-set folder `src` into `dst`, atomically (see module docstring).
 
+    `weights="fp8"`: components whose resolver target has a `quantize` hook (the DiTs) store fp8 kernels.
     `cancel` (set by a signal handler, see `convert.cancel`) is checked between steps; a requested stop
     raises `Cancelled` with nothing written. Once the final rename is done the output stays: a stop
     requested after that is left for the caller to see in `cancel.signum`.
     """
     cancel = cancel if cancel is not None else Cancellation()
     src, dst = Path(src), Path(dst).absolute()
+    check_weights(weights)
     kind = check_paths(src, dst, overwrite=overwrite, dtype=dtype)
     root = allowed_root(src)
     if kind != "pipeline":
@@ -449,11 +475,12 @@ def convert_path(
             )
     summary = Summary()
     if kind == "pipeline":
-        plans, copies, files = _plan_pipeline(src, root, resolver, dtype=dtype, summary=summary)
+        plans, copies, files = _plan_pipeline(src, root, resolver, dtype=dtype, summary=summary, weights=weights)
     elif kind == "set":
-        plans, copies, files = _plan_component_set(src, root, resolver, dtype=dtype, summary=summary)
+        plans, copies, files = _plan_component_set(src, root, resolver, dtype=dtype, summary=summary,
+                                                   weights=weights)
     else:
-        plans, copies, files = {"": plan_component(src, resolver, dtype=dtype)}, [], []
+        plans, copies, files = {"": plan_component(src, resolver, dtype=dtype, weights=weights)}, [], []
         summary.converted[dst.name] = plans[""].class_name
 
     cancel.check()

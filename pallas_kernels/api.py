@@ -58,6 +58,7 @@ def block_sparse_attention(
     kv_len: int | jax.Array | None = None,
     implementation: str | None = None,
     config: TuningConfig | None = None,
+    precision: str = "bf16",
 ) -> jax.Array:
     """Softmax attention over the listed key blocks of every (batch, head, query block).
 
@@ -66,9 +67,19 @@ def block_sparse_attention(
     kv_counts int32 [B or 1, H or 1, S/block_q]; scale defaults to 1/sqrt(D); keys at positions
     >= kv_len get no weight. A query block with count 0 (or rows that see no valid key) outputs
     zeros. Returns [B, S, H, D] in q's dtype. `config` tunes the Mosaic kernel only.
+
+    `precision`: "bf16" (the inputs as they are), "fp8" or "int8-fp8" (Sage-style 8-bit, see
+    pallas_kernels.quantized): the Mosaic fp8 kernel on Hopper, else the jnp quantize-dequantize
+    reference (O(Sq x Sk) memory: small shapes only).
     """
+    from pallas_kernels.quantized import check_precision
+
+    check_precision(precision)
     impl = resolve_implementation(implementation)
     kwargs = dict(block_q=block_q, block_kv=block_kv, scale=scale, kv_len=kv_len)
+    if precision != "bf16":
+        return _block_sparse_8bit(q, k, v, kv_indices, kv_counts, impl=impl, config=config, precision=precision,
+                                  **kwargs)
     if impl == "mosaic":
         from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu, validate_mgpu_args
         from pallas_kernels.heuristics import default_config
@@ -84,3 +95,17 @@ def block_sparse_attention(
         return block_sparse_attention_portable(q, k, v, kv_indices, kv_counts, **kwargs)
     from pallas_kernels.reference import block_sparse_attention_reference
     return block_sparse_attention_reference(q, k, v, kv_indices, kv_counts, **kwargs)
+
+
+def _block_sparse_8bit(q, k, v, kv_indices, kv_counts, *, impl: str, config, precision: str, **kwargs):
+    """8-bit precisions: the Mosaic fp8 kernel where it runs, else the quantize-dequantize reference."""
+    if impl == "mosaic":
+        from pallas_kernels.block_sparse_mgpu_fp8 import block_sparse_attention_mgpu_fp8
+
+        return block_sparse_attention_mgpu_fp8(q, k, v, kv_indices, kv_counts, config=config,
+                                               precision=precision, **kwargs)
+    if config is not None:
+        raise ValueError(f"config={config!r} only applies to implementation='mosaic' (got {impl!r})")
+    from pallas_kernels.quantized import quantized_attention_reference
+
+    return quantized_attention_reference(q, k, v, kv_indices, kv_counts, precision=precision, **kwargs)

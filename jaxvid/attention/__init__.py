@@ -12,13 +12,14 @@ import jax
 from jaxvid.attention.bsa import bsa_attention, select_blocks
 from jaxvid.attention.dense import check_float_qkv, dense_attention
 from jaxvid.attention.layout import VideoLayout
-from jaxvid.attention.plan import BSA, AttentionPlan, AttentionSpec, Dense, Radial, Scene
+from jaxvid.attention.plan import BSA, PRECISIONS, AttentionPlan, AttentionSpec, Dense, Radial, Scene
+from jaxvid.attention.precision import quantized_dense_attention
 from jaxvid.attention.radial import radial_attention, radial_block_mask
 from jaxvid.attention.scene import scene_block_mask
 
 __all__ = [
     "attend", "dense_attention", "VideoLayout",
-    "AttentionPlan", "AttentionSpec", "Dense", "Radial", "BSA", "Scene",
+    "AttentionPlan", "AttentionSpec", "Dense", "Radial", "BSA", "Scene", "PRECISIONS", "quantized_dense_attention",
     "radial_block_mask", "scene_block_mask", "select_blocks", "bsa_attention",
 ]
 
@@ -44,6 +45,8 @@ def attend(
     `scale` defaults to 1/sqrt(D). q, k, v must be floating point (TypeError otherwise).
     """
     check_float_qkv("attend", q, k, v)
+    if isinstance(spec, Dense) and spec.precision != "bf16":
+        return quantized_dense_attention(q, k, v, precision=spec.precision, scale=scale)
     if spec is None or isinstance(spec, Dense):
         return dense_attention(q, k, v, scale=scale)
     if isinstance(spec, Radial):
@@ -70,7 +73,7 @@ def _attend_radial(q, k, v, spec: Radial, layout, kv_layout, scale):
         decay_factor=spec.decay_factor, model_type=spec.model_type,
         scene_boundaries=None if scene is None else scene.boundaries,
         scene_adjacency=None if scene is None else scene.adjacency,
-        scale=scale, implementation=spec.implementation)
+        scale=scale, implementation=spec.implementation, precision=spec.precision)
 
 
 def _attend_bsa(q, k, v, spec: BSA, layout, kv_layout, scale):
@@ -80,9 +83,12 @@ def _attend_bsa(q, k, v, spec: BSA, layout, kv_layout, scale):
         if lay.text_tokens:
             raise ValueError(f"attend: BSA runs on video tokens only; {name}.text_tokens={lay.text_tokens}")
     if layout.frames == 1:
+        if spec.precision != "bf16":
+            return quantized_dense_attention(q, k, v, precision=spec.precision, scale=scale)
         return dense_attention(q, k, v, scale=scale)
     return bsa_attention(
         q, k, v, (layout.frames, layout.height, layout.width),
         (kv_layout.frames, kv_layout.height, kv_layout.width), sparsity=spec.sparsity,
         cdf_threshold=spec.cdf_threshold, chunk_3d_shape_q=spec.chunk_3d_shape_q,
-        chunk_3d_shape_k=spec.chunk_3d_shape_k, implementation=spec.implementation, scale=scale)
+        chunk_3d_shape_k=spec.chunk_3d_shape_k, implementation=spec.implementation, scale=scale,
+        precision=spec.precision)

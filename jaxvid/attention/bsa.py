@@ -194,12 +194,15 @@ def bsa_attention(
     chunk_3d_shape_k: Sequence[int] = (4, 4, 4),
     implementation: str | None = None,
     scale: float | None = None,
+    precision: str = "bf16",
 ) -> jax.Array:
     """LongCat's `flash_attn_bsa_3d` in our layout: q [B, Sq, H, D], k/v [B, Sk, H, D] -> [B, Sq, H, D].
 
     Tokens in (T, H, W) order with T*H*W = S (latent_shape_*); softmax `scale` defaults to
     1/sqrt(D) as upstream (the CDF gating always uses 1/sqrt(D), as upstream). A query
     chunk whose CDF selection is empty outputs zeros. `implementation` goes to the kernel dispatcher.
+    `precision` ("bf16", "fp8", "int8-fp8") is the attention arithmetic (the selection stays in the
+    inputs' dtype); 8-bit quantization happens on the chunk-ordered Q/K/V.
     """
     lat_q, lat_k, ch_q, ch_k = _validate(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold,
                                          chunk_3d_shape_q, chunk_3d_shape_k, v=v)
@@ -210,5 +213,5 @@ def bsa_attention(
     out = block_sparse_attention(q_c, k_c, v_c, kv_indices, kv_counts, block_q=math.prod(ch_q),
                                  block_kv=math.prod(ch_k),
                                  scale=1.0 / q.shape[-1] ** 0.5 if scale is None else scale,
-                                 implementation=implementation)
+                                 implementation=implementation, precision=precision)
     return from_chunk_order(out, lat_q, ch_q)

@@ -21,14 +21,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Dense", "Radial", "BSA", "Scene", "AttentionSpec", "AttentionPlan"]
+__all__ = ["Dense", "Radial", "BSA", "Scene", "AttentionSpec", "AttentionPlan", "PRECISIONS"]
 
 _RADIAL_MODEL_TYPES = ("cogvideox", "hunyuan", "wan")
+# Attention arithmetic (pallas_kernels.quantized): "bf16" as the inputs are; "fp8" / "int8-fp8" are
+# Sage-style 8-bit Q.K^T (fp8 or int8, per-block scales, K smoothed) and fp8 P.V.
+PRECISIONS = ("bf16", "fp8", "int8-fp8")
+
+
+def _check_precision(owner: str, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"{owner}.precision={precision!r}; expected one of {PRECISIONS}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Dense:
-    """Full softmax attention (cuDNN on GPU, XLA elsewhere)."""
+    """Full softmax attention (cuDNN on GPU, XLA elsewhere; 8-bit precisions: the block-sparse
+    kernels with every block listed)."""
+
+    precision: str = "bf16"
+
+    def __post_init__(self) -> None:
+        _check_precision("Dense", self.precision)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -66,8 +80,10 @@ class Radial:
     model_type: str = "cogvideox"
     scene: Scene | None = None
     implementation: str | None = None  # kernel choice, None = automatic
+    precision: str = "bf16"
 
     def __post_init__(self) -> None:
+        _check_precision("Radial", self.precision)
         if not (isinstance(self.decay_factor, (int, float)) and self.decay_factor > 0):
             raise ValueError(f"Radial.decay_factor={self.decay_factor!r}; expected a float > 0")
         if self.block_size not in (64, 128):
@@ -93,8 +109,10 @@ class BSA:
     chunk_3d_shape_q: tuple[int, int, int] = (4, 4, 4)
     chunk_3d_shape_k: tuple[int, int, int] = (4, 4, 4)
     implementation: str | None = None  # kernel choice, None = automatic
+    precision: str = "bf16"
 
     def __post_init__(self) -> None:
+        _check_precision("BSA", self.precision)
         for name in ("chunk_3d_shape_q", "chunk_3d_shape_k"):
             value = getattr(self, name)
             try:
@@ -134,15 +152,26 @@ AttentionSpec = Dense | Radial | BSA
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class AttentionPlan:
-    """`sparse` everywhere except the first `dense_layers` layers and the first `dense_timesteps` steps."""
+    """`sparse` everywhere except the first `dense_layers` layers and the first `dense_timesteps` steps.
+
+    `precision` ("bf16", "fp8", "int8-fp8") applies to every layer and step, dense ones included: it
+    is stamped onto `sparse` and onto the Dense() specs the plan hands out. Left at "bf16", the plan
+    takes the sparse spec's own precision.
+    """
 
     sparse: AttentionSpec = Dense()
     dense_layers: int = 0
     dense_timesteps: int = 0
+    precision: str = "bf16"
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparse, (Dense, Radial, BSA)):
             raise ValueError(f"AttentionPlan.sparse={self.sparse!r}; expected Dense(), Radial(...) or BSA(...)")
+        _check_precision("AttentionPlan", self.precision)
+        if self.precision == "bf16" and self.sparse.precision != "bf16":
+            object.__setattr__(self, "precision", self.sparse.precision)
+        if self.sparse.precision != self.precision:
+            object.__setattr__(self, "sparse", dataclasses.replace(self.sparse, precision=self.precision))
         for name in ("dense_layers", "dense_timesteps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -177,14 +206,24 @@ class AttentionPlan:
         return isinstance(self.sparse, Dense)
 
     def all_dense(self) -> AttentionPlan:
-        """The plan used during the dense timesteps."""
-        return AttentionPlan()
+        """The plan used during the dense timesteps (same precision)."""
+        return AttentionPlan(precision=self.precision)
+
+    def with_precision(self, precision: str) -> AttentionPlan:
+        """This plan with attention arithmetic `precision` ("bf16", "fp8", "int8-fp8")."""
+        _check_precision("AttentionPlan", precision)
+        return dataclasses.replace(self, sparse=dataclasses.replace(self.sparse, precision=precision),
+                                   precision=precision)
+
+    def dense_spec(self) -> Dense:
+        """The spec of a dense layer or step under this plan."""
+        return Dense(precision=self.precision)
 
     def spec_for_layer(self, layer: int) -> AttentionSpec:
         """Spec of layer `layer` (a static Python int) during a sparse step."""
         if not isinstance(layer, int) or layer < 0:
             raise ValueError(f"layer={layer!r}; expected a static int >= 0")
-        return Dense() if layer < self.dense_layers else self.sparse
+        return self.dense_spec() if layer < self.dense_layers else self.sparse
 
     def layer_split(self, num_layers: int) -> tuple[int, int]:
         """(n_dense, n_sparse) layers, for models that run two scans."""
@@ -204,4 +243,4 @@ class AttentionPlan:
 
     def spec_for(self, layer: int, step: int) -> AttentionSpec:
         """Spec for a static (layer, step) pair, for Python-level loops."""
-        return Dense() if self.use_dense_at(step) else self.spec_for_layer(layer)
+        return self.dense_spec() if self.use_dense_at(step) else self.spec_for_layer(layer)

@@ -227,8 +227,11 @@ def radial_attention(
     scene_adjacency: tuple[tuple[bool, ...], ...] | None = None,
     scale: float | None = None,
     implementation: str | None = None,
+    precision: str = "bf16",
 ):
     """Self-attention under the static radial mask. q, k, v: [B, S, H, D] -> [B, S, H, D].
+
+    `precision`: "bf16", or the 8-bit "fp8" / "int8-fp8" (pallas_kernels.quantized).
 
     S = num_frames * tokens_per_frame + text_tokens. With `text_first` (CogVideoX: text before
     video) the sequence is rotated to [video; text] and back, so upstream's mask applies as is
@@ -255,7 +258,7 @@ def radial_attention(
     out = block_sparse_attention(
         to_kernel_order(q), to_kernel_order(k), to_kernel_order(v), jnp.asarray(kv_indices),
         jnp.asarray(kv_counts), block_q=block_size, block_kv=block_size, scale=scale,
-        kv_len=seq_len if padded != seq_len else None, implementation=implementation)
+        kv_len=seq_len if padded != seq_len else None, implementation=implementation, precision=precision)
     out = out[:, :seq_len]
     if text_first and text_tokens:
         out = jnp.concatenate([out[:, -text_tokens:], out[:, :-text_tokens]], axis=1)

@@ -1,4 +1,4 @@
-"""`jaxvid-convert SRC DST [--dtype bf16|fp32|fp16] [--overwrite] [--quiet]` and `jaxvid-convert --verify DIR`.
+"""`jaxvid-convert SRC DST [--dtype bf16|fp32|fp16] [--weights fp8] [--overwrite] [--quiet]` and `jaxvid-convert --verify DIR`.
 
 The jaxvid-aware half of conversion: which model classes jaxvid has, their abstract parameter
 shapes and key tables (a `TargetResolver` over `jaxvid.models.registry`), and the command line.
@@ -51,25 +51,36 @@ class JaxvidResolver:
 
         return sorted(c for c in MODELS if self.supports(c))
 
-    def target(self, class_name: str, hf_config: dict[str, Any], source: Any, dtype: np.dtype) -> Target:
+    def target(self, class_name: str, hf_config: dict[str, Any], source: Any, dtype: np.dtype,
+               *, weights: str | None = None) -> Target:
         from jaxvid.models.loading import config_for, entry_for, model_specs, rules_for
         from jaxvid.models.registry import resolve
 
         entry = entry_for(class_name)
         cfg = config_for(entry, hf_config, dtype)
-        specs = model_specs(resolve(entry.model), cfg)
+        model_cls = resolve(entry.model)
+        specs = model_specs(model_cls, cfg)
+        quantize = None
+        if weights == "fp8":
+            from jaxvid.models.fp8 import FP8_TARGETS, fp8_checkpoint_quantizer
+
+            if model_cls.__name__ in FP8_TARGETS:  # the DiTs; text encoders and VAEs keep float weights
+                quantize = fp8_checkpoint_quantizer(model_cls.__name__)
         return Target(specs=specs, rules=rules_for(entry, cfg, source), ignore=entry.ignore,
-                      param_dtype=np.dtype(cfg.param_dtype))
+                      param_dtype=np.dtype(cfg.param_dtype), quantize=quantize)
 
 
 RESOLVER = JaxvidResolver()
 
 
 def convert_path(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
-                 overwrite: bool = False, show_progress: bool = True, cancel: Cancellation | None = None) -> Path:
-    """Convert a component, pipeline or component-set folder into jaxvid checkpoints (see `convert.pipeline`)."""
+                 overwrite: bool = False, show_progress: bool = True, weights: str | None = None,
+                 cancel: Cancellation | None = None) -> Path:
+    """Convert a component, pipeline or component-set folder into jaxvid checkpoints (see `convert.pipeline`).
+
+    `weights="fp8"` stores the DiT's linear kernels as e4m3 + per-channel scales (jaxvid.models.fp8)."""
     return pipeline.convert_path(src, dst, RESOLVER, dtype=dtype, overwrite=overwrite, show_progress=show_progress,
-                                 cancel=cancel)
+                                 weights=weights, cancel=cancel)
 
 
 def convert_component(src: Path, dst: Path, *, dtype: str | None = None, show_progress: bool = True,
@@ -102,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dst", nargs="?", help="output folder (must not exist unless --overwrite; must not overlap SRC)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="stored parameter dtype (default: the dtype holding most of the source's bytes)")
+    parser.add_argument("--weights", choices=pipeline.WEIGHT_FORMATS, default=None,
+                        help="fp8: store the DiT's attention/MLP kernels as float8 e4m3 with per-output-channel "
+                        "scales (half the bytes of bf16); default: float weights of --dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     parser.add_argument("--verify", metavar="DIR", default=None,
@@ -154,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with handling_signals(cancel):
             dst = convert_path(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                               show_progress=not args.quiet, cancel=cancel)
+                               show_progress=not args.quiet, weights=args.weights, cancel=cancel)
     except (Cancelled, KeyboardInterrupt) as e:  # KeyboardInterrupt: a SIGINT before our handler was installed
         stop = e if isinstance(e, Cancelled) else Cancelled(signal.SIGINT)
         return _fail(f"stopped by {signal.Signals(stop.signum).name}; nothing was written", stop.exit_code)

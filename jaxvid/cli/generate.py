@@ -81,6 +81,12 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="text tokens (CogVideoX: 226; LongCat: 512)")
     common.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                         help="weights and compute dtype (default: bf16 on GPU, fp32 on CPU and for the tiny model)")
+    common.add_argument("--weights", choices=("fp8",), default=None,
+                        help="fp8: the DiT's attention/MLP linears in float8 e4m3 with per-channel scales (Hopper "
+                        "FP8 GEMMs; quantized at load unless the checkpoint was converted with --weights fp8)")
+    common.add_argument("--attention-precision", choices=("bf16", "fp8", "int8-fp8"), default=None,
+                        help="attention arithmetic: bf16 (default), or Sage-style 8-bit fp8 / int8-fp8 (8-bit Q.K^T "
+                        "with smoothed K, fp8 P.V)")
     common.add_argument("--fps", type=int, default=None,
                         help="frames per second of the file (CogVideoX: 8, 16 for 1.5; LongCat: 15, refined 30)")
     common.add_argument("--output", default="out.mp4",
@@ -482,11 +488,15 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
             except ValueError as e:
                 raise ValueError(str(e).replace("scene_boundaries=", "--scene-boundaries=")) from None
         plan = attention_plan(args, geometry.num_frames, scene)
+        if args.attention_precision not in (None, "bf16"):
+            from jaxvid.attention.plan import AttentionPlan
+
+            plan = (plan or AttentionPlan.dense()).with_precision(args.attention_precision)
         fps = args.fps or default_fps(tcfg)
         image = video.load_image(args.image) if args.image is not None else None
         log.info("%s", _cogvideox_summary(args, geometry, sampling, sources, loras, plan))
         pipe = CogVideoXPipeline.from_pretrained(model_dir, dtype=args.dtype or _default_dtype(tiny),
-                                                 scheduler=args.scheduler)
+                                                 scheduler=args.scheduler, weights=args.weights)
         if loras:
             names = [pipe.load_lora_weights(path, adapter_name=f"lora{i}_{Path(path).stem}")
                      for i, (path, _) in enumerate(loras)]
@@ -637,7 +647,10 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
         prompts=prompts, bsa=args.bsa, bsa_sparsity=args.bsa_sparsity, bsa_cdf_threshold=args.bsa_cdf_threshold,
         bsa_chunk_q=args.bsa_chunk_q, bsa_chunk_k=args.bsa_chunk_k)
     dtype = resolve_dtype(args.dtype or _default_dtype(False), "--dtype")
-    pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress)
+    pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress,
+                                           weights=args.weights)
+    if args.attention_precision is not None:
+        pipe.dit.set_attention_precision(args.attention_precision)
     outputs, attention = run_longcat_report(pipe, run)
     output = Path(args.output)
     written = []

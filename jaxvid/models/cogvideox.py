@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvid.attention import AttentionPlan, Dense, VideoLayout, attend
+from jaxvid.attention import AttentionPlan, VideoLayout, attend
+from jaxvid.models.fp8 import Fp8Linear, fused_fp8_dot
 from jaxvid.models.layers import (
     ACTIVATIONS,
     AdaLayerNorm,
@@ -308,6 +309,8 @@ class CogVideoXAttention(nnx.Module):
         """The three projections as one [D, 3D] matmul (one GEMM reads x once); weights stay separate
         so the parameters keep diffusers' names."""
         projs = (self.to_q, self.to_k, self.to_v)
+        if isinstance(self.to_q, Fp8Linear):  # fp8 weights (jaxvid.models.fp8): one f8 GEMM
+            return tuple(jnp.split(fused_fp8_dot(x, projs), 3, axis=-1))
         dtype = x.dtype if self.to_q.dtype is None else self.to_q.dtype
         kernel = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(dtype)
         y = jnp.dot(x.astype(dtype), kernel)
@@ -511,7 +514,7 @@ class CogVideoXTransformer3D(nnx.Module):
         if not isinstance(attention, AttentionPlan):
             raise ValueError(f"attention={attention!r}; expected None or a jaxvid.attention.AttentionPlan")
         n_dense, _ = attention.layer_split(n)
-        return [(a, b, s) for a, b, s in ((0, n_dense, Dense()), (n_dense, n, attention.sparse)) if b > a]
+        return [(a, b, s) for a, b, s in ((0, n_dense, attention.dense_spec()), (n_dense, n, attention.sparse)) if b > a]
 
     def _run_blocks(self, x, enc, temb, rope, *, attention: Any, layout: VideoLayout, cache=None, reuse=None):
         graphdef, state = nnx.split(self.transformer_blocks)

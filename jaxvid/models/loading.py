@@ -24,6 +24,7 @@ from convert.checkpoint import CheckpointReader, is_checkpoint
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
 from jaxvid.models.dtypes import resolve_dtype
+from jaxvid.models.fp8 import SCALE_SUFFIX, is_fp8_state, quantize_model_fp8, resolve_weights
 from jaxvid.models.registry import MODELS, ModelEntry, resolve
 
 log = logging.getLogger(__name__)
@@ -113,14 +114,22 @@ def fill_model(
     *,
     ignore: Iterable[str] = (),
     what: str = "checkpoint",
+    fp8: bool = False,
 ) -> nnx.Module:
     """Build `model_cls(cfg)` abstractly and fill every Param from `source` through `rules`.
+
+    fp8: the abstract model has fp8 linears (jaxvid.models.fp8), as a converted `--weights fp8`
+    checkpoint stores them.
 
     Each parameter moves to the device as soon as it is complete and its host copy is dropped, so
     host memory holds only the stacked parameters still being assembled (with per-layer key tables,
     all stacked ones until the last layer is read) beyond what the device holds.
     """
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    def build() -> nnx.Module:
+        model = model_cls(cfg, rngs=nnx.Rngs(0))
+        return quantize_model_fp8(model) if fp8 else model
+
+    abstract = nnx.eval_shape(build)
     graphdef, specs, flat, rest = abstract_params(abstract)
     rules = check_rules(rules, source, specs, ignore=ignore, what=what)
     arrays = {path: jnp.asarray(host) for path, host in iter_assembled(rules, source, specs)}
@@ -148,6 +157,7 @@ def load_model(
     dtype: Any | None = None,
     expect: Iterable[str] | None = None,
     config_overrides: dict[str, Any] | None = None,
+    weights: str | None = None,
 ) -> nnx.Module:
     """Load a model from a jaxvid checkpoint or a diffusers/transformers folder (config.json + safetensors).
 
@@ -158,8 +168,12 @@ def load_model(
     `config_overrides` replaces config.json entries before the config is built (same keys and
     value formats as config.json, e.g. {"enable_bsa": True, "bsa_params": {...}} for LongCat);
     only run-time switches make sense here, since the weights must still fit the model.
+    `weights="fp8"` quantizes the DiT's linear layers to e4m3 with per-channel scales after loading
+    (jaxvid.models.fp8; CogVideoX and LongCat transformers); a checkpoint converted with
+    `jaxvid-convert --weights fp8` loads as fp8 whatever `weights` says.
     """
     path = Path(path)
+    weights = resolve_weights(weights)
     dtype = resolve_dtype(dtype)  # "bf16", "bfloat16", jnp.bfloat16, ...: the spellings load_pipeline takes
     hf_config = read_config(path)
     if config_overrides:
@@ -177,17 +191,36 @@ def load_model(
     if expect is not None and class_name not in set(expect):
         raise ValueError(f"{path} holds a {class_name}; expected one of {sorted(expect)}")
     entry = entry_for(class_name)
+    stored_fp8 = isinstance(source, CheckpointReader) and is_fp8_state([Rule(k, k).target_path for k in source.keys()])
     if dtype is None:
-        dtype = dominant_float_dtype(source)
+        dtype = dominant_float_dtype(_WithoutScales(source) if stored_fp8 else source)
     cfg = config_for(entry, hf_config, dtype, where=path / "config.json")
     if isinstance(source, CheckpointReader):
         rules = [Rule(k, k) for k in source.keys()]  # converted: keys are target names already
         ignore: tuple[str, ...] = ()
     else:
         rules, ignore = rules_for(entry, cfg, source), entry.ignore
-    model = fill_model(resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path))
-    log.info("loaded %s from %s", class_name, path)
+    model = fill_model(resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path), fp8=stored_fp8)
+    if weights == "fp8" and not stored_fp8:
+        quantize_model_fp8(model)
+    log.info("loaded %s from %s%s", class_name, path, " (fp8 linears)" if stored_fp8 or weights == "fp8" else "")
     return model
+
+
+class _WithoutScales:
+    """A tensor source minus its fp8 scale tensors (float32), so they do not pick the model dtype."""
+
+    def __init__(self, source: Any):
+        self._source = source
+
+    def keys(self) -> list[str]:
+        return [k for k in self._source.keys() if not Rule(k, k).target_path.endswith("." + SCALE_SUFFIX)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._source.shape(key)
+
+    def dtype(self, key: str) -> Any:
+        return self._source.dtype(key)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvid.attention import BSA, AttentionPlan, Dense, VideoLayout, attend
+from jaxvid.attention import BSA, PRECISIONS, AttentionPlan, Dense, VideoLayout, attend
 from jaxvid.attention.dense import dense_attention
 from jaxvid.attention.presets import BSARow, bsa_table_from_config
 
@@ -122,6 +122,7 @@ class LongCatConfig:
     bsa_table: tuple[BSARow, ...] | None = None
     cp_split_hw: tuple[int, int] = (1, 1)
     text_tokens_zero_pad: bool = False
+    attention_precision: str = "bf16"  # jaxvid's, not upstream's: the default plan's attention arithmetic
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -139,6 +140,9 @@ class LongCatConfig:
         if self.cp_split_hw != (1, 1):
             raise ValueError(f"LongCatConfig.cp_split_hw={self.cp_split_hw}; only (1, 1) is supported "
                              "(jaxvid shards over devices with a mesh, not upstream's context-parallel split)")
+        if self.attention_precision not in PRECISIONS:
+            raise ValueError(f"LongCatConfig.attention_precision={self.attention_precision!r}; expected one of "
+                             f"{PRECISIONS}")
         if isinstance(self.bsa_params, Mapping):
             rows = bsa_table_from_config(self.bsa_params)
             if rows is None:
@@ -221,8 +225,10 @@ class LongCatConfig:
         return cls(**kwargs)
 
     def attention_plan(self) -> AttentionPlan:
-        """The plan config.json asks for: BSA (bsa_params) on every layer and step when enable_bsa, else dense."""
-        return AttentionPlan(sparse=self.bsa_params) if self.enable_bsa else AttentionPlan.dense()
+        """The plan config.json asks for: BSA (bsa_params) on every layer and step when enable_bsa, else dense;
+        in `attention_precision` (jaxvid.attention.plan.PRECISIONS)."""
+        plan = AttentionPlan(sparse=self.bsa_params) if self.enable_bsa else AttentionPlan.dense()
+        return plan.with_precision(self.attention_precision) if self.attention_precision != "bf16" else plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,6 +648,13 @@ class LongCatVideoTransformer3D(nnx.Module):
         log.info("LongCat: block sparse attention enabled %s", plan.sparse)
         return plan
 
+    def set_attention_precision(self, precision: str) -> AttentionPlan:
+        """Attention arithmetic of the default plan from now on ("bf16", "fp8", "int8-fp8"); returns the plan."""
+        plan = self.cfg.attention_plan().with_precision(precision)  # checks the name
+        self.cfg = dataclasses.replace(self.cfg, attention_precision=precision)
+        log.info("LongCat: attention precision %s", precision)
+        return plan
+
     def disable_bsa(self) -> AttentionPlan:
         """Back to dense self-attention by default; returns the dense plan."""
         self.cfg = dataclasses.replace(self.cfg, enable_bsa=False)
@@ -688,7 +701,7 @@ class LongCatVideoTransformer3D(nnx.Module):
             raise ValueError(f"attention={attention!r}; expected None or an AttentionPlan whose sparse spec is "
                              "Dense() or BSA(...) (LongCat's self-attention)")
         # BSA only for latents with more than one frame ("bsa will not be used in image sampling")
-        sparse = attention.sparse if t > 1 else Dense()
+        sparse = attention.sparse if t > 1 else attention.dense_spec()
         if isinstance(sparse, BSA):
             self._check_bsa(sparse, grid, num_cond_latents, use_cache)
         plan = _Plan(grid=grid, num_cond_latents=int(num_cond_latents), spec=sparse, use_cache=use_cache,
@@ -730,7 +743,7 @@ class LongCatVideoTransformer3D(nnx.Module):
         """
         depth = self.cfg.depth
         graphdef, state = nnx.split(self.blocks)
-        segments = [(a, z, spec) for a, z, spec in ((0, n_dense, Dense()), (n_dense, depth, plan.spec)) if z > a]
+        segments = [(a, z, spec) for a, z, spec in ((0, n_dense, Dense(precision=plan.spec.precision)), (n_dense, depth, plan.spec)) if z > a]
         outputs = []
         for start, stop, spec in segments:
             layer_plan = dataclasses.replace(plan, spec=spec)

@@ -396,8 +396,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None, scheduler: str | None = None
-                        ) -> CogVideoXPipeline:
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None, scheduler: str | None = None,
+                        weights: str | None = None) -> CogVideoXPipeline:
         """Load a diffusers CogVideoX pipeline folder (model_index.json + transformer/, vae/,
         text_encoder/, tokenizer/, scheduler/) or its `jaxvid-convert`ed form.
 
@@ -415,7 +415,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
             scheduler = SCHEDULERS[class_name]
         dtype = resolve_dtype(dtype)
         t0 = time.perf_counter()
-        transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS)
+        # weights="fp8": the transformer's attention/MLP linears in e4m3 (jaxvid.models.fp8)
+        transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS, weights=weights)
         vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",))
         text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",))
         pipe = cls(

@@ -439,8 +439,8 @@ class LongCatPipeline:
                              f"{dit.cfg.caption_channels}")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any | None = None, progress: bool = True
-                        ) -> "LongCatPipeline":
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any | None = None, progress: bool = True,
+                        weights: str | None = None) -> "LongCatPipeline":
         """Load a LongCat-Video folder: dit/, text_encoder/, vae/, tokenizer/, scheduler/ and optional lora/.
 
         Each model folder may be upstream's (config.json + safetensors) or a converted jaxvid
@@ -456,7 +456,8 @@ class LongCatPipeline:
         if missing:
             raise ValueError(f"{path}: missing component folders {missing}; a LongCat-Video checkpoint has "
                              f"{list(COMPONENTS)} and lora/")
-        dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"])
+        # weights="fp8": the DiT's attention/MLP linears in e4m3 (jaxvid.models.fp8)
+        dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"], weights=weights)
         text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=["UMT5EncoderModel", "T5EncoderModel"])
         vae = load_model(path / "vae", dtype=dtype, expect=["AutoencoderKLWan"])
         sched_file = path / "scheduler" / "scheduler_config.json"
