@@ -544,8 +544,8 @@ class LongCatPipeline:
                                           chunk_3d_shape_k=chunk_3d_shape_k).items() if v is not None}
         if explicit:  # bad values fail here, not at the first run
             BSA.from_dict({**_bsa_dict(self.dit.cfg.bsa_params or BSA()), **explicit})
-        self._bsa_by_size = explicit
-        self.dit.disable_bsa()  # the per-run plan is passed explicitly
+        self._bsa_by_size = explicit  # takes precedence over the DiT's own switch (see _attention_for)
+        log.info("LongCat: block sparse attention by resolution%s", f", explicit {explicit}" if explicit else "")
 
     def bsa_choice(self, height: int, width: int) -> BSAChoice | None:
         """The BSA row a `height` x `width` run uses under enable_bsa_by_resolution (None when it is off)."""
