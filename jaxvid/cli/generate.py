@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("dense", "radial")
 DTYPE_CHOICES = ("bf16", "fp32", "fp16")
+OFFLOAD_CHOICES = ("none", "text", "model", "blocks")  # jaxvid.models.offload.OFFLOAD_POLICIES
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 # Options by the model that takes them (dest names). The rest are common to both.
@@ -84,6 +85,15 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     common.add_argument("--output", default="out.mp4",
                         help="video file, .mp4 or .gif (default out.mp4); --refine writes <name>_refine beside it")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # memory and compilation (issue 15): jaxvid.models.offload, jaxvid.compile_cache
+    common.add_argument("--offload", choices=OFFLOAD_CHOICES, default=None,
+                        help="where weights wait between uses: text = the text encoder in pinned host memory "
+                        "(default), model = every component, on the GPU only while it runs, blocks = as model and "
+                        "the DiT streams its layers from host memory inside each step, none = all on the GPU")
+    common.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="persistent compilation cache folder (default: $JAXVID_COMPILE_CACHE, else "
+                        "~/.cache/jaxvid/jax-compile): a second run of the same shapes compiles nothing")
+    common.add_argument("--no-compile-cache", action="store_true", help="neither read nor write the compilation cache")
 
     cog = p.add_argument_group("CogVideoX options")
     cog.add_argument("--dynamic-cfg", action="store_true", default=None,
@@ -311,7 +321,7 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
         fps = args.fps or default_fps(tcfg)
         image = video.load_image(args.image) if args.image is not None else None
         pipe = CogVideoXPipeline.from_pretrained(model_dir, dtype=args.dtype or _default_dtype(tiny),
-                                                 scheduler=args.scheduler)
+                                                 scheduler=args.scheduler, offload=args.offload)
         if args.vae_tiling if args.vae_tiling is not None else not tiny:
             pipe.enable_vae_tiling()
         # inside the `with`: the tiny folder (its tokenizer) must live until the prompt is encoded
@@ -403,7 +413,8 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
         refine_width=args.refine_width, spatial_refine_only=bool(args.spatial_refine_only),
         bsa_sparsity=args.bsa_sparsity)
     dtype = resolve_dtype(args.dtype or _default_dtype(False), "--dtype")
-    pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress)
+    pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress,
+                                           offload=args.offload)
     outputs = run_longcat(pipe, run)
     output = Path(args.output)
     written = []
@@ -424,8 +435,11 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
 
 def generate(args: argparse.Namespace) -> list[Path]:
     """Run one generation from parsed options (checked first); returns the written video paths."""
+    from jaxvid.compile_cache import enable_compile_cache
+
     check_numbers(args)
     check_output(args.output)
+    enable_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
     if args.model is not None:
         from jaxvid.pipelines.longcat import is_longcat_folder
 

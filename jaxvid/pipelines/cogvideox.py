@@ -9,9 +9,11 @@ previous x_0 and draws fresh noise every step), division by the VAE scaling fact
 rounding to uint8 as diffusers' VideoProcessor (PIL output) does.
 
 Every network runs as a pure jitted function of (graphdef, state, inputs): weights are arguments,
-never constants. The whole denoising loop is ONE executable (a `lax.fori_loop` over steps, see
-loop.py); an attention plan's dense timesteps switch with `lax.cond` inside it. Executables are
-cached by input shapes, so a second call with the same shapes does not compile again.
+never constants. The whole denoising loop is ONE executable (a `lax.fori_loop` over a traced step
+range, see loop.py: the host runs it one step per call while a progress bar shows, so no host
+callback keeps it out of the persistent compilation cache); an attention plan's dense timesteps
+switch with `lax.cond` inside it. Executables are cached by input shapes, so a second call with
+the same shapes does not compile again, nor does a second process (jaxvid.compile_cache).
 
 Random numbers (jax.random, so they differ from torch's): `generation_keys(seed)` splits the seed
 into the initial-noise key, the DPM per-step noise key (folded with the step index) and the key of
@@ -34,12 +36,15 @@ from flax import nnx
 from jaxvid.attention.plan import AttentionPlan
 from jaxvid.models.dtypes import DTYPES, resolve_dtype
 from jaxvid.models.loading import load_model, parse_config
+from jaxvid.models.offload import Offload
 from jaxvid.pipelines.loop import (
     CompiledFunction,
     Component,
     StepProgress,
+    StepRange,
     denoise_loop,
     guided_prediction,
+    run_steps,
     with_plan_switch,
 )
 from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
@@ -233,24 +238,24 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, tiling
 def _denoise(
     graphdef: nnx.GraphDef,
     spec: LoopSpec,
-    progress: StepProgress | None,
     state: nnx.State,
-    latents: jax.Array,
+    carry: Any,
+    steps: StepRange,
     prompt_embeds: jax.Array,
     image_latents: jax.Array | None,
     schedule: Any,
     guidance_scales: jax.Array,
     dpm_key: jax.Array,
-) -> jax.Array:
-    """The whole denoising loop: latents [B, F, C, h, w] -> denoised latents (same shape and dtype).
+) -> Any:
+    """The denoising loop over `steps` (traced [start, stop); the host drives it, see loop.run_steps):
+    carry -> carry. carry: latents [B, F, C, h, w] (DDIM), or (latents, previous x_0 float32) (DPM).
 
     prompt_embeds: [2B, L, D] = [negative; positive] with CFG, else [B, L, D]. image_latents:
     [B, F, C, h, w] (I2V) or None. schedule: the scheduler state (per-step tables, timesteps [N]).
     guidance_scales: float32 [N], the scale of each step.
     """
     plan = spec.attention
-    num_steps = schedule.timesteps.shape[0]
-    dtype = latents.dtype
+    dtype = (carry if spec.scheduler == "ddim" else carry[0]).dtype
     if image_latents is not None and spec.do_cfg:
         image_latents = jnp.concatenate([image_latents, image_latents], axis=0)
     ofs = None if spec.ofs is None else jnp.full((1,), spec.ofs, dtype)
@@ -275,7 +280,7 @@ def _denoise(
             out = cogvideox_ddim.step(spec.scheduler_config, schedule, pred, carry, i)
             return out.prev_sample.astype(dtype)
 
-        return denoise_loop(step, latents, num_steps, progress)
+        return denoise_loop(step, carry, steps)
 
     def dpm_step(i, carry):
         latents, old_x0 = carry
@@ -285,8 +290,7 @@ def _denoise(
                                  old_pred_original_sample=old_x0, noise=noise)
         return out.prev_sample.astype(dtype), out.pred_original_sample.astype(old_x0.dtype)
 
-    old_x0 = jnp.zeros(latents.shape, jnp.float32)
-    return denoise_loop(dpm_step, (latents, old_x0), num_steps, progress)[0]
+    return denoise_loop(dpm_step, carry, steps)
 
 
 # ============================================================================================
@@ -323,12 +327,15 @@ class CogVideoXPipeline:
         scheduler_config: CogVideoXSchedulerConfig,
         scheduler: str = "ddim",
         image_to_video: bool | None = None,
+        offload: str | Offload | None = None,
     ):
         if scheduler not in ("ddim", "dpm"):
             raise ValueError(f"scheduler={scheduler!r}; expected 'ddim' or 'dpm'")
-        self.transformer = Component(transformer)
-        self.vae = Component(vae)
-        self.text_encoder = Component(text_encoder)
+        # where weights wait between uses (jaxvid.models.offload; default: the text encoder on the host)
+        self.offload = offload if isinstance(offload, Offload) else Offload(offload)
+        self.transformer = Component(transformer, "transformer", self.offload)
+        self.vae = Component(vae, "vae", self.offload)
+        self.text_encoder = Component(text_encoder, "text_encoder", self.offload)
         self.tokenizer_dir = Path(tokenizer_dir)
         self._tokenizers: dict[int, TextTokenizer] = {}
         self.scheduler = scheduler
@@ -346,22 +353,23 @@ class CogVideoXPipeline:
         self.vae_tiling: Any = None  # a CogVideoXVAETiling, or None for untiled decoding
         self.progress = StepProgress(desc="denoising")
         self.last_timings: dict[str, float] = {}
-        self._denoise = CompiledFunction(
-            lambda graphdef, spec, *args: _denoise(graphdef, spec, self.progress, *args), static_argnums=(0, 1))
-        self._initial_noise = CompiledFunction(_initial_noise, static_argnums=(1, 2))
-        self._encode_text = CompiledFunction(_encode_text, static_argnums=(0, 3))
-        self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4))
-        self._decode = CompiledFunction(_decode, static_argnums=(0, 3, 4))
+        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), name="denoising loop")
+        self._initial_noise = CompiledFunction(_initial_noise, static_argnums=(1, 2), name="initial noise")
+        self._encode_text = CompiledFunction(_encode_text, static_argnums=(0, 3), name="text encoder")
+        self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4), name="image encoder")
+        self._decode = CompiledFunction(_decode, static_argnums=(0, 3, 4), name="VAE decode")
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None, scheduler: str | None = None
-                        ) -> CogVideoXPipeline:
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None, scheduler: str | None = None,
+                        offload: str | None = None) -> CogVideoXPipeline:
         """Load a diffusers CogVideoX pipeline folder (model_index.json + transformer/, vae/,
         text_encoder/, tokenizer/, scheduler/) or its `jaxvid-convert`ed form.
 
         dtype: "bf16" / "fp32" / "fp16" or a jnp dtype for every network; None keeps each
         component's stored dtype. scheduler: "ddim" / "dpm" to override the folder's scheduler.
+        offload: "none" / "text" (default) / "model" / "blocks" (jaxvid.models.offload); each
+        component is parked as soon as it has loaded, so loading never holds two parked ones on the device.
         """
         path = Path(path)
         _, _, image_to_video = read_pipeline_configs(path)  # checks the layout before any weight is read
@@ -374,13 +382,17 @@ class CogVideoXPipeline:
             scheduler = SCHEDULERS[class_name]
         dtype = resolve_dtype(dtype)
         t0 = time.perf_counter()
+        parking = Offload(offload)
         transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS)
+        parking.park_module("transformer", transformer)
         vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",))
+        parking.park_module("vae", vae)
         text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",))
+        parking.park_module("text_encoder", text_encoder)
         pipe = cls(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer_dir=path / "tokenizer",
             scheduler_config=parse_config(CogVideoXSchedulerConfig, sched_dict, sched_file), scheduler=scheduler,
-            image_to_video=image_to_video,
+            image_to_video=image_to_video, offload=parking,
         )
         log.info("loaded CogVideoX %s pipeline from %s in %.1f s (%s, %s scheduler)", "I2V" if image_to_video else "T2V", path,
                  time.perf_counter() - t0, jnp.dtype(transformer.cfg.dtype).name, scheduler)
@@ -434,7 +446,9 @@ class CogVideoXPipeline:
         """B prompts -> T5 embeddings [B, L, D] in the transformer's dtype."""
         ids = self.tokenizer(max_sequence_length)(prompts).input_ids
         enc = self.text_encoder
-        return self._encode_text(enc.graphdef, enc.state, jnp.asarray(ids), jnp.dtype(self.transformer.module.cfg.dtype))
+        with enc.resident() as state:
+            return jax.block_until_ready(
+                self._encode_text(enc.graphdef, state, jnp.asarray(ids), jnp.dtype(self.transformer.module.cfg.dtype)))
 
     def encode_image(self, image: Any, height: int, width: int, key: jax.Array, batch: int) -> jax.Array:
         """Preprocess and VAE-encode the conditioning image -> scaled latents [B, 1, C, h, w]."""
@@ -443,7 +457,8 @@ class CogVideoXPipeline:
         pixels = jnp.broadcast_to(pixels, (batch,) + pixels.shape[1:])
         # diffusers: image latents * scaling_factor, or / it for VAEs trained that way (invert_scale_latents)
         scale = 1.0 / vcfg.scaling_factor if vcfg.invert_scale_latents else vcfg.scaling_factor
-        latents = self._encode_image(self.vae.graphdef, self.vae.state, pixels, key, float(scale))
+        with self.vae.resident() as state:
+            latents = jax.block_until_ready(self._encode_image(self.vae.graphdef, state, pixels, key, float(scale)))
         return latents.astype(self.transformer.module.cfg.dtype)
 
     def image_latents_for(self, first: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
@@ -463,8 +478,9 @@ class CogVideoXPipeline:
         """Latents [B, F, C, h, w] (scaled) -> frames [B, 1 + 4(F - 1), H, W, 3]: uint8 (rounded as
         diffusers' PIL output), or float32 in [0, 1] with output_type="np"."""
         vcfg = self.vae.module.cfg
-        frames = self._decode(self.vae.graphdef, self.vae.state, latents, self.vae_tiling, float(vcfg.scaling_factor))
-        return finish_frames(frames, output_type, rounding="round")
+        with self.vae.resident() as state:
+            frames = self._decode(self.vae.graphdef, state, latents, self.vae_tiling, float(vcfg.scaling_factor))
+            return finish_frames(frames, output_type, rounding="round")
 
     # ---- generation ---------------------------------------------------------------------
     def default_geometry(self) -> VideoGeometry:
@@ -571,15 +587,25 @@ class CogVideoXPipeline:
                         attention=attention, ofs=I2V_OFS if tcfg.ofs_embed_dim else None)
         self.progress.enabled = progress
         tr = self.transformer
-        args = (tr.graphdef, spec, tr.state, noise, embeds, image_latents, schedule,
-                jnp.asarray(scales, jnp.float32), keys.dpm)
-        timings["compile"] += self._denoise.prepare(*args)  # compile before the bar starts
-        self.progress.start(num_inference_steps)
-        t0 = time.perf_counter()
-        try:
-            out = jax.block_until_ready(self._denoise(*args))
-        finally:
-            self.progress.close()
+        scales = jnp.asarray(scales, jnp.float32)
+        carry = noise if self.scheduler == "ddim" else (noise, jnp.zeros(noise.shape, jnp.float32))
+
+        with tr.resident() as tr_state:
+
+            def run_range(steps: StepRange, carry: Any) -> Any:
+                return self._denoise(tr.graphdef, spec, tr_state, carry, steps, embeds, image_latents, schedule,
+                                     scales, keys.dpm)
+
+            # compile before the bar starts
+            timings["compile"] += self._denoise.prepare(tr.graphdef, spec, tr_state, carry, StepRange.of(0, 1),
+                                                        embeds, image_latents, schedule, scales, keys.dpm)
+            self.progress.start(num_inference_steps)
+            t0 = time.perf_counter()
+            try:
+                out = run_steps(run_range, carry, num_inference_steps, self.progress)
+            finally:
+                self.progress.close()
+        out = out if self.scheduler == "ddim" else out[0]
         timings["steps"] = time.perf_counter() - t0
         timings["per_step"] = timings["steps"] / num_inference_steps
 
