@@ -293,17 +293,16 @@ def run_steps(
 ) -> Carry:
     """Drive a jitted `denoise_loop` over steps [0, num_steps) from the host; returns the final carry.
 
-    `run_range(steps, carry)` calls the pipeline's compiled loop for a `StepRange`. Without a bar
-    (`progress` None or disabled) and without `callback`, it is called once for all steps (and
-    `progress.step_times` stays empty); otherwise once per step: the bar ticks (and `callback(step, carry)` sees the step's device
-    arrays) as each step finishes. Step i + 1 is queued before waiting for step i (JAX dispatches
+    `run_range(steps, carry)` calls the pipeline's compiled loop for a `StepRange`. Without
+    `progress` and `callback` it is called once for all steps; otherwise once per step (a disabled
+    bar still records `progress.step_times`): the bar ticks (and `callback(step, carry)` sees the
+    step's device arrays) as each step finishes. Step i + 1 is queued before waiting for step i (JAX dispatches
     asynchronously), so the device does not idle between steps. The caller owns
     `progress.start/close`, as with an in-loop bar.
     """
     if num_steps < 1:
         return carry
-    per_step = callback is not None or (progress is not None and progress.enabled)
-    if not per_step:
+    if progress is None and callback is None:
         return jax.block_until_ready(run_range(StepRange.of(0, num_steps), carry))
     pending: Any = None
     for i in range(num_steps):
