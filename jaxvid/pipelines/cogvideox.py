@@ -232,7 +232,28 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, tiling
     vae = nnx.merge(graphdef, state)
     z = latents.transpose(0, 2, 1, 3, 4) / scaling_factor
     video = vae.decode(z.astype(vae.cfg.dtype), tiling=tiling)
+    return _to_frames01(video)
+
+
+def _to_frames01(video: jax.Array) -> jax.Array:
+    """VAE output [B, 3, F', H, W] -> float32 frames [B, F', H, W, 3] in [0, 1] (clamp(x / 2 + 0.5), as diffusers)."""
     return jnp.clip(video.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 4, 1)
+
+
+def _decode_tile(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, origin: tuple[jax.Array, jax.Array],
+                 size: tuple[int, int], scaling_factor: float) -> jax.Array:
+    """latents [B, F, C, h, w] -> the decoded tile at latent `origin` (traced: one executable per tile
+    `size`) [B, F', size * s, 3] channels-last, not yet blended."""
+    vae = nnx.merge(graphdef, state)
+    z = latents.transpose(0, 2, 1, 3, 4) / scaling_factor
+    return vae.decode_tile(z.astype(vae.cfg.dtype), origin, size)
+
+
+def _stitch_tiles(layout: Any, tiles: dict[tuple[int, int], jax.Array]) -> jax.Array:
+    """Decoded tiles (origin -> [B, F', h, w, 3]) -> blended, stitched float32 frames [B, F', H, W, 3] in [0, 1]."""
+    from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX
+
+    return _to_frames01(AutoencoderKLCogVideoX.stitch_decoded(tiles, layout))
 
 
 def _denoise(
@@ -358,6 +379,8 @@ class CogVideoXPipeline:
         self._encode_text = CompiledFunction(_encode_text, static_argnums=(0, 3), name="text encoder")
         self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4), name="image encoder")
         self._decode = CompiledFunction(_decode, static_argnums=(0, 3, 4), name="VAE decode")
+        self._decode_tile = CompiledFunction(_decode_tile, static_argnums=(0, 4, 5), name="VAE decode tile")
+        self._stitch_tiles = CompiledFunction(_stitch_tiles, static_argnums=(0,), name="VAE tile stitching")
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -478,9 +501,31 @@ class CogVideoXPipeline:
         """Latents [B, F, C, h, w] (scaled) -> frames [B, 1 + 4(F - 1), H, W, 3]: uint8 (rounded as
         diffusers' PIL output), or float32 in [0, 1] with output_type="np"."""
         vcfg = self.vae.module.cfg
+        b, f, c, h, w = latents.shape
+        layout = self.vae.module.decode_layout((b, c, f, h, w), self.vae_tiling)
         with self.vae.resident() as state:
-            frames = self._decode(self.vae.graphdef, state, latents, self.vae_tiling, float(vcfg.scaling_factor))
+            if layout is None:
+                frames = self._decode(self.vae.graphdef, state, latents, self.vae_tiling, float(vcfg.scaling_factor))
+            else:
+                frames = self._decode_tiled(state, latents, layout)
             return finish_frames(frames, output_type, rounding="round")
+
+    def _decode_tiled(self, state: nnx.State, latents: jax.Array, layout: Any) -> jax.Array:
+        """Tiled decode as separate programs: one executable per tile shape (at most four, compiled
+        side by side), reused for every tile of that shape, then one stitching program. The same
+        numbers as one `vae.decode(tiling=...)` program, whose first compile holds the decoder once
+        per tile. `self._decode.last_compile_seconds` gets the compile time of all of them."""
+        vae = self.vae
+        scale = float(vae.module.cfg.scaling_factor)
+
+        def tile_args(origin: tuple[int, int], size: tuple[int, int]) -> tuple[Any, ...]:
+            return (vae.graphdef, state, latents, (np.int32(origin[0]), np.int32(origin[1])), size, scale)
+
+        compile_s = self._decode_tile.prepare_many([tile_args(o, s) for o, s in layout.shapes])
+        tiles = {origin: self._decode_tile(*tile_args(origin, size)) for origin, size in layout.shapes}
+        frames = self._stitch_tiles(layout, tiles)
+        self._decode.last_compile_seconds = compile_s + self._stitch_tiles.last_compile_seconds
+        return frames
 
     # ---- generation ---------------------------------------------------------------------
     def default_geometry(self) -> VideoGeometry:
