@@ -59,10 +59,16 @@ def resolve_cache_dir(path: str | os.PathLike | None = None, *, enabled: bool = 
 def enable_compile_cache(path: str | os.PathLike | None = None, *, enabled: bool = True) -> Path | None:
     """Turn JAX's persistent compilation cache on (folder from `resolve_cache_dir`) or off.
 
-    Call before the first compile of the process (JAX fixes its cache on first use). Returns the
-    folder in use, or None when caching is off. Raises ValueError if the folder cannot be created.
+    Best called before the first compile of the process; a later call with another folder resets
+    JAX's cache object so the new folder is used from then on. Returns the folder in use, or None
+    when caching is off. Raises ValueError if the folder cannot be created.
     """
     folder = resolve_cache_dir(path, enabled=enabled)
+    if (str(folder) if folder else None) != cache_dir_in_use():
+        # JAX opens its cache once; forget it so a second call with another folder takes effect
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
     if folder is None:
         jax.config.update("jax_compilation_cache_dir", None)
         jax.config.update("jax_enable_compilation_cache", False)
