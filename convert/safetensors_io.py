@@ -188,6 +188,29 @@ class SafetensorsReader:
             raise SafetensorsError(f"{info.file}: truncated while reading {key!r}")
         return np.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
+    def read_mapped(self, key: str) -> np.ndarray:
+        """A read-only view of one tensor's bytes in a memory map of its file (no copy; pages are
+        read when the view is touched). The loader hands it straight to a host->device copy, so
+        bytes go from the page cache to the device without a per-tensor host copy. The view is
+        only valid while the file is unchanged (as any mmap): it must not outlive the load.
+        """
+        info = self.info(key)
+        count = int(np.prod(info.shape, dtype=np.int64))
+        if count == 0:
+            return np.zeros(info.shape, info.dtype)
+        maps = self.__dict__.setdefault("_maps", {})
+        if info.file not in maps:
+            import mmap
+
+            with open(info.file, "rb") as f:
+                maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(maps[info.file], dtype=info.dtype, count=count, offset=info.start).reshape(info.shape)
+
+    def nbytes(self, key: str) -> int:
+        """Stored size of one tensor in bytes."""
+        info = self.info(key)
+        return info.end - info.start
+
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._index:
             yield key, self.read(key)

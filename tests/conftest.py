@@ -10,6 +10,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The upstream-made fixtures live in the repo (a clone needs nothing beside it); JAXVID_FIXTURES
 # points the suite at another copy.
 FIXTURES_ROOT = REPO_ROOT / "tests" / "fixtures"
+# The CLI turns JAX's persistent compilation cache on by default (~/.cache/jaxvid/jax-compile); tests
+# never write there: off unless a test (tests/test_compile_cache.py) names a folder of its own.
+os.environ.setdefault("JAXVID_COMPILE_CACHE", "off")
 
 
 def _fixtures_root() -> Path:

@@ -80,6 +80,8 @@ def _component(fn, module):
     """module.<method> through the pipeline's thin jitted wrapper (nnx.merge + one call): sharing its
     compilations saves ~1 min of CPU compile time; the pipeline logic under test is all outside it."""
     graphdef, state = nnx.split(module)
+    # on the device even where the pipeline's offload policy parks it in host memory
+    state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device"))
     return lambda *args: fn(graphdef, state, *args)
 
 

@@ -139,3 +139,20 @@ def test_bad_arguments_raise(folders, tmp_path):
         tok([1, 2])
     with pytest.raises(ValueError, match="prompts"):
         tok([])
+
+
+def test_tiny_tokenizer_json_loads_in_transformers_with_the_spiece_ids(tmp_path):
+    """bench/e2e.py writes tokenizer.json for diffusers' side: transformers reads it alone (no
+    spiece.model to convert) and gives the ids transformers gives from spiece.model."""
+    from jaxvid.synthetic.cogvideox import _tokenizer_config, tiny_spiece_model, write_tokenizer_json
+
+    spm_dir, json_dir = tmp_path / "spm", tmp_path / "json"
+    for d in (spm_dir, json_dir):
+        d.mkdir()
+        (d / "spiece.model").write_bytes(tiny_spiece_model())
+        (d / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config()))
+    write_tokenizer_json(json_dir)
+    (json_dir / "spiece.model").unlink()
+    prompt = "A panda, dressed in a small red jacket <extra_id_0> plays </s> by the lake."
+    ref = T5Tokenizer.from_pretrained(spm_dir, legacy=True)(prompt).input_ids
+    assert T5Tokenizer.from_pretrained(json_dir)(prompt).input_ids == ref

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -141,6 +142,38 @@ def test_decode_tiled(models, tiled_pt):
     # Tiling really happens at these sizes: tiles see less context, so the result differs.
     assert rel_l2(untiled, ref) > 1e-2
     out = jx.decode(jnp.asarray(z.numpy()), tiling=CogVideoXVAETiling(**TILE))
+    assert out.shape == ref.shape == (1, 3, 9, 32, 24)
+    assert rel_l2(out, ref) <= 1e-4
+
+
+@pytest.mark.slow  # four decoder compiles (in parallel threads)
+def test_decode_tiled_one_program_per_tile_shape(models, tiled_pt):
+    """The pipelines' tiled decode: one compiled program per tile shape (origin traced), reused for
+    every tile of that shape, then a stitching program; diffusers' tiled_decode is the reference."""
+    from jaxvid.pipelines.cogvideox import _decode_tile
+    from jaxvid.pipelines.loop import CompiledFunction
+
+    _, jx = models
+    z = torch.randn(1, 4, 3, 8, 6, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = tiled_pt.decode(z).sample.numpy()
+    layout = jx.decode_layout(tuple(z.shape), CogVideoXVAETiling(**TILE))
+    assert layout is not None and len(layout.shapes) == 9 and len(layout.groups()) == 4
+    assert jx.decode_layout((1, 4, 3, 4, 4), CogVideoXVAETiling(**TILE)) is None  # fits one tile
+    assert jx.decode_layout(tuple(z.shape), None) is None
+
+    graphdef, state = nnx.split(jx)
+    latents = jnp.asarray(z.numpy()).transpose(0, 2, 1, 3, 4)  # the pipeline's [B, F, C, h, w]
+    decode_tile = CompiledFunction(_decode_tile, static_argnums=(0, 4, 5), name="tile")
+
+    def args(origin, size):
+        return graphdef, state, latents, (np.int32(origin[0]), np.int32(origin[1])), size, 1.0
+
+    decode_tile.prepare_many([args(o, s) for o, s in layout.shapes])
+    assert decode_tile.num_compiled == 4  # one executable per tile shape, not per tile
+    tiles = {o: decode_tile(*args(o, s)) for o, s in layout.shapes}
+    assert decode_tile.num_compiled == 4
+    out = jax.jit(AutoencoderKLCogVideoX.stitch_decoded, static_argnums=1)(tiles, layout)
     assert out.shape == ref.shape == (1, 3, 9, 32, 24)
     assert rel_l2(out, ref) <= 1e-4
 

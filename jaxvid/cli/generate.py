@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("dense", "radial")
 DTYPE_CHOICES = ("bf16", "fp32", "fp16")
+OFFLOAD_CHOICES = ("none", "text", "model", "blocks")  # jaxvid.models.offload.OFFLOAD_POLICIES
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 # Options by the model that takes them (dest names). The rest are common to both.
@@ -95,6 +96,15 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     common.add_argument("--video", default=None,
                         help="CogVideoX (T2V): video-to-video input; LongCat continue / long: the video to continue; "
                         "refine: the stage-1 video")
+    # memory and compilation (issue 15): jaxvid.models.offload, jaxvid.compile_cache
+    common.add_argument("--offload", choices=OFFLOAD_CHOICES, default=None,
+                        help="where weights wait between uses: text = the text encoder in pinned host memory "
+                        "(default), model = every component, on the GPU only while it runs, blocks = as model and "
+                        "the DiT streams its layers from host memory inside each step, none = all on the GPU")
+    common.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="persistent compilation cache folder (default: $JAXVID_COMPILE_CACHE, else "
+                        "~/.cache/jaxvid/jax-compile): a second run of the same shapes compiles nothing")
+    common.add_argument("--no-compile-cache", action="store_true", help="neither read nor write the compilation cache")
 
     cog = p.add_argument_group("CogVideoX options")
     cog.add_argument("--dynamic-cfg", action="store_true", default=None,
@@ -496,7 +506,8 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
         image = video.load_image(args.image) if args.image is not None else None
         log.info("%s", _cogvideox_summary(args, geometry, sampling, sources, loras, plan))
         pipe = CogVideoXPipeline.from_pretrained(model_dir, dtype=args.dtype or _default_dtype(tiny),
-                                                 scheduler=args.scheduler, weights=args.weights)
+                                                 scheduler=args.scheduler, weights=args.weights,
+                                                 offload=args.offload)
         if loras:
             names = [pipe.load_lora_weights(path, adapter_name=f"lora{i}_{Path(path).stem}")
                      for i, (path, _) in enumerate(loras)]
@@ -648,7 +659,7 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
         bsa_chunk_q=args.bsa_chunk_q, bsa_chunk_k=args.bsa_chunk_k)
     dtype = resolve_dtype(args.dtype or _default_dtype(False), "--dtype")
     pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress,
-                                           weights=args.weights)
+                                           weights=args.weights, offload=args.offload)
     if args.attention_precision is not None:
         pipe.dit.set_attention_precision(args.attention_precision)
     outputs, attention = run_longcat_report(pipe, run)
@@ -671,8 +682,11 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
 
 def generate(args: argparse.Namespace) -> list[Path]:
     """Run one generation from parsed options (checked first); returns the written video paths."""
+    from jaxvid.compile_cache import enable_compile_cache
+
     check_numbers(args)
     check_output(args.output)
+    enable_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
     if args.model is not None:
         from jaxvid.pipelines.longcat import is_longcat_folder
 

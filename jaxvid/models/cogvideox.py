@@ -33,6 +33,7 @@ from jaxvid.models.layers import (
     sincos_3d,
     timestep_embedding,
 )
+from jaxvid.models.offload import stream_in
 
 __all__ = ["CogVideoXConfig", "CogVideoXBlock", "CogVideoXTransformer3D", "rotary_table", "resize_crop_region"]
 
@@ -534,10 +535,13 @@ class CogVideoXTransformer3D(nnx.Module):
                 outputs.append(attn)
             return x, enc, jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
         for start, stop, spec in self._segments(attention):
-            seg = jax.tree.map(lambda a: a[start:stop], state)
+            # The whole stack is not sliced, so blocks parked in host memory (offload="blocks") are
+            # only ever sliced by the scan, one layer at a time.
+            seg = state if (start, stop) == (0, self.cfg.num_layers) else jax.tree.map(lambda a: a[start:stop], state)
 
             def body(carry, layer_state, spec=spec):
-                block = nnx.merge(graphdef, layer_state)
+                # offload="blocks": this layer's host-resident weights are copied in here
+                block = nnx.merge(graphdef, stream_in(layer_state))
                 return block(*carry, temb, rope, spec=spec, layout=layout), None
 
             (x, enc), _ = jax.lax.scan(body, (x, enc), seg)

@@ -6,6 +6,7 @@ random init of billions of parameters happens and no second copy is kept.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -19,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.apply import check_rules, dominant_float_dtype, iter_assembled
+from convert.apply import check_rules, dominant_float_dtype
 from convert.checkpoint import CheckpointReader, is_checkpoint
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
+from convert.transforms import Transform
 from jaxvid.models.dtypes import resolve_dtype
 from jaxvid.models.fp8 import SCALE_SUFFIX, is_fp8_state, quantize_model_fp8, resolve_weights
 from jaxvid.models.registry import MODELS, ModelEntry, resolve
@@ -106,6 +108,185 @@ def model_specs(model_cls: Callable[..., nnx.Module], cfg: Any) -> dict[str, jax
     return abstract_params(abstract)[1]
 
 
+# ------------------------------------------------------------------ loading at storage speed
+#
+# Each tensor goes from the mapped file (page cache) to the device in its stored layout and dtype,
+# and is transposed / reshaped / cast there by a small jitted program: no per-tensor host copy.
+# Host->device copies run in a thread pool so several tensors are in flight (device_put releases
+# the GIL; page faults of a cold cache overlap too), at most `max_in_flight` tensors and
+# `max_bytes_in_flight` bytes: without that cap every per-layer slice of a stacked parameter would
+# land on the device before the first was written into its stacked buffer (2x the model; the
+# 24 GiB and 16 GiB runs of CogVideoX-5b ran out of memory that way). Stacked parameters (per-layer
+# tables into one [L, ...] array) are filled slice by slice into a donated device buffer.
+
+_NAMED_PERMUTATIONS = {"linear_T": (1, 0), "conv1d_to_kio": (2, 1, 0), "conv2d_to_hwio": (2, 3, 1, 0),
+                       "conv3d_to_dhwio": (2, 3, 4, 1, 0)}
+LOAD_THREADS = 8
+MAX_IN_FLIGHT = 32  # tensors submitted to the copy threads and not yet placed
+MAX_BYTES_IN_FLIGHT = 1 << 30  # their stored + loaded bytes (one larger tensor still goes alone)
+DEVICE_MIN_BYTES = 1 << 22  # tensors from 4 MB up change layout on the device; smaller ones on the host
+
+
+def _device_steps(name: str) -> list[tuple[str, Any]] | None:
+    """A transform's name -> the layout steps it stands for, or None if unknown (host fallback).
+
+    Steps are ("transpose", axes), ("flatten1", None) or ("reshape", None) (the target shape
+    comes from shape_fn); "+" chains steps left to right, as convert.transforms.chain names them.
+    """
+    steps: list[tuple[str, Any]] = []
+    for part in name.split("+"):
+        if part == "identity":
+            continue
+        if part in _NAMED_PERMUTATIONS:
+            steps.append(("transpose", _NAMED_PERMUTATIONS[part]))
+        elif part.startswith("transpose(") and part.endswith(")"):
+            steps.append(("transpose", tuple(int(a) for a in part[len("transpose("):-1].split(",") if a.strip())))
+        elif part == "conv_patch_to_linear":  # [O, I, p, p] -> [O, I*p*p] -> transposed
+            steps += [("flatten1", None), ("transpose", (1, 0))]
+        elif part.startswith("reshape") or part.startswith("flatten_gamma"):
+            steps.append(("reshape", None))
+        else:
+            return None
+    return steps
+
+
+def device_transform(transform: Transform, src_shape: tuple[int, ...], dtype: Any
+                     ) -> Callable[[jax.Array], jax.Array] | None:
+    """A jitted device version of `transform` for a source of `src_shape`, cast to `dtype`; None if
+    the transform is not a known pure layout change (then the loader runs it on the host)."""
+    steps = _device_steps(transform.name)
+    if steps is None:
+        return None
+    return _device_fn(tuple(steps), tuple(src_shape), tuple(transform.shape_fn(tuple(src_shape))), jnp.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_fn(steps: tuple[tuple[str, Any], ...], src_shape: tuple[int, ...], out_shape: tuple[int, ...],
+               dtype: Any) -> Callable[[jax.Array], jax.Array]:
+    def fn(x: jax.Array) -> jax.Array:
+        for op, arg in steps:
+            if op == "transpose":
+                x = jnp.transpose(x, arg)
+            elif op == "flatten1":
+                x = x.reshape(x.shape[0], -1)
+            else:
+                x = x.reshape(out_shape)
+        if x.shape != out_shape:
+            raise ValueError(f"device transform {steps} of {src_shape} gave {x.shape}, expected {out_shape}")
+        return x.astype(dtype)
+
+    return jax.jit(fn)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_slice(buffer: jax.Array, value: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), index, 0)
+
+
+def _stored_nbytes(source: Any, key: str) -> int:
+    if hasattr(source, "nbytes"):
+        return int(source.nbytes(key))
+    return int(np.prod(source.shape(key), dtype=np.int64)) * np.dtype(source.dtype(key)).itemsize
+
+
+def load_arrays(
+    rules: list[Rule],
+    source: Any,
+    specs: dict[str, Any],
+    *,
+    device: Any = None,
+    progress: bool = True,
+    desc: str = "loading",
+    max_in_flight: int = MAX_IN_FLIGHT,
+    max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT,
+) -> dict[str, jax.Array]:
+    """Every target array of checked `rules` (see convert.apply.check_rules) on `device` (default:
+    the first device), in the dtype of `specs[path]`. Returns target path -> array.
+
+    Sources with `read_mapped` (safetensors) are copied from their memory map; others (jaxvid
+    checkpoints) are read one tensor at a time on this thread. A tqdm bar counts stored bytes.
+    Exact: transposes and reshapes move bytes; casts round as numpy's astype does.
+    Device memory beyond the loaded arrays: at most `max_in_flight` tensors and about
+    `max_bytes_in_flight` bytes (stored + loaded size) at a time.
+    """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    if max_in_flight < 1 or max_bytes_in_flight < 1:
+        raise ValueError(f"max_in_flight={max_in_flight}, max_bytes_in_flight={max_bytes_in_flight}; expected >= 1")
+    read = getattr(source, "read_mapped", None) or source.read
+    total = sum(_stored_nbytes(source, r.source) for r in rules)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=not progress,
+               leave=False)
+    target = device if device is not None else jax.devices()[0]
+    device_memory = jax.sharding.SingleDeviceSharding(target, memory_kind="device") \
+        if "device" in {m.kind for m in _memories(target)} else target
+
+    def to_device(r: Rule, host: np.ndarray) -> jax.Array:
+        dtype = np.dtype(specs[r.target_path].dtype)
+        # may_alias=False: a CPU "device" array must never alias the file mapping itself
+        if r.transform.name == "identity" and host.dtype == dtype:
+            out = jax.device_put(host, device_memory, may_alias=False)  # the common case: no program at all
+        else:
+            # Small tensors change layout on the host: a device program per small shape would cost
+            # more to compile than the copy it saves.
+            fn = device_transform(r.transform, tuple(host.shape), dtype) if host.nbytes >= DEVICE_MIN_BYTES else None
+            if fn is None:
+                host = np.ascontiguousarray(r.transform(np.asarray(host)).astype(dtype, copy=False))
+                out = jax.device_put(host, device_memory, may_alias=False)
+            else:
+                out = fn(jax.device_put(host, device_memory, may_alias=False))
+        jax.block_until_ready(out)  # the mapped view is released only once copied
+        bar.update(_stored_nbytes(source, r.source))
+        return out
+
+    arrays: dict[str, jax.Array] = {}
+    stacked: dict[str, jax.Array] = {}
+    in_flight: deque[tuple[Rule, Future, int]] = deque()
+    bytes_in_flight = 0
+
+    def place_oldest() -> None:
+        nonlocal bytes_in_flight
+        r, fut, cost = in_flight.popleft()
+        value = fut.result()
+        bytes_in_flight -= cost
+        path, index = r.target_path, r.target_index
+        if index is None:
+            arrays[path] = value
+            return
+        if path not in stacked:
+            spec = specs[path]
+            stacked[path] = jax.device_put(jnp.zeros(tuple(spec.shape), spec.dtype), device_memory)
+        # written before the next one is placed, so no slices wait beside the buffer unbounded
+        stacked[path] = jax.block_until_ready(_set_slice(stacked[path], value, np.int32(index)))
+
+    with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
+        for r in rules:
+            spec = specs[r.target_path]
+            n = int(np.prod(tuple(spec.shape)[1:] if r.target_index is not None else tuple(spec.shape),
+                            dtype=np.int64))
+            cost = _stored_nbytes(source, r.source) + n * np.dtype(spec.dtype).itemsize
+            while in_flight and (len(in_flight) >= max_in_flight or bytes_in_flight + cost > max_bytes_in_flight):
+                place_oldest()
+            in_flight.append((r, pool.submit(to_device, r, read(r.source)), cost))
+            bytes_in_flight += cost
+        while in_flight:
+            place_oldest()
+    arrays.update(stacked)
+    jax.block_until_ready(list(arrays.values()))
+    bar.close()
+    return arrays
+
+
+def _memories(device: Any) -> list[Any]:
+    try:
+        return list(device.addressable_memories())
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return []
+
+
 def fill_model(
     model_cls: Callable[..., nnx.Module],
     cfg: Any,
@@ -115,15 +296,16 @@ def fill_model(
     ignore: Iterable[str] = (),
     what: str = "checkpoint",
     fp8: bool = False,
+    progress: bool = True,
 ) -> nnx.Module:
     """Build `model_cls(cfg)` abstractly and fill every Param from `source` through `rules`.
 
     fp8: the abstract model has fp8 linears (jaxvid.models.fp8), as a converted `--weights fp8`
     checkpoint stores them.
 
-    Each parameter moves to the device as soon as it is complete and its host copy is dropped, so
-    host memory holds only the stacked parameters still being assembled (with per-layer key tables,
-    all stacked ones until the last layer is read) beyond what the device holds.
+    Tensors go to the device in their stored layout and are transformed there (`load_arrays`), so
+    host memory holds no copy of any weight, and device memory holds the model plus the few
+    tensors in flight.
     """
     def build() -> nnx.Module:
         model = model_cls(cfg, rngs=nnx.Rngs(0))
@@ -132,7 +314,7 @@ def fill_model(
     abstract = nnx.eval_shape(build)
     graphdef, specs, flat, rest = abstract_params(abstract)
     rules = check_rules(rules, source, specs, ignore=ignore, what=what)
-    arrays = {path: jnp.asarray(host) for path, host in iter_assembled(rules, source, specs)}
+    arrays = load_arrays(rules, source, specs, progress=progress, desc=f"loading {Path(what).name or what}")
     filled = []
     for path, v in flat:
         key = ".".join(str(p) for p in path)

@@ -37,6 +37,7 @@ from flax import nnx
 from jaxvid.attention import BSA, PRECISIONS, AttentionPlan, Dense, VideoLayout, attend
 from jaxvid.attention.dense import dense_attention
 from jaxvid.attention.presets import BSARow, bsa_table_from_config
+from jaxvid.models.offload import stream_in
 
 log = logging.getLogger(__name__)
 
@@ -747,11 +748,16 @@ class LongCatVideoTransformer3D(nnx.Module):
         outputs = []
         for start, stop, spec in segments:
             layer_plan = dataclasses.replace(plan, spec=spec)
-            xs = jax.tree.map(lambda a: a[start:stop], (state, cache, block_lora))
+            # The whole stack is not sliced, so blocks parked in host memory (offload="blocks") are
+            # only ever sliced by the scan, one layer at a time.
+            xs = (state, cache, block_lora)
+            if (start, stop) != (0, depth):
+                xs = jax.tree.map(lambda a: a[start:stop], xs)
 
             def body(x, layer, layer_plan=layer_plan):
                 layer_state, layer_cache, layer_lora = layer
-                return nnx.merge(graphdef, layer_state)(x, *inputs, layer_plan, layer_cache, layer_lora)
+                # offload="blocks": this layer's host-resident weights are copied in here
+                return nnx.merge(graphdef, stream_in(layer_state))(x, *inputs, layer_plan, layer_cache, layer_lora)
 
             x, kv = jax.lax.scan(body, x, xs)
             outputs.append(kv)

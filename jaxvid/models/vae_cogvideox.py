@@ -642,34 +642,45 @@ class _TileGrid:
             )
 
 
-def run_tiled(fn: Callable[[Array], Array], x: Array, grid: _TileGrid) -> Array:
-    """Apply `fn` to overlapping spatial tiles of x [B, F, H, W, C], blend and stitch the outputs.
+@dataclasses.dataclass(frozen=True, slots=True)
+class TileLayout:
+    """The tiles of one tiled pass (hashable, so it can be a static jit argument).
 
-    The output has the size `fn(x)` would have for every input size (upstream keeps a fixed
-    `tile - blend` rows per tile, which overshoots when that differs from the stride, e.g. 36 x 34
-    for a 32 x 32 video with small tiles). Where upstream's geometry is consistent (blend ==
-    overlap, as for every released CogVideoX VAE at its default tiling) the result is upstream's.
-    Tiles of one shape are stacked and mapped (`lax.map`), so each shape is traced once.
+    rows / cols: tile origins along H and W (input units); shapes: ((row, col), (tile_h, tile_w))
+    per tile in row-major order. Tiles at the bottom and right edges are smaller, so a pass has at
+    most four distinct tile shapes however many tiles it has.
     """
-    height, width = x.shape[2:4]
-    rows = range(0, height, grid.stride[0])
-    cols = range(0, width, grid.stride[1])
-    groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-    for i in rows:
-        for j in cols:
-            shape = (min(grid.size[0], height - i), min(grid.size[1], width - j))
-            groups[shape].append((i, j))
-    outputs: dict[tuple[int, int], Array] = {}
-    for (th, tw), origins in groups.items():
-        stacked = jnp.stack([x[:, :, i:i + th, j:j + tw] for i, j in origins])
-        mapped = fn(stacked[0])[None] if len(origins) == 1 else jax.lax.map(fn, stacked)
-        for k, origin in enumerate(origins):
-            outputs[origin] = mapped[k]
+
+    grid: _TileGrid
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+    shapes: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
+
+    def groups(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        """Tile shape -> origins of the tiles of that shape (row-major order)."""
+        out: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+        for origin, shape in self.shapes:
+            out[shape].append(origin)
+        return dict(out)
+
+
+def tile_layout(height: int, width: int, grid: _TileGrid) -> TileLayout:
+    """The tiles that cover an input of height x width (in the grid's input units)."""
+    rows = tuple(range(0, height, grid.stride[0]))
+    cols = tuple(range(0, width, grid.stride[1]))
+    shapes = tuple(((i, j), (min(grid.size[0], height - i), min(grid.size[1], width - j))) for i in rows for j in cols)
+    return TileLayout(grid, rows, cols, shapes)
+
+
+def stitch_tiles(outputs: dict[tuple[int, int], Array], layout: TileLayout) -> Array:
+    """Blend each output tile [B, F, h, w, C] (by origin) with its already blended neighbours above
+    and to the left, keep `grid.out_stride` rows/cols of each, and concatenate: [B, F, H, W, C]."""
+    grid = layout.grid
     blended: dict[tuple[int, int], Array] = {}
     result_rows = []
-    for i in rows:
+    for i in layout.rows:
         row = []
-        for j in cols:
+        for j in layout.cols:
             tile = outputs[(i, j)]
             # Blend with the *blended* neighbours (upstream blends in place, tile by tile); the
             # neighbour's rows from its out_stride on are the ones this tile's first rows cover.
@@ -681,6 +692,27 @@ def run_tiled(fn: Callable[[Array], Array], x: Array, grid: _TileGrid) -> Array:
             row.append(tile[:, :, : grid.out_stride[0], : grid.out_stride[1]])
         result_rows.append(jnp.concatenate(row, axis=3))
     return jnp.concatenate(result_rows, axis=2)
+
+
+def run_tiled(fn: Callable[[Array], Array], x: Array, grid: _TileGrid) -> Array:
+    """Apply `fn` to overlapping spatial tiles of x [B, F, H, W, C], blend and stitch the outputs.
+
+    The output has the size `fn(x)` would have for every input size (upstream keeps a fixed
+    `tile - blend` rows per tile, which overshoots when that differs from the stride, e.g. 36 x 34
+    for a 32 x 32 video with small tiles). Where upstream's geometry is consistent (blend ==
+    overlap, as for every released CogVideoX VAE at its default tiling) the result is upstream's.
+    Tiles of one shape are stacked and mapped (`lax.map`), so each shape is traced once. (The
+    pipelines decode instead with one compiled program per tile shape, run from the host:
+    `AutoencoderKLCogVideoX.decode_tile` + `stitch_decoded`; the same numbers.)
+    """
+    layout = tile_layout(x.shape[2], x.shape[3], grid)
+    outputs: dict[tuple[int, int], Array] = {}
+    for (th, tw), origins in layout.groups().items():
+        stacked = jnp.stack([x[:, :, i:i + th, j:j + tw] for i, j in origins])
+        mapped = fn(stacked[0])[None] if len(origins) == 1 else jax.lax.map(fn, stacked)
+        for k, origin in enumerate(origins):
+            outputs[origin] = mapped[k]
+    return stitch_tiles(outputs, layout)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -760,6 +792,34 @@ class AutoencoderKLCogVideoX(nnx.Module):
         else:
             out = self._decode_frames(h)
         return jnp.transpose(out, (0, 4, 1, 2, 3))
+
+    # -- tiled decode as separate programs: one compiled program per tile *shape* (origin traced),
+    #    reused for every tile of that shape, instead of one program holding every tile's decoder
+
+    def decode_layout(self, z_shape: tuple[int, ...], tiling: CogVideoXVAETiling | None) -> TileLayout | None:
+        """The decode tiles of latents of shape [B, C, F', H', W'] (None: `decode` would not tile)."""
+        if tiling is None:
+            return None
+        grid = self._decode_grid(tiling)
+        if z_shape[3] > grid.size[0] or z_shape[4] > grid.size[1]:
+            return tile_layout(z_shape[3], z_shape[4], grid)
+        return None
+
+    def decode_tile(self, z: Array, origin: tuple[Array, Array], size: tuple[int, int]) -> Array:
+        """One decoded tile, before blending: z [B, C, F', H', W'] (divided by scaling_factor),
+        `origin` (row, col) in latents (int32 scalars, may be traced so one compiled program serves
+        every tile of this `size`) -> [B, F, size[0] * s, size[1] * s, out_channels] channels-last."""
+        self._check("z", z, self.cfg.latent_channels)
+        h = jnp.transpose(z, (0, 2, 3, 4, 1)).astype(self.cfg.dtype)
+        b, f, _, _, c = h.shape
+        zero = jnp.zeros((), jnp.int32)
+        tile = jax.lax.dynamic_slice(h, (zero, zero, origin[0], origin[1], zero), (b, f, size[0], size[1], c))
+        return self._decode_frames(tile)
+
+    @staticmethod
+    def stitch_decoded(outputs: dict[tuple[int, int], Array], layout: TileLayout) -> Array:
+        """`decode_tile` outputs by origin -> frames [B, out_channels, F, H, W], as `decode(tiling=...)`."""
+        return jnp.transpose(stitch_tiles(outputs, layout), (0, 4, 1, 2, 3))
 
     def _decode_grid(self, t: CogVideoXVAETiling) -> _TileGrid:
         s = self.cfg.spatial_compression

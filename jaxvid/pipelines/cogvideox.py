@@ -9,9 +9,11 @@ previous x_0 and draws fresh noise every step), division by the VAE scaling fact
 rounding to uint8 as diffusers' VideoProcessor (PIL output) does.
 
 Every network runs as a pure jitted function of (graphdef, state, inputs): weights are arguments,
-never constants. The whole denoising loop is ONE executable (a `lax.fori_loop` over steps, see
-loop.py); an attention plan's dense timesteps switch with `lax.cond` inside it. Executables are
-cached by input shapes, so a second call with the same shapes does not compile again.
+never constants. The whole denoising loop is ONE executable (a `lax.fori_loop` over a traced step
+range, see loop.py: the host runs it one step per call while a progress bar shows, so no host
+callback keeps it out of the persistent compilation cache); an attention plan's dense timesteps
+switch with `lax.cond` inside it. Executables are cached by input shapes, so a second call with
+the same shapes does not compile again, nor does a second process (jaxvid.compile_cache).
 
 Random numbers (jax.random, so they differ from torch's): `generation_keys(seed)` splits the seed
 into the initial-noise key, the DPM per-step noise key (folded with the step index) and the key of
@@ -36,12 +38,15 @@ from jaxvid.attention.plan import AttentionPlan
 from jaxvid.models.dtypes import DTYPES, resolve_dtype
 from jaxvid.models.loading import load_model, parse_config
 from jaxvid.models.lora_cogvideox import CogVideoXLoraLoaderMixin
+from jaxvid.models.offload import Offload
 from jaxvid.pipelines.loop import (
     CompiledFunction,
     Component,
     StepProgress,
+    StepRange,
     denoise_loop,
     guided_prediction,
+    run_steps,
     with_plan_switch,
 )
 from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
@@ -205,7 +210,6 @@ class LoopSpec:
     do_cfg: bool
     attention: AttentionPlan | None
     ofs: float | None  # the ofs value for models with an ofs embedding
-    num_steps: int | None = None  # steps one call runs; None: the whole schedule (1: step by step, for callbacks)
     step_cache: PyramidAttentionBroadcast | None = None  # reuse attention outputs across steps (carry holds them)
 
 
@@ -240,23 +244,43 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, tiling
     vae = nnx.merge(graphdef, state)
     z = latents.transpose(0, 2, 1, 3, 4) / scaling_factor
     video = vae.decode(z.astype(vae.cfg.dtype), tiling=tiling)
+    return _to_frames01(video)
+
+
+def _to_frames01(video: jax.Array) -> jax.Array:
+    """VAE output [B, 3, F', H, W] -> float32 frames [B, F', H, W, 3] in [0, 1] (clamp(x / 2 + 0.5), as diffusers)."""
     return jnp.clip(video.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 4, 1)
+
+
+def _decode_tile(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, origin: tuple[jax.Array, jax.Array],
+                 size: tuple[int, int], scaling_factor: float) -> jax.Array:
+    """latents [B, F, C, h, w] -> the decoded tile at latent `origin` (traced: one executable per tile
+    `size`) [B, F', size * s, 3] channels-last, not yet blended."""
+    vae = nnx.merge(graphdef, state)
+    z = latents.transpose(0, 2, 1, 3, 4) / scaling_factor
+    return vae.decode_tile(z.astype(vae.cfg.dtype), origin, size)
+
+
+def _stitch_tiles(layout: Any, tiles: dict[tuple[int, int], jax.Array]) -> jax.Array:
+    """Decoded tiles (origin -> [B, F', h, w, 3]) -> blended, stitched float32 frames [B, F', H, W, 3] in [0, 1]."""
+    from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX
+
+    return _to_frames01(AutoencoderKLCogVideoX.stitch_decoded(tiles, layout))
 
 
 def _denoise(
     graphdef: nnx.GraphDef,
     spec: LoopSpec,
-    progress: StepProgress | None,
     state: nnx.State,
     carry: Any,
+    steps: StepRange,
     prompt_embeds: jax.Array,
     image_latents: jax.Array | None,
     schedule: Any,
     guidance_scales: jax.Array,
     dpm_key: jax.Array,
-    first_step: jax.Array,
 ) -> Any:
-    """The denoising loop: `spec.num_steps` steps (default all) from step `first_step` (int32, traced).
+    """The denoising loop over `steps` (traced [start, stop); the host drives it, see loop.run_steps).
 
     carry: latents [B, F, C, h, w] (DDIM), or (latents, previous x_0 float32) (DPM), with the kept
     attention outputs [layers, B or 2B, tokens, D] appended (a tuple) when `spec.step_cache` is set;
@@ -266,7 +290,6 @@ def _denoise(
     each step. dpm_key: one key for the batch, or keys [B] (one per video, from a list of seeds).
     """
     plan = spec.attention
-    num_steps = schedule.timesteps.shape[0] if spec.num_steps is None else spec.num_steps
     dtype = (carry[0] if isinstance(carry, tuple) else carry).dtype
     if image_latents is not None and spec.do_cfg:
         image_latents = jnp.concatenate([image_latents, image_latents], axis=0)
@@ -297,17 +320,15 @@ def _denoise(
 
     cached = spec.step_cache is not None
     if spec.scheduler == "ddim":
-        def step(k, carry):
-            i = first_step + k
+        def step(i, carry):
             latents, cache = carry if cached else (carry, None)
             pred, cache = predict(i, latents, cache)
             out = cogvideox_ddim.step(spec.scheduler_config, schedule, pred, latents, i)
             return (out.prev_sample.astype(dtype), cache) if cached else out.prev_sample.astype(dtype)
 
-        return denoise_loop(step, carry, num_steps, progress)
+        return denoise_loop(step, carry, steps)
 
-    def dpm_step(k, carry):
-        i = first_step + k
+    def dpm_step(i, carry):
         latents, old_x0, cache = carry if cached else (*carry, None)
         pred, cache = predict(i, latents, cache)
         if dpm_key.ndim == 0:
@@ -319,7 +340,7 @@ def _denoise(
         new = (out.prev_sample.astype(dtype), out.pred_original_sample.astype(old_x0.dtype))
         return new + (cache,) if cached else new
 
-    return denoise_loop(dpm_step, carry, num_steps, progress)
+    return denoise_loop(dpm_step, carry, steps)
 
 
 # ============================================================================================
@@ -361,12 +382,15 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         scheduler_config: CogVideoXSchedulerConfig,
         scheduler: str = "ddim",
         image_to_video: bool | None = None,
+        offload: str | Offload | None = None,
     ):
         if scheduler not in ("ddim", "dpm"):
             raise ValueError(f"scheduler={scheduler!r}; expected 'ddim' or 'dpm'")
-        self.transformer = Component(transformer)
-        self.vae = Component(vae)
-        self.text_encoder = Component(text_encoder)
+        # where weights wait between uses (jaxvid.models.offload; default: the text encoder on the host)
+        self.offload = offload if isinstance(offload, Offload) else Offload(offload)
+        self.transformer = Component(transformer, "transformer", self.offload)
+        self.vae = Component(vae, "vae", self.offload)
+        self.text_encoder = Component(text_encoder, "text_encoder", self.offload)
         self.tokenizer_dir = Path(tokenizer_dir)
         self._tokenizers: dict[int, TextTokenizer] = {}
         self.scheduler = scheduler
@@ -384,25 +408,28 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         self.vae_tiling: Any = None  # a CogVideoXVAETiling, or None for untiled decoding
         self.progress = StepProgress(desc="denoising")
         self.last_timings: dict[str, float] = {}
-        self._denoise = CompiledFunction(
-            lambda graphdef, spec, *args: _denoise(graphdef, spec, self.progress, *args), static_argnums=(0, 1))
-        self._initial_noise = CompiledFunction(_initial_noise, static_argnums=(1, 2))
-        self._encode_text = CompiledFunction(_encode_text, static_argnums=(0, 3))
-        self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4))
-        self._encode_video = CompiledFunction(_encode_video, static_argnums=(0, 4))
+        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), name="denoising loop")
+        self._initial_noise = CompiledFunction(_initial_noise, static_argnums=(1, 2), name="initial noise")
+        self._encode_text = CompiledFunction(_encode_text, static_argnums=(0, 3), name="text encoder")
+        self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4), name="image encoder")
+        self._encode_video = CompiledFunction(_encode_video, static_argnums=(0, 4), name="video encoder")
         self.last_sources: dict[str, str] = {}
         self.step_cache: PyramidAttentionBroadcast | None = None  # see enable_pyramid_attention_broadcast
-        self._decode = CompiledFunction(_decode, static_argnums=(0, 3, 4))
+        self._decode = CompiledFunction(_decode, static_argnums=(0, 3, 4), name="VAE decode")
+        self._decode_tile = CompiledFunction(_decode_tile, static_argnums=(0, 4, 5), name="VAE decode tile")
+        self._stitch_tiles = CompiledFunction(_stitch_tiles, static_argnums=(0,), name="VAE tile stitching")
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None, scheduler: str | None = None,
-                        weights: str | None = None) -> CogVideoXPipeline:
+                        weights: str | None = None, offload: str | None = None) -> CogVideoXPipeline:
         """Load a diffusers CogVideoX pipeline folder (model_index.json + transformer/, vae/,
         text_encoder/, tokenizer/, scheduler/) or its `jaxvid-convert`ed form.
 
         dtype: "bf16" / "fp32" / "fp16" or a jnp dtype for every network; None keeps each
         component's stored dtype. scheduler: "ddim" / "dpm" to override the folder's scheduler.
+        offload: "none" / "text" (default) / "model" / "blocks" (jaxvid.models.offload); each
+        component is parked as soon as it has loaded, so loading never holds two parked ones on the device.
         """
         path = Path(path)
         _, _, image_to_video = read_pipeline_configs(path)  # checks the layout before any weight is read
@@ -415,14 +442,18 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
             scheduler = SCHEDULERS[class_name]
         dtype = resolve_dtype(dtype)
         t0 = time.perf_counter()
+        parking = Offload(offload)
         # weights="fp8": the transformer's attention/MLP linears in e4m3 (jaxvid.models.fp8)
         transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS, weights=weights)
+        parking.park_module("transformer", transformer)
         vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",))
+        parking.park_module("vae", vae)
         text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",))
+        parking.park_module("text_encoder", text_encoder)
         pipe = cls(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer_dir=path / "tokenizer",
             scheduler_config=parse_config(CogVideoXSchedulerConfig, sched_dict, sched_file), scheduler=scheduler,
-            image_to_video=image_to_video,
+            image_to_video=image_to_video, offload=parking,
         )
         log.info("loaded CogVideoX %s pipeline from %s in %.1f s (%s, %s scheduler)", "I2V" if image_to_video else "T2V", path,
                  time.perf_counter() - t0, jnp.dtype(transformer.cfg.dtype).name, scheduler)
@@ -487,7 +518,9 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         """B prompts -> T5 embeddings [B, L, D] in the transformer's dtype."""
         ids = self.tokenizer(max_sequence_length)(prompts).input_ids
         enc = self.text_encoder
-        return self._encode_text(enc.graphdef, enc.state, jnp.asarray(ids), jnp.dtype(self.transformer.module.cfg.dtype))
+        with enc.resident() as state:
+            return jax.block_until_ready(
+                self._encode_text(enc.graphdef, state, jnp.asarray(ids), jnp.dtype(self.transformer.module.cfg.dtype)))
 
     def encode_image(self, image: Any, height: int, width: int, key: jax.Array, batch: int) -> jax.Array:
         """Preprocess and VAE-encode the conditioning image -> scaled latents [B, 1, C, h, w]."""
@@ -496,7 +529,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         pixels = jnp.broadcast_to(pixels, (batch,) + pixels.shape[1:])
         # diffusers: image latents * scaling_factor, or / it for VAEs trained that way (invert_scale_latents)
         scale = 1.0 / vcfg.scaling_factor if vcfg.invert_scale_latents else vcfg.scaling_factor
-        latents = self._encode_image(self.vae.graphdef, self.vae.state, pixels, key, float(scale))
+        with self.vae.resident() as state:
+            latents = jax.block_until_ready(self._encode_image(self.vae.graphdef, state, pixels, key, float(scale)))
         return latents.astype(self.transformer.module.cfg.dtype)
 
     def image_latents_for(self, first: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
@@ -516,8 +550,31 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         """Latents [B, F, C, h, w] (scaled) -> frames [B, 1 + 4(F - 1), H, W, 3]: uint8 (rounded as
         diffusers' PIL output), or float32 in [0, 1] with output_type="np"."""
         vcfg = self.vae.module.cfg
-        frames = self._decode(self.vae.graphdef, self.vae.state, latents, self.vae_tiling, float(vcfg.scaling_factor))
-        return finish_frames(frames, output_type, rounding="round")
+        b, f, c, h, w = latents.shape
+        layout = self.vae.module.decode_layout((b, c, f, h, w), self.vae_tiling)
+        with self.vae.resident() as state:
+            if layout is None:
+                frames = self._decode(self.vae.graphdef, state, latents, self.vae_tiling, float(vcfg.scaling_factor))
+            else:
+                frames = self._decode_tiled(state, latents, layout)
+            return finish_frames(frames, output_type, rounding="round")
+
+    def _decode_tiled(self, state: nnx.State, latents: jax.Array, layout: Any) -> jax.Array:
+        """Tiled decode as separate programs: one executable per tile shape (at most four, compiled
+        side by side), reused for every tile of that shape, then one stitching program. The same
+        numbers as one `vae.decode(tiling=...)` program, whose first compile holds the decoder once
+        per tile. `self._decode.last_compile_seconds` gets the compile time of all of them."""
+        vae = self.vae
+        scale = float(vae.module.cfg.scaling_factor)
+
+        def tile_args(origin: tuple[int, int], size: tuple[int, int]) -> tuple[Any, ...]:
+            return (vae.graphdef, state, latents, (np.int32(origin[0]), np.int32(origin[1])), size, scale)
+
+        compile_s = self._decode_tile.prepare_many([tile_args(o, s) for o, s in layout.shapes])
+        tiles = {origin: self._decode_tile(*tile_args(origin, size)) for origin, size in layout.shapes}
+        frames = self._stitch_tiles(layout, tiles)
+        self._decode.last_compile_seconds = compile_s + self._stitch_tiles.last_compile_seconds
+        return frames
 
     # ---- generation ---------------------------------------------------------------------
     def default_geometry(self) -> VideoGeometry:
@@ -712,7 +769,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         # 4. The jitted denoising loop (one executable; one step per call when a callback edits latents)
         spec = LoopSpec(scheduler=self.scheduler, scheduler_config=self.scheduler_config, do_cfg=sampling.do_cfg,
                         attention=attention, ofs=I2V_OFS if tcfg.ofs_embed_dim else None,
-                        num_steps=None if callback_on_step_end is None else 1, step_cache=self.step_cache)
+                        step_cache=self.step_cache)
         dpm_keys = (generation_keys(seeds[0][0]).dpm if len(seeds) == 1 and seeds[0][1] == batch
                     else jnp.stack([generation_keys(s).dpm for s, n in seeds for _ in range(n)]))
         carry = noise if self.scheduler == "ddim" else (noise, jnp.zeros(noise.shape, jnp.float32))
@@ -723,25 +780,32 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
             carry = (carry, cache) if self.scheduler == "ddim" else carry + (cache,)
         self.progress.enabled = progress
         tr = self.transformer
-        run_state = self.lora_transformer_state()
+        scales = jnp.asarray(scales, jnp.float32)
 
-        def args(carry, step):
-            return (tr.graphdef, spec, run_state, carry, embeds, image_latents, schedule,
-                    jnp.asarray(scales, jnp.float32), dpm_keys, jnp.asarray(step, jnp.int32))
+        with tr.resident() as tr_state:
+            # LoRA adapters run on a merged copy of the weights (a device copy, whatever the offload)
+            run_state = tr_state if self._lora_adapters is None else self.lora_transformer_state()
 
-        timings["compile"] += self._denoise.prepare(*args(carry, 0))  # compile before the bar starts
-        self.progress.start(num_steps)
-        t0 = time.perf_counter()
-        try:
-            if callback_on_step_end is None:
-                carry = jax.block_until_ready(self._denoise(*args(carry, 0)))
-            else:
-                for i in range(num_steps):
-                    carry = self._denoise(*args(carry, i))
-                    carry = _apply_callback(callback_on_step_end, self, i, int(schedule.timesteps[i]), carry)
-                carry = jax.block_until_ready(carry)
-        finally:
-            self.progress.close()
+            def run_range(steps: StepRange, carry: Any) -> Any:
+                return self._denoise(tr.graphdef, spec, run_state, carry, steps, embeds, image_latents, schedule,
+                                     scales, dpm_keys)
+
+            # compile before the bar starts
+            timings["compile"] += self._denoise.prepare(tr.graphdef, spec, run_state, carry, StepRange.of(0, 1),
+                                                        embeds, image_latents, schedule, scales, dpm_keys)
+            self.progress.start(num_steps)
+            t0 = time.perf_counter()
+            try:
+                if callback_on_step_end is None:
+                    carry = run_steps(run_range, carry, num_steps, self.progress)
+                else:  # one step per call: the callback may replace the latents between steps
+                    for i in range(num_steps):
+                        carry = run_range(StepRange.of(i, i + 1), carry)
+                        self.progress.tick(i)
+                        carry = _apply_callback(callback_on_step_end, self, i, int(schedule.timesteps[i]), carry)
+                    carry = jax.block_until_ready(carry)
+            finally:
+                self.progress.close()
         out = carry[0] if isinstance(carry, tuple) else carry
         timings["steps"] = time.perf_counter() - t0
         timings["per_step"] = timings["steps"] / max(num_steps, 1)

@@ -5,7 +5,8 @@ Follows upstream's `LongCatVideoPipeline` (meituan-longcat/LongCat-Video,
 
     prompt --umT5--> embeds [B, 1, 512, 4096] (negative first under CFG: batch [uncond; cond])
     noise [B, 16, 1 + (F-1)/4, H/8, W/8] (+ clean conditioning latents in the first frames)
-      --[ DiT, CFG-Zero* guidance, -v, Euler step ] x N  (one jax.jit: lax.fori_loop over steps)-->
+      --[ DiT, CFG-Zero* guidance, -v, Euler step ] x N  (one jax.jit: lax.fori_loop over a traced
+         step range, driven from the host by loop.run_steps so the persistent compile cache keeps it)-->
     latents --denormalize, Wan VAE decode--> frames [B, F, H, W, 3] in [0, 1]
 
 Modes (upstream method -> here):
@@ -58,13 +59,16 @@ from flax import nnx
 
 from jaxvid.attention.plan import BSA, AttentionPlan
 from jaxvid.attention.presets import BSAChoice, resolve_bsa
+from jaxvid.models.offload import Offload
 from jaxvid.pipelines.longcat_buckets import bucket_size
 from jaxvid.pipelines.loop import (
     CompiledFunction,
     Component,
     StepProgress,
+    StepRange,
     denoise_loop,
     guided_prediction,
+    run_steps,
     with_plan_switch,
 )
 from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
@@ -270,22 +274,27 @@ class _LoopSpec:
     scheduler: flow_match.FlowMatchConfig
 
 
-def _denoise(graphdef, spec: _LoopSpec, progress: StepProgress | None, state, lora, latents, embeds, mask,
+def _cache_clean_latents(graphdef, spec: _LoopSpec, state, lora, latents):
+    """Upstream's `_cache_clean_latents`: one pass over the clean frames latents[:, :, :nc] at
+    timestep 0, no text (the plan's sparse attention, as upstream caches with the model's current
+    attention) -> the KV cache {layer: (k, v)}, repeated for both CFG halves."""
+    dtype, nc = spec.dtype, spec.num_cond_latents
+    cond = latents[:, :, :nc]
+    zero_t = jnp.zeros(cond.shape[:1] + cond.shape[2:3], dtype)
+    _, kv_cache = _fresh_model(graphdef, state)(cond.astype(dtype), zero_t, None, None, return_kv=True,
+                                                skip_crs_attn=True, lora=lora, attention=spec.attention)
+    if spec.do_cfg and cond.shape[0] > 1:  # uncond and cond halves share the clean frames
+        kv_cache = jax.tree.map(lambda a: jnp.concatenate([a, a]), kv_cache)
+    return kv_cache
+
+
+def _denoise(graphdef, spec: _LoopSpec, state, lora, x, steps: StepRange, kv_cache, embeds, mask,
              schedule: flow_match.FlowMatchState, guidance_scale):
-    """Upstream's denoising loop. latents float32 [B, C, T, h, w] (first num_cond_latents clean);
-    embeds [B or 2B, 1, L, D], mask [B or 2B, L] -> denoised latents [B, C, T, h, w] float32."""
+    """Upstream's denoising loop over `steps` (traced [start, stop); the host drives it, see
+    loop.run_steps). x float32 [B, C, T, h, w]: every latent frame (the first num_cond_latents clean),
+    or with the KV cache (from `_cache_clean_latents`) only the frames after them; embeds
+    [B or 2B, 1, L, D], mask [B or 2B, L] -> x after the steps, same shape."""
     dtype, nc, scheduler = spec.dtype, spec.num_cond_latents, spec.scheduler
-    kv_cache = None
-    if spec.use_kv_cache:
-        # _cache_clean_latents: one pass over the clean frames at timestep 0, no text (the plan's
-        # sparse attention, as upstream caches with the model's current attention)
-        cond = latents[:, :, :nc]
-        zero_t = jnp.zeros(cond.shape[:1] + cond.shape[2:3], dtype)
-        _, kv_cache = _fresh_model(graphdef, state)(cond.astype(dtype), zero_t, None, None, return_kv=True,
-                                                    skip_crs_attn=True, lora=lora, attention=spec.attention)
-        if spec.do_cfg and cond.shape[0] > 1:  # uncond and cond halves share the clean frames
-            kv_cache = jax.tree.map(lambda a: jnp.concatenate([a, a]), kv_cache)
-        latents = latents[:, :, nc:]
 
     def step(i, x):
         def model_call(model_in):
@@ -305,10 +314,7 @@ def _denoise(graphdef, spec: _LoopSpec, progress: StepProgress | None, state, lo
             return x.at[:, :, nc:].set(flow_match.step(scheduler, schedule, velocity[:, :, nc:], x[:, :, nc:], i))
         return flow_match.step(scheduler, schedule, velocity, x, i)
 
-    out = denoise_loop(step, latents.astype(jnp.float32), schedule.timesteps.shape[0], progress)
-    if spec.use_kv_cache:
-        out = jnp.concatenate([cond.astype(out.dtype), out], axis=2)
-    return out
+    return denoise_loop(step, x, steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,11 +420,14 @@ class LongCatPipeline:
 
     def __init__(self, *, tokenizer_dir: str | os.PathLike, text_encoder: nnx.Module, vae: nnx.Module,
                  dit: nnx.Module, scheduler: flow_match.FlowMatchConfig, lora_dir: str | os.PathLike | None = None,
-                 progress: bool = True):
+                 progress: bool = True, offload: str | Offload | None = None):
         from jaxvid.models.lora import LoRALibrary
 
         self.tokenizer_dir = Path(tokenizer_dir)
-        self.components = {"dit": Component(dit), "text_encoder": Component(text_encoder), "vae": Component(vae)}
+        # where weights wait between uses (jaxvid.models.offload; default: the umT5 encoder on the host)
+        self.offload = offload if isinstance(offload, Offload) else Offload(offload)
+        self.components = {name: Component(module, name, self.offload)
+                           for name, module in (("dit", dit), ("text_encoder", text_encoder), ("vae", vae))}
         self.scheduler = scheduler
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self.loras = LoRALibrary(dit.cfg)
@@ -428,10 +437,11 @@ class LongCatPipeline:
         self.last_timings: dict[str, float] = {}
         self._bsa_by_size: dict[str, Any] | None = None  # enable_bsa_by_resolution's explicit values
         self.last_attention = "dense"  # what the latest denoise ran, for summary lines
-        self._encode_text = CompiledFunction(_encode_text, static_argnums=(0,))
-        self._vae_encode = CompiledFunction(_vae_encode, static_argnums=(0,))
-        self._vae_decode = CompiledFunction(_vae_decode, static_argnums=(0,))
-        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1, 2))
+        self._encode_text = CompiledFunction(_encode_text, static_argnums=(0,), name="umT5 text encoder")
+        self._vae_encode = CompiledFunction(_vae_encode, static_argnums=(0,), name="VAE encode")
+        self._vae_decode = CompiledFunction(_vae_decode, static_argnums=(0,), name="VAE decode")
+        self._cache_kv = CompiledFunction(_cache_clean_latents, static_argnums=(0, 1), name="KV cache of clean frames")
+        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), name="denoising loop")
         if vae.cfg.z_dim != dit.cfg.in_channels:
             raise ValueError(f"vae z_dim={vae.cfg.z_dim} != dit in_channels={dit.cfg.in_channels}")
         if text_encoder.cfg.d_model != dit.cfg.caption_channels:
@@ -440,12 +450,13 @@ class LongCatPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any | None = None, progress: bool = True,
-                        weights: str | None = None) -> "LongCatPipeline":
+                        weights: str | None = None, offload: str | None = None) -> "LongCatPipeline":
         """Load a LongCat-Video folder: dit/, text_encoder/, vae/, tokenizer/, scheduler/ and optional lora/.
 
         Each model folder may be upstream's (config.json + safetensors) or a converted jaxvid
         checkpoint. `dtype` (e.g. jnp.bfloat16, upstream's choice) sets every model's parameter and
-        compute dtype; None keeps the stored dtypes.
+        compute dtype; None keeps the stored dtypes. `offload`: "none" / "text" (default) / "model" /
+        "blocks" (jaxvid.models.offload); each component is parked as soon as it has loaded.
         """
         from jaxvid.models.loading import load_model, parse_config, read_json_file
 
@@ -456,17 +467,21 @@ class LongCatPipeline:
         if missing:
             raise ValueError(f"{path}: missing component folders {missing}; a LongCat-Video checkpoint has "
                              f"{list(COMPONENTS)} and lora/")
+        parking = Offload(offload)
         # weights="fp8": the DiT's attention/MLP linears in e4m3 (jaxvid.models.fp8)
         dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"], weights=weights)
+        parking.park_module("dit", dit)
         text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=["UMT5EncoderModel", "T5EncoderModel"])
+        parking.park_module("text_encoder", text_encoder)
         vae = load_model(path / "vae", dtype=dtype, expect=["AutoencoderKLWan"])
+        parking.park_module("vae", vae)
         sched_file = path / "scheduler" / "scheduler_config.json"
         if not sched_file.is_file():
             raise ValueError(f"{sched_file}: missing; expected the FlowMatchEulerDiscreteScheduler config")
         scheduler = parse_config(flow_match.FlowMatchConfig, read_json_file(sched_file), sched_file)
         lora_dir = path / LORA_DIR if (path / LORA_DIR).is_dir() else None
         return cls(tokenizer_dir=path / "tokenizer", text_encoder=text_encoder, vae=vae, dit=dit,
-                   scheduler=scheduler, lora_dir=lora_dir, progress=progress)
+                   scheduler=scheduler, lora_dir=lora_dir, progress=progress, offload=parking)
 
     # ---- properties --------------------------------------------------------------------------
 
@@ -579,8 +594,9 @@ class LongCatPipeline:
     def _t5(self, prompts: list[str], num_videos_per_prompt: int, max_sequence_length: int):
         tokens = self._tokenizer(max_sequence_length)(prompts)
         text = self.components["text_encoder"]
-        embeds = self._encode_text(text.graphdef, text.state, jnp.asarray(tokens.input_ids),
-                                   jnp.asarray(tokens.attention_mask)).astype(self.dit_dtype)
+        with text.resident() as state:
+            embeds = jax.block_until_ready(self._encode_text(text.graphdef, state, jnp.asarray(tokens.input_ids),
+                                                             jnp.asarray(tokens.attention_mask)).astype(self.dit_dtype))
         mask = jnp.asarray(tokens.attention_mask)
         embeds = jnp.repeat(embeds, num_videos_per_prompt, axis=0)[:, None]
         return embeds, jnp.repeat(mask, num_videos_per_prompt, axis=0)
@@ -674,13 +690,15 @@ class LongCatPipeline:
         """frames float [B, 3, F, H, W] in [-1, 1] -> normalised DiT latents in `dtype` (posterior sample with key)."""
         vae = self.components["vae"]
         frames = jnp.asarray(frames).astype(self.vae.cfg.dtype)
-        latents = self._vae_encode(vae.graphdef, vae.state, frames, key).astype(dtype)
+        with vae.resident() as state:
+            latents = jax.block_until_ready(self._vae_encode(vae.graphdef, state, frames, key).astype(dtype))
         return self.vae.normalize_latents(latents)
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         """DiT latents [B, z, T, h, w] -> float32 frames [B, 1 + 4(T-1), 8h, 8w, 3] in [0, 1]."""
         vae = self.components["vae"]
-        return np.asarray(self._vae_decode(vae.graphdef, vae.state, latents))
+        with vae.resident() as state:
+            return np.asarray(self._vae_decode(vae.graphdef, state, latents))
 
     def denoise(self, latents: jax.Array, embeds: jax.Array, mask: jax.Array, schedule: flow_match.FlowMatchState,
                 *, guidance_scale: float, num_cond_latents: int = 0, use_kv_cache: bool = False,
@@ -707,19 +725,35 @@ class LongCatPipeline:
                          dtype=self.dit_dtype, attention=attention, scheduler=self.scheduler)
         dit = self.components["dit"]
         num_steps = int(schedule.timesteps.shape[0])
-        args = (dit.graphdef, spec, self.progress, dit.state, self._lora_factors(), latents, embeds, mask, schedule,
-                jnp.float32(guidance_scale))
-        compile_seconds = self._denoise.prepare(*args)  # compile before the bar starts
-        self.progress.start(num_steps)
-        t0 = time.perf_counter()
-        try:
-            out = jax.block_until_ready(self._denoise(*args))
-        finally:
-            self.progress.close()
+        lora, scale, nc = self._lora_factors(), jnp.float32(guidance_scale), spec.num_cond_latents
+        x = jnp.asarray(latents).astype(jnp.float32)
+        with dit.resident() as state:
+            compile_seconds = 0.0
+            t0 = time.perf_counter()
+            kv_cache = None
+            if spec.use_kv_cache:  # the clean frames' keys/values, once, then only the new frames are denoised
+                kv_cache = self._cache_kv(dit.graphdef, spec, state, lora, x)
+                compile_seconds += self._cache_kv.last_compile_seconds
+                x = x[:, :, nc:]
+
+            def run_range(steps: StepRange, x: jax.Array) -> jax.Array:
+                return self._denoise(dit.graphdef, spec, state, lora, x, steps, kv_cache, embeds, mask, schedule, scale)
+
+            # compile before the bar starts
+            compile_seconds += self._denoise.prepare(dit.graphdef, spec, state, lora, x, StepRange.of(0, 1), kv_cache,
+                                                     embeds, mask, schedule, scale)
+            self.progress.start(num_steps)
+            t0 += compile_seconds  # the loop's time without compiling
+            try:
+                out = run_steps(run_range, x, num_steps, self.progress)
+            finally:
+                self.progress.close()
+        if spec.use_kv_cache:
+            out = jnp.concatenate([jnp.asarray(latents)[:, :, :nc].astype(out.dtype), out], axis=2)
         total = time.perf_counter() - t0
         ticks = self.progress.step_times
         # the first tick also waits for the KV-cache pass; later ones are pure steps
-        per_step = float(np.median(ticks[1:])) if len(ticks) > 1 else total
+        per_step = float(np.median(ticks[1:])) if len(ticks) > 1 else total / num_steps
         self.last_timings = {"compile": compile_seconds, "denoise": total, "per_step": per_step, "steps": num_steps,
                              "compile_and_first_step": compile_seconds + (ticks[0] if ticks else total)}
         log.info("denoised %d steps in %.2f s (%.3f s/step after the first)", num_steps, total, per_step)

@@ -5,19 +5,28 @@
     StepProgress                        the tqdm bar a jitted loop ticks through jax.debug.callback
     guided_prediction(predict, x, ...)  classifier-free guidance by batch doubling [uncond; cond], any rule
     with_plan_switch(plan, step, run)   the attention plan's dense timesteps: lax.cond on the traced step
-    denoise_loop(step_fn, carry, n)     the lax.fori_loop over steps, progress and per-step host callbacks
+    denoise_loop(step_fn, carry, steps)  the lax.fori_loop over steps (all, or a traced StepRange)
+    run_steps(run_range, carry, n)      drives that jitted loop from the host: progress and callbacks
 
 A pipeline writes only its model-specific step (`step_fn(i, carry) -> carry`: the model call, its
 guidance rule, its scheduler) and runs it through `denoise_loop` inside one jitted function. The
 step index is traced, so anything that depends on it (timestep, guidance scale, dense-vs-sparse
 attention) must be an array lookup or a `lax.cond` inside `step_fn`, never a Python branch.
+
+Compile once, ever: JAX's persistent compilation cache (jaxvid.compile_cache) never stores a
+program that holds a host callback, so a pipeline that wants its loop cached takes the step range
+as a traced argument (`StepRange`) and lets `run_steps` call the one executable for one step at a
+time when a progress bar or a per-step callback is on (for all steps at once otherwise): the same
+executable and the same numbers either way, and the bar ticks on the host.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +34,15 @@ from flax import nnx
 from jax import lax
 
 from jaxvid.attention.plan import AttentionPlan
+from jaxvid.compile_cache import CompileCounter, describe
+from jaxvid.models.offload import Offload
 from jaxvid.schedulers.guidance import split_cfg_batch
 
-__all__ = ["Component", "CompiledFunction", "StepProgress", "denoise_loop", "guided_prediction",
-           "with_plan_switch"]
+__all__ = ["Component", "CompiledFunction", "StepProgress", "StepRange", "denoise_loop", "guided_prediction",
+           "run_steps", "with_plan_switch"]
 
 Carry = TypeVar("Carry")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
@@ -38,11 +50,15 @@ class Component:
     """A loaded NNX module split once into its graphdef (static) and state (the jit argument).
 
     Jitted stages take `(component.graphdef, component.state, ...)`: the weights are arguments, never
-    constants. A pipeline keeps its networks as Components; placement hooks (host offload, releasing a
-    text encoder after use) belong here, on `state`. Call `refresh()` after changing the module.
+    constants. A pipeline keeps its networks as Components; placement lives here, on `state`: with
+    an `offload` (jaxvid.models.offload.Offload) the state waits in pinned host memory as the policy
+    says for `name`, and stages use `with component.resident() as state:` to have it on the device
+    while they run. Call `refresh()` after changing the module.
     """
 
     module: nnx.Module
+    name: str = ""
+    offload: Offload | None = None
     graphdef: nnx.GraphDef = dataclasses.field(init=False)
     state: nnx.State = dataclasses.field(init=False)
 
@@ -50,12 +66,24 @@ class Component:
         self.refresh()
 
     def refresh(self) -> None:
-        """Split the module again (its structure or weights changed)."""
+        """Split the module again (its structure or weights changed), parking its state per the offload policy."""
+        if self.offload is not None:
+            self.offload.park_module(self.name, self.module)  # the module holds the parked arrays too
         self.graphdef, self.state = nnx.split(self.module)
 
     @property
     def cfg(self) -> Any:
         return self.module.cfg
+
+    @contextlib.contextmanager
+    def resident(self) -> Iterator[nnx.State]:
+        """The state with everything a stage needs on the device for the block's duration (a
+        temporary device copy when parked; streamed blocks stay on the host, the model copies them in)."""
+        if self.offload is None:
+            yield self.state
+            return
+        with self.offload.resident(self.name, self.state) as state:
+            yield state
 
 
 class StepProgress:
@@ -97,9 +125,11 @@ class StepProgress:
 
 
 def _abstract_key(x: Any) -> Hashable:
-    """What a compiled executable depends on for one dynamic leaf: shape, dtype, weak type."""
+    """What a compiled executable depends on for one dynamic leaf: shape, dtype, weak type, memory kind."""
     if isinstance(x, jax.Array) or hasattr(x, "shape"):
-        return (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)))
+        # the memory kind too: weights parked in host memory (offload) compile to another program
+        kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
+        return (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)), kind)
     return (type(x).__name__, x)  # Python scalars: jit treats them as weak-typed 0-d values
 
 
@@ -112,7 +142,8 @@ class CompiledFunction:
     can check that a second call with the same shapes did not compile again.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, static_argnums: Sequence[int] = ()):
+    def __init__(self, fn: Callable[..., Any], *, static_argnums: Sequence[int] = (), name: str | None = None):
+        self.name = name or getattr(fn, "__name__", "function").strip("_")
         self._static = tuple(sorted(static_argnums))
         self._jit = jax.jit(fn, static_argnums=self._static)
         self._executables: dict[Hashable, Any] = {}
@@ -133,9 +164,40 @@ class CompiledFunction:
         key = self._key(args)
         self.last_compile_seconds = 0.0
         if key not in self._executables:
+            # Say what is compiling (a first run can take a while) and whether the persistent
+            # compilation cache served it.
+            log.info("compiling %s for these shapes...", self.name)
             t0 = time.perf_counter()
-            self._executables[key] = self._jit.lower(*args).compile()
+            with CompileCounter() as counter:
+                self._executables[key] = self._jit.lower(*args).compile()
             self.last_compile_seconds = time.perf_counter() - t0
+            log.info("%s", describe(counter, self.name))
+        return self.last_compile_seconds
+
+    def prepare_many(self, arg_sets: Sequence[tuple[Any, ...]]) -> float:
+        """Compile the executables of several argument sets at once: lowered one by one, compiled in
+        parallel threads (XLA compiles without the GIL). Returns the wall seconds spent (0.0 if all
+        were compiled before). The tiled VAE decode uses it for its (at most four) tile shapes.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo: dict[Hashable, tuple[Any, ...]] = {}
+        for args in arg_sets:
+            key = self._key(args)
+            if key not in self._executables:
+                todo.setdefault(key, args)
+        self.last_compile_seconds = 0.0
+        if not todo:
+            return 0.0
+        log.info("compiling %s for %d shapes...", self.name, len(todo))
+        t0 = time.perf_counter()
+        with CompileCounter() as counter:
+            lowered = {key: self._jit.lower(*args) for key, args in todo.items()}
+            with ThreadPoolExecutor(max_workers=min(len(lowered), 4)) as pool:
+                compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+        self._executables.update(compiled)
+        self.last_compile_seconds = time.perf_counter() - t0
+        log.info("%s", describe(counter, self.name))
         return self.last_compile_seconds
 
     def __call__(self, *args: Any) -> Any:
@@ -178,19 +240,33 @@ def with_plan_switch(plan: AttentionPlan | None, step: jax.Array,
     return lax.cond(plan.use_dense_at(step), lambda: run(plan.all_dense()), lambda: run(plan))
 
 
+class StepRange(NamedTuple):
+    """Steps [start, stop) of a denoising loop as traced int32 scalars: one executable serves every range."""
+
+    start: jax.Array
+    stop: jax.Array
+
+    @classmethod
+    def of(cls, start: int, stop: int) -> StepRange:
+        return cls(jnp.asarray(start, jnp.int32), jnp.asarray(stop, jnp.int32))
+
+
 def denoise_loop(
     step_fn: Callable[[jax.Array, Carry], Carry],
     carry: Carry,
-    num_steps: int,
+    steps: int | StepRange,
     progress: StepProgress | None = None,
     callback: Callable[[Any, Carry], None] | None = None,
 ) -> Carry:
-    """Run `carry = step_fn(i, carry)` for i in range(num_steps) as one `lax.fori_loop`.
+    """Run `carry = step_fn(i, carry)` for i in range(steps) (an int), or for i in [steps.start,
+    steps.stop) (a traced `StepRange`), as one `lax.fori_loop`.
 
     Call it inside `jax.jit`. With `progress`, each finished step ticks the host bar (ordered
     callback, so ticks arrive in step order and after the step's results exist). `callback(step,
     carry)` runs on the host after every step with the step's results (a device-to-host copy per
-    step: for inspection, not for speed).
+    step: for inspection, not for speed). Both are host callbacks, which keep the program out of
+    the persistent compilation cache: pipelines pass a StepRange instead and drive it with
+    `run_steps`, which gives the same progress and callbacks from the host.
     """
 
     def body(i, c):
@@ -203,4 +279,45 @@ def denoise_loop(
             jax.debug.callback(callback, i, c, ordered=True)
         return c
 
-    return lax.fori_loop(0, num_steps, body, carry)
+    if isinstance(steps, StepRange):
+        return lax.fori_loop(steps.start, steps.stop, body, carry)
+    return lax.fori_loop(0, steps, body, carry)
+
+
+def run_steps(
+    run_range: Callable[[StepRange, Carry], Carry],
+    carry: Carry,
+    num_steps: int,
+    progress: StepProgress | None = None,
+    callback: Callable[[int, Carry], None] | None = None,
+) -> Carry:
+    """Drive a jitted `denoise_loop` over steps [0, num_steps) from the host; returns the final carry.
+
+    `run_range(steps, carry)` calls the pipeline's compiled loop for a `StepRange`. Without
+    `progress` and `callback` it is called once for all steps; otherwise once per step (a disabled
+    bar still records `progress.step_times`): the bar ticks (and `callback(step, carry)` sees the
+    step's device arrays) as each step finishes. Step i + 1 is queued before waiting for step i (JAX dispatches
+    asynchronously), so the device does not idle between steps. The caller owns
+    `progress.start/close`, as with an in-loop bar.
+    """
+    if num_steps < 1:
+        return carry
+    if progress is None and callback is None:
+        return jax.block_until_ready(run_range(StepRange.of(0, num_steps), carry))
+    pending: Any = None
+    for i in range(num_steps):
+        nxt = run_range(StepRange.of(i, i + 1), carry)
+        if pending is not None:
+            _finish_step(i - 1, pending, progress, callback)
+        pending = carry = nxt
+    _finish_step(num_steps - 1, pending, progress, callback)
+    return carry
+
+
+def _finish_step(step: int, carry: Any, progress: StepProgress | None, callback: Callable[[int, Any], None] | None
+                 ) -> None:
+    jax.block_until_ready(carry)
+    if progress is not None:
+        progress.tick(step)
+    if callback is not None:
+        callback(step, carry)

@@ -339,3 +339,34 @@ def write_random_pipeline(folder: str | os.PathLike, cfg: CogVideoXConfig, *, se
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def write_tokenizer_json(tokenizer_dir: str | os.PathLike) -> Path:
+    """Write `tokenizer.json` (the `tokenizers` library's format) beside a tiny folder's spiece.model.
+
+    transformers 5 builds a T5 tokenizer from spiece.model by converting it, and some versions
+    (5.17) cannot parse the tiny model's empty normalizer charsmap ("Cannot parse
+    precompiled_charsmap"); with tokenizer.json they load it as it is. Same pieces and scores
+    (Unigram), legacy T5 pre-tokenization (Metaspace, a space prepended), `</s>` appended, the
+    `<extra_id_N>` tokens after the pieces: the ids jaxvid's tokenizer gives. Returns the file.
+    """
+    import sentencepiece
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    folder = Path(tokenizer_dir)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    eos = sp.id_to_piece(sp.eos_id())
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                                       special_tokens=[(eos, sp.eos_id())])
+    specials = [sp.id_to_piece(i) for i in (sp.pad_id(), sp.eos_id(), sp.unk_id())]
+    extra = [f"<extra_id_{i}>" for i in reversed(range(_T5_EXTRA_IDS))]  # T5: <extra_id_0> is the last id
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + extra])
+    path = folder / "tokenizer.json"
+    tmp = path.with_name(path.name + ".partial")
+    tok.save(str(tmp))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,353 @@
+"""Time to first video: one prompt -> mp4, each configuration in a fresh process, one diffusers folder.
+
+    python bench/e2e.py --model 5b --steps 5                    # diffusers, jaxvid cold and warm cache
+    python bench/e2e.py --model 2b --steps 5 --frames 13 --height 240 --width 360 --configs jaxvid-cold,jaxvid-warm
+    python bench/e2e.py --smoke                                 # the tiny pipeline on a CPU (jaxvid and diffusers)
+
+Configurations: `diffusers` (eager, bf16, vae.enable_tiling()), `diffusers-compile` (the
+transformer through torch.compile), `jaxvid-cold` (an empty persistent compilation cache),
+`jaxvid-warm` (the cache the cold run filled). A suffix `:POLICY` sets jaxvid's offload policy
+(`jaxvid-warm:blocks`; none / text (default) / model / blocks) and `@N` makes only N GiB of the GPU
+usable (XLA_PYTHON_CLIENT_MEM_FRACTION, from BENCH_GPU_GIB = the GPU's size, default 139.8 for an
+H200): `jaxvid-warm:model@16`.
+
+The folder is CogVideoX-2b or -5b at real size (T5-XXL, VAE, transformer) with random
+N(0, 0.02) bf16 weights (norm scales 1; drawn from a fixed random pool, so writing 20 GB takes
+seconds), the tiny 100-piece T5 tokenizer (spiece.model for jaxvid, tokenizer.json for
+transformers), DDIM; both libraries read the same files. Kept in --dir between runs.
+
+Columns (seconds): load (from_pretrained until the weights are on the GPU), compile (jaxvid: every
+compile or persistent-cache load; torch.compile: first step minus the median step), steps (prompt
+encoding + denoising, compile excluded), decode (tiled VAE decode + to uint8, compile excluded),
+write (mp4 through OpenCV for both when it is installed), total (wall from the start of loading to
+the written file; imports excluded), peak GiB (torch.cuda.max_memory_allocated / XLA's
+peak_bytes_in_use; 0 on a CPU). The JSON rows add per-step seconds, the peak right after loading
+and, for jaxvid, how many XLA programs were compiled and how many came from the cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+PROMPT = "A panda, dressed in a small red jacket, plays a guitar by a calm lake at sunset."
+POOL_SIZE = 1 << 24
+GIB = 1024**3
+COLUMNS = ("load", "compile", "steps", "decode", "write", "total", "peak_gib")
+
+
+# ------------------------------------------------------------------------------ the folder
+
+
+def _pool_values():
+    """values(key, shape): random-looking N(0, 0.02^2) bf16 (a fixed pool, read at moving offsets), norm scales 1."""
+    import ml_dtypes
+    import numpy as np
+
+    pool = (np.random.default_rng(0).standard_normal(POOL_SIZE, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    offset = [0]
+
+    def values(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64))
+        if "norm" in key and key.endswith(".weight"):
+            return np.ones(shape, ml_dtypes.bfloat16)
+        start = offset[0]
+        offset[0] = (start + 104729) % POOL_SIZE
+        head = pool[start:start + n]
+        return np.concatenate([head, np.resize(pool, n - head.size)]).reshape(shape)
+
+    return values
+
+
+def write_folder(folder: Path, model: str, smoke: bool) -> Path:
+    """A diffusers CogVideoX pipeline folder at real size (the tiny one with `smoke`), random bf16 weights."""
+    import ml_dtypes
+
+    from convert.keymaps.t5 import encoder_rules
+    from convert.keymaps.vae_cogvideox import vae_rules
+    from convert.safetensors_io import write_safetensors_streaming
+    from jaxvid.models.cogvideox import CogVideoXConfig
+    from jaxvid.models.loading import model_specs
+    from jaxvid.models.t5 import T5Config, T5Encoder
+    from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+    from jaxvid.synthetic import cogvideox as synth
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if smoke:
+        synth.write_tiny_pipeline(tmp)
+    else:
+        bf16 = ml_dtypes.bfloat16
+        tcfg = CogVideoXConfig.cogvideox_5b() if model == "5b" else CogVideoXConfig.cogvideox_2b()
+        vcfg = CogVideoXVAEConfig.cogvideox_5b() if model == "5b" else CogVideoXVAEConfig.cogvideox_2b()
+        t5cfg = T5Config.t5_v1_1_xxl()
+        values = _pool_values()
+        synth.write_random_cogvideox(tmp / "transformer", tcfg, dtype=bf16, max_shard_bytes=5 * 10**9, values=values)
+        for sub, rules, model_cls, cfg, name, hf in (
+            ("vae", vae_rules(vcfg), AutoencoderKLCogVideoX, vcfg, "diffusion_pytorch_model.safetensors",
+             synth._vae_hf_config(vcfg)),
+            ("text_encoder", encoder_rules(t5cfg), T5Encoder, t5cfg, "model.safetensors", synth._t5_hf_config(t5cfg)),
+        ):
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+            shapes = synth.source_shapes(rules, model_specs(model_cls, cfg))
+            write_safetensors_streaming(tmp / sub / name, {k: (s, bf16) for k, s in shapes.items()},
+                                        lambda k, shapes=shapes: values(k, shapes[k]), metadata={"format": "pt"})
+            (tmp / sub / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / "tokenizer").mkdir()
+        (tmp / "tokenizer" / "spiece.model").write_bytes(synth.tiny_spiece_model())
+        (tmp / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(synth._tokenizer_config()))
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(synth._RANDOM_SCHEDULER_CONFIG))
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": "CogVideoXPipeline", "_diffusers_version": "0.42.1",
+            "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    # transformers 5 loads tokenizer.json as it is (converting the tiny spiece.model fails in 5.17)
+    synth.write_tokenizer_json(tmp / "tokenizer")
+    tmp.rename(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------ writers and workers
+
+
+def write_mp4(frames, path: Path, fps: int = 8) -> None:
+    """uint8 [F, H, W, 3] RGB -> mp4 with OpenCV (the same writer for both libraries), else jaxvid's."""
+    try:
+        import cv2
+    except ImportError:
+        from jaxvid import video
+
+        video.save(frames, path, fps=fps)
+        return
+    h, w = frames.shape[1:3]
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for f in frames:
+        out.write(f[..., ::-1])
+    out.release()
+
+
+def _jax_peak_gib() -> float:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / GIB
+
+
+def run_jaxvid(args: argparse.Namespace) -> dict:
+    import jax
+
+    from jaxvid.compile_cache import CompileCounter, enable_compile_cache
+    from jaxvid.pipelines.cogvideox import CogVideoXPipeline
+
+    with CompileCounter() as counter:
+        t0 = time.perf_counter()
+        enable_compile_cache(args.cache_dir)
+        dtype = "fp32" if args.smoke else "bf16"
+        offload = args.worker.split("@")[0].partition(":")[2] or None
+        pipe = CogVideoXPipeline.from_pretrained(args.folder, dtype=dtype, offload=offload)
+        jax.block_until_ready(pipe.transformer.state)
+        load = time.perf_counter() - t0
+        peak_load = _jax_peak_gib()
+        pipe.enable_vae_tiling()
+        out = pipe(PROMPT, num_frames=args.frames, height=args.height, width=args.width,
+                   num_inference_steps=args.steps, guidance_scale=6.0, seed=0, progress=False)
+        frames = out.frames[0]
+        t = pipe.last_timings
+        t1 = time.perf_counter()
+        write_mp4(frames, Path(args.out))
+        write = time.perf_counter() - t1
+    return {"load": load, "compile": t["compile"], "steps": t["encode"] + t["steps"], "decode": t["decode"],
+            "write": write, "total": time.perf_counter() - t0, "peak_gib": _jax_peak_gib(),
+            "peak_after_load_gib": peak_load, "per_step": t["per_step"],
+            "decode_compile": pipe._decode.last_compile_seconds, "programs_compiled": counter.compiled,
+            "programs_from_cache": counter.cache_hits, "offload": pipe.offload.policy, "frames": list(frames.shape)}
+
+
+def run_diffusers(args: argparse.Namespace, compiled: bool) -> dict:
+    import numpy as np
+    import torch
+    from diffusers import CogVideoXPipeline
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    pipe = CogVideoXPipeline.from_pretrained(args.folder, torch_dtype=dtype).to("cuda" if cuda else "cpu")
+    sync()
+    load = time.perf_counter() - t0
+    peak_load = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0
+    pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=True)
+    if compiled:
+        pipe.transformer = torch.compile(pipe.transformer)
+    marks: list[float] = []
+
+    def on_step_end(_pipe, _i, _t, kwargs):
+        sync()
+        marks.append(time.perf_counter())
+        return kwargs
+
+    t_call = time.perf_counter()
+    with torch.no_grad():
+        latents = pipe(PROMPT, num_frames=args.frames, height=args.height, width=args.width,
+                       num_inference_steps=args.steps, guidance_scale=6.0, output_type="latent",
+                       generator=torch.Generator("cuda" if cuda else "cpu").manual_seed(0),
+                       callback_on_step_end=on_step_end).frames
+        sync()
+        call = time.perf_counter() - t_call
+        steps = np.diff([t_call] + marks)
+        median = float(np.median(steps[1:])) if len(steps) > 1 else float(steps[0])
+        compile_s = max(float(steps[0]) - median, 0.0) if compiled else 0.0
+        t1 = time.perf_counter()
+        video = pipe.decode_latents(latents)
+        frames = pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+        frames = np.round(np.clip(frames, 0, 1) * 255).astype(np.uint8)
+        sync()
+        decode = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    write_mp4(frames, Path(args.out))
+    write = time.perf_counter() - t2
+    return {"load": load, "compile": compile_s, "steps": call - compile_s, "decode": decode, "write": write,
+            "total": time.perf_counter() - t0, "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else 0.0,
+            "peak_after_load_gib": peak_load, "per_step": median, "frames": list(frames.shape)}
+
+
+def _worker(args: argparse.Namespace) -> None:
+    config = args.worker.split("@")[0].partition(":")[0]
+    if config == "diffusers":
+        res = run_diffusers(args, compiled=False)
+    elif config == "diffusers-compile":
+        res = run_diffusers(args, compiled=True)
+    else:
+        res = run_jaxvid(args)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ------------------------------------------------------------------------------ driver
+
+_KNOWN = ("diffusers", "diffusers-compile", "jaxvid-cold", "jaxvid-warm")
+
+
+def _check_config(config: str) -> None:
+    name, _, limit = config.partition("@")
+    base, _, policy = name.partition(":")
+    if base not in _KNOWN:
+        raise SystemExit(f"--configs: {config!r}; expected one of {_KNOWN}, optionally with :POLICY and @GiB")
+    if policy and (base.startswith("diffusers") or policy not in ("none", "text", "model", "blocks")):
+        raise SystemExit(f"--configs: {config!r}; :POLICY is none/text/model/blocks, for jaxvid only")
+    if limit:
+        try:
+            if float(limit) <= 0:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"--configs: {config!r}; @N needs a positive number of GiB") from None
+
+
+def _run_config(config: str, args: argparse.Namespace, folder: Path, workdir: Path) -> dict:
+    name, _, limit = config.partition("@")
+    base = name.partition(":")[0]
+    env = dict(os.environ)
+    cache = workdir / "jax-compile-cache"
+    if base == "jaxvid-cold":
+        shutil.rmtree(cache, ignore_errors=True)
+    if limit:
+        total = float(os.environ.get("BENCH_GPU_GIB", "139.8"))
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{float(limit) / total:.4f}"
+    if args.smoke:
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--folder", str(folder),
+           "--cache-dir", str(cache), "--steps", str(args.steps), "--frames", str(args.frames),
+           "--height", str(args.height), "--width", str(args.width),
+           "--out", str(workdir / f"{config.replace(':', '-')}.mp4")]
+    cmd += ["--smoke"] if args.smoke else []
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {args.timeout} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        tail = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-3:]
+        return {"error": " | ".join(tail)[-400:]}
+    return {**json.loads(lines[-1][len("RESULT "):]), "process_s": time.perf_counter() - t0}
+
+
+def format_table(rows: list[dict], title: str) -> str:
+    head = f"| config | {' | '.join(c.replace('_gib', ' GiB') for c in COLUMNS)} |"
+    lines = [title, "", head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | ERROR: {r['error']} |")
+            continue
+        lines.append(f"| {r['config']} | " + " | ".join(f"{r[c]:.2f}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("2b", "5b"), default="5b")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--frames", type=int, default=None, help="default 49 (9 with --smoke)")
+    ap.add_argument("--height", type=int, default=None, help="default 480 (32 with --smoke)")
+    ap.add_argument("--width", type=int, default=None, help="default 720 (32 with --smoke)")
+    ap.add_argument("--configs", default="diffusers,jaxvid-cold,jaxvid-warm",
+                    help="comma-separated: diffusers, diffusers-compile, jaxvid-cold, jaxvid-warm[:POLICY][@GiB]")
+    ap.add_argument("--dir", default=None, help="work folder, kept (default: a temp folder, removed at the end)")
+    ap.add_argument("--json", default=None, help="write the title and rows here")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration (a cold 5b run needs >= 300)")
+    ap.add_argument("--smoke", action="store_true", help="the tiny pipeline, fp32, on a CPU")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps={args.steps}; expected a positive int")
+    defaults = (9, 32, 32) if args.smoke else (49, 480, 720)
+    args.frames, args.height, args.width = (v if v is not None else d for v, d in
+                                            zip((args.frames, args.height, args.width), defaults))
+    if args.worker:
+        _worker(args)
+        return 0
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        _check_config(c)
+    import tempfile
+
+    workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="jaxvid-e2e-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    name = "tiny" if args.smoke else args.model
+    title = (f"CogVideoX-{name}, {args.frames} x {args.height} x {args.width}, {args.steps} steps, CFG 6, DDIM, "
+             f"random {'fp32' if args.smoke else 'bf16'} weights")
+    try:
+        t0 = time.perf_counter()
+        folder = write_folder(workdir / f"cogvideox-{name}", args.model, args.smoke)
+        print(f"folder {folder} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        rows = []
+        for config in configs:
+            res = {"config": config, **_run_config(config, args, folder, workdir)}
+            print(json.dumps(res), flush=True)
+            rows.append(res)
+            if args.json:  # after every row, so a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+        print(format_table(rows, title), flush=True)
+    finally:
+        if not args.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
