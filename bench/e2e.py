@@ -255,7 +255,7 @@ def _check_config(config: str) -> None:
             raise SystemExit(f"--configs: {config!r}; @N needs a positive number of GiB") from None
 
 
-def _run_config(config: str, args: argparse.Namespace, folder: Path, workdir: Path) -> dict:
+def _run_config(config: str, args: argparse.Namespace, folder: Path, workdir: Path, timeout: float) -> dict:
     name, _, limit = config.partition("@")
     base = name.partition(":")[0]
     env = dict(os.environ)
@@ -274,9 +274,9 @@ def _run_config(config: str, args: argparse.Namespace, folder: Path, workdir: Pa
     cmd += ["--smoke"] if args.smoke else []
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {args.timeout} s"}
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:  # subprocess.run kills the worker
+        return {"error": f"timeout after {timeout:.0f} s"}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         tail = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-3:]
@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, help="work folder, kept (default: a temp folder, removed at the end)")
     ap.add_argument("--json", default=None, help="write the title and rows here")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration (a cold 5b run needs >= 300)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for the whole run: each configuration gets at most what is left, and those "
+                    "that would start with under 20 s left are skipped (rows say so)")
     ap.add_argument("--smoke", action="store_true", help="the tiny pipeline, fp32, on a CPU")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -337,7 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"folder {folder} ready in {time.perf_counter() - t0:.1f} s", flush=True)
         rows = []
         for config in configs:
-            res = {"config": config, **_run_config(config, args, folder, workdir)}
+            timeout = float(args.timeout)
+            if args.budget is not None:
+                timeout = min(timeout, args.budget - (time.perf_counter() - t0))
+            if timeout < 20:
+                res = {"config": config, "error": "skipped: --budget spent"}
+            else:
+                res = {"config": config, **_run_config(config, args, folder, workdir, timeout)}
             print(json.dumps(res), flush=True)
             rows.append(res)
             if args.json:  # after every row, so a run cut short keeps what it measured
