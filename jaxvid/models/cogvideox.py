@@ -32,6 +32,7 @@ from jaxvid.models.layers import (
     sincos_3d,
     timestep_embedding,
 )
+from jaxvid.parallel import shard_tokens
 
 __all__ = ["CogVideoXConfig", "CogVideoXBlock", "CogVideoXTransformer3D", "rotary_table", "resize_crop_region"]
 
@@ -506,7 +507,9 @@ class CogVideoXTransformer3D(nnx.Module):
 
             def body(carry, layer_state, spec=spec):
                 block = nnx.merge(graphdef, layer_state)
-                return block(*carry, temb, rope, spec=spec, layout=layout), None
+                x, enc = carry
+                # tokens over the mesh's `seq` axis outside attention (no-op without a mesh)
+                return block(shard_tokens(x), enc, temb, rope, spec=spec, layout=layout), None
 
             (x, enc), _ = jax.lax.scan(body, (x, enc), seg)
         return x, enc

@@ -36,6 +36,7 @@ from flax import nnx
 
 from jaxvid.attention import BSA, AttentionPlan, Dense, VideoLayout, attend
 from jaxvid.attention.dense import dense_attention
+from jaxvid.parallel import shard_tokens
 
 log = logging.getLogger(__name__)
 
@@ -710,6 +711,7 @@ class LongCatVideoTransformer3D(nnx.Module):
 
             def body(x, layer, layer_plan=layer_plan):
                 layer_state, layer_cache, layer_lora = layer
+                x = shard_tokens(x)  # tokens over the mesh's `seq` axis outside attention (no-op without a mesh)
                 return nnx.merge(graphdef, layer_state)(x, *inputs, layer_plan, layer_cache, layer_lora)
 
             x, kv = jax.lax.scan(body, x, xs)

@@ -1,0 +1,131 @@
+"""jaxvid.parallel: mesh options, and sharded == single-device outputs on 8 forced CPU devices.
+
+The multi-device checks run in ONE subprocess (tests/parallel_check.py): XLA_FLAGS must be set
+before jax starts, and this worker has started it already. Each case compares a sharded run with the
+plain single-device run of the same code on the same weights and inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxvid.parallel import (
+    describe_mesh,
+    make_mesh,
+    mesh_context,
+    mesh_from_options,
+    padded_heads,
+    parse_mesh_spec,
+    sequence_parallel,
+)
+from jaxvid.parallel.sharding import _fsdp_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5  # fp32 relative L2, sharded vs single device
+
+
+def _check(*args: str) -> dict[str, dict[str, float]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_check.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _assert_all_close(results: dict[str, dict[str, float]], expected: list[str]) -> None:
+    missing = sorted(set(expected) - set(results))
+    assert not missing, f"cases not run: {missing}"
+    bad = {k: v for k, v in results.items() if not v["rel_l2"] <= TOL}
+    assert not bad, f"sharded != single device (rel L2 > {TOL}): {bad}"
+
+
+def test_sharded_equals_single_device():
+    """attend() dense / radial (3 heads, padded) / BSA (also with a longer key sequence) on 1, 2, 4, 8
+    devices; tiny CogVideoX (radial plan, 3 heads) on cfg=2 x seq=4; tiny LongCat (BSA, 2
+    conditioning frames) on seq=8."""
+    results = _check()
+    expected = [f"attend/{name}/seq={n}" for name in ("dense", "radial", "bsa", "bsa-longer-keys")
+                for n in (1, 2, 4, 8)]
+    expected += ["cogvideox/radial/cfg=2,seq=4", "longcat/bsa-cond2/seq=8"]
+    _assert_all_close(results, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("JAXVID_PARALLEL_FULL") != "1",
+                    reason="full device-count matrix takes minutes on CPU: JAXVID_PARALLEL_FULL=1 to run")
+def test_full_matrix():
+    """Every tiny model x plan on 1, 2, 4 and 8 devices, CFG parallel, FSDP weights, VAE decode split."""
+    results = _check("--full")
+    expected = [f"cogvideox/{p}/seq={n}" for p in ("dense", "radial") for n in (1, 2, 4, 8)]
+    expected += [f"longcat/{p}/seq={n}" for p in ("dense", "bsa", "bsa-cond2") for n in (1, 2, 4, 8)]
+    expected += ["longcat/bsa/cfg=2,seq=4", "longcat/bsa/seq=4,fsdp", "vae_cogvideox/height-split/devices=8"]
+    _assert_all_close(results, expected)
+
+
+def test_parse_mesh_spec():
+    assert parse_mesh_spec("cfg=2,seq=4") == {"cfg": 2, "seq": 4}
+    assert parse_mesh_spec(" seq = 8 ") == {"cfg": 1, "seq": 8}
+    for bad, match in (("tp=2", "not axis=size"), ("cfg=0", "positive integer"), ("cfg=2,cfg=2", "twice"),
+                       ("", "axis=size pairs"), ("seq", "not axis=size"), ("seq=x", "positive integer")):
+        with pytest.raises(ValueError, match=match):
+            parse_mesh_spec(bad)
+
+
+def test_make_mesh_checks_devices():
+    n = jax.device_count()
+    mesh = make_mesh(1)
+    assert dict(mesh.shape) == {"cfg": 1, "seq": 1}
+    assert "cfg=1 x seq=1" in describe_mesh(mesh) and describe_mesh(None).startswith("no mesh")
+    assert mesh_from_options(None, None) is None
+    assert dict(mesh_from_options(None, "seq=1").shape) == {"cfg": 1, "seq": 1}
+    with pytest.raises(ValueError, match=rf"--devices={n + 1}; only {n} device"):
+        make_mesh(n + 1)
+    with pytest.raises(ValueError, match="--devices=0"):
+        make_mesh(0)
+    with pytest.raises(ValueError, match="product of the mesh axes"):
+        make_mesh(1, axes={"cfg": 1, "seq": 2})
+    with pytest.raises(ValueError, match="does not divide"):
+        mesh_from_options(1, "cfg=2")
+    with pytest.raises(ValueError, match="jax.sharding.Mesh"):
+        with mesh_context("seq=2"):
+            pass
+
+
+def test_heads_padding_and_fsdp_layout():
+    assert [padded_heads(30, n) for n in (1, 2, 4, 8)] == [30, 30, 32, 32]
+    assert padded_heads(48, 8) == 48
+    # stacked [layers, d_in, d_out]: never the layer axis; the largest dimension that divides
+    assert tuple(_fsdp_spec((42, 3072, 12288), 8, "seq", 0)) == (None, None, "seq")
+    assert tuple(_fsdp_spec((42, 3072), 8, "seq", 0)) == (None, "seq")
+    assert tuple(_fsdp_spec((42, 30), 8, "seq", 0)) == ()  # nothing divides: replicated
+    assert tuple(_fsdp_spec((4096,), 8, "seq", 0)) == ()  # vectors stay replicated
+
+
+def test_one_device_mesh_runs_the_shard_map_path():
+    """A 1-device mesh goes through shard_map (what the single-GPU check exercises) and matches."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 10, 3, 8)) for i in range(3))
+    plain = jax.nn.dot_product_attention(q, k, v)
+    seen = []
+
+    def attn(q, k, v):
+        seen.append(q.shape)
+        return jax.nn.dot_product_attention(q, k, v)
+
+    def run(q, k, v):
+        return sequence_parallel(attn, q, k, v)
+
+    with mesh_context(make_mesh(1)):
+        out = jax.jit(run)(q, k, v)
+        sharded_jaxpr = str(jax.make_jaxpr(run)(q, k, v))
+    assert jnp.allclose(out, plain, atol=1e-6, rtol=0)
+    assert seen[0] == (1, 10, 3, 8)
+    assert "shard_map" in sharded_jaxpr
+    assert "shard_map" not in str(jax.make_jaxpr(run)(q, k, v))  # no mesh: the plain call
