@@ -161,12 +161,49 @@ def vae_cases(n):
                                                                   ref), "devices": n}}
 
 
+def pipeline_cases():
+    """Both pipelines end to end (text encoder, jitted loop, VAE decode) with and without a mesh."""
+    import tempfile
+    from pathlib import Path
+
+    from jaxvid.pipelines.cogvideox import CogVideoXPipeline
+    from jaxvid.pipelines.longcat import LongCatPipeline
+    from jaxvid.synthetic.cogvideox import write_tiny_pipeline
+    from jaxvid.synthetic.longcat import write_tiny_longcat
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = CogVideoXPipeline.from_pretrained(write_tiny_pipeline(Path(tmp) / "cog"))
+        kw = dict(num_frames=9, height=64, width=64, num_inference_steps=2, seed=0, output_type="np", progress=False,
+                  attention=AttentionPlan.radial_cogvideox(block_size=64, dense_layers=1, dense_timesteps=1))
+        ref = pipe("a panda", **kw)
+        got = pipe("a panda", **kw, mesh=make_mesh(8, axes={"cfg": 2, "seq": 4}))
+        out["pipeline_cogvideox/radial/cfg=2,seq=4/latents"] = {**_errors(got.latents, ref.latents), "devices": 8}
+        out["pipeline_cogvideox/radial/cfg=2,seq=4/frames"] = {**_errors(got.frames, ref.frames), "devices": 8}
+        out["pipeline_cogvideox/progress_ticks"] = {"rel_l2": 0.0 if len(pipe.progress.step_times) == 2 else 1.0,
+                                                     "max_abs": 0.0, "devices": 8}
+
+        pipe = LongCatPipeline.from_pretrained(write_tiny_longcat(Path(tmp) / "lc", seed=0), progress=False)
+        pipe.enable_bsa(sparsity=0.5, chunk_3d_shape_q=(1, 2, 2), chunk_3d_shape_k=(1, 2, 2))
+        kw = dict(height=64, width=64, num_frames=9, num_inference_steps=2, seed=1, output_type="np")
+        ref = pipe.generate_t2v("a cat", **kw)
+        pipe.use_mesh(make_mesh(8))
+        got = pipe.generate_t2v("a cat", **kw)
+        out["pipeline_longcat/bsa/seq=8/latents"] = {**_errors(got.latents, ref.latents), "devices": 8}
+        out["pipeline_longcat/bsa/seq=8/frames"] = {**_errors(got.frames, ref.frames), "devices": 8}
+        out["pipeline_longcat/progress_ticks"] = {"rel_l2": 0.0 if len(pipe.progress.step_times) == 2 else 1.0,
+                                                   "max_abs": 0.0, "devices": 8}
+    return out
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
-    results = attention_cases([1, 2, 4, 8])
+    results = {} if "--pipelines" in sys.argv else attention_cases([1, 2, 4, 8])
     if "--full" in sys.argv:
         results |= cogvideox_cases([1, 2, 4, 8], full=True) | longcat_cases([1, 2, 4, 8], full=True)
-        results |= vae_cases(8)
+        results |= vae_cases(8) | pipeline_cases()
+    elif "--pipelines" in sys.argv:
+        results = pipeline_cases()
     else:
         results |= cogvideox_cases([], full=False) | longcat_cases([8], full=False)
     print(json.dumps(results))

@@ -15,6 +15,8 @@ Nothing here knows a model: the attention function and the decoder come in as ar
 from jaxvid.parallel.distributed import initialize_distributed
 from jaxvid.parallel.mesh import AXES, describe_mesh, make_mesh, mesh_context, mesh_from_options, parse_mesh_spec
 from jaxvid.parallel.sharding import (
+    on_mesh,
+    place_module,
     place_replicated,
     shard_spatial,
     shard_tokens,
@@ -25,5 +27,5 @@ from jaxvid.parallel.ulysses import padded_heads, sequence_parallel, sequence_pa
 __all__ = [
     "AXES", "make_mesh", "mesh_from_options", "parse_mesh_spec", "mesh_context", "describe_mesh",
     "initialize_distributed", "sequence_parallel", "sequence_parallel_axes", "padded_heads",
-    "shard_tokens", "shard_spatial", "place_replicated", "shard_weights_fsdp",
+    "shard_tokens", "shard_spatial", "place_replicated", "shard_weights_fsdp", "place_module", "on_mesh",
 ]

@@ -8,12 +8,13 @@ import logging
 from typing import Any
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxvid.parallel.ulysses import batch_axis, sequence_parallel_axes
 
-__all__ = ["shard_tokens", "shard_spatial", "place_replicated", "shard_weights_fsdp"]
+__all__ = ["shard_tokens", "shard_spatial", "place_replicated", "shard_weights_fsdp", "place_module", "on_mesh"]
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +85,24 @@ def shard_weights_fsdp(tree: Any, mesh: Mesh, *, axis: str = "seq", min_elements
         return jax.device_put(a, NamedSharding(mesh, _fsdp_spec(tuple(a.shape), n, axis, min_elements)))
 
     return jax.tree.map(put, tree)
+
+
+def place_module(module: nnx.Module, mesh: Mesh | None, *, fsdp: bool = False) -> None:
+    """Move an NNX module's weights onto `mesh` in place: replicated, or FSDP-style with `fsdp`.
+
+    In place (`nnx.update`), so the single-device copy is released rather than kept beside the
+    mesh copy. Re-split any `Component` holding the module afterwards (`component.refresh()`).
+    """
+    if mesh is None:
+        return
+    state = nnx.state(module)
+    nnx.update(module, shard_weights_fsdp(state, mesh) if fsdp else place_replicated(state, mesh))
+    log.info("weights of %s %s on %d devices", type(module).__name__, "sharded (FSDP over seq)" if fsdp
+             else "replicated", mesh.size)
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> bool:
+    """Whether the arrays of `tree` already live on `mesh` (checked on the first array)."""
+    leaves = [a for a in jax.tree.leaves(tree) if isinstance(a, jax.Array)]
+    sharding = leaves[0].sharding if leaves else None
+    return isinstance(sharding, NamedSharding) and sharding.mesh == mesh

@@ -34,6 +34,7 @@ from flax import nnx
 from jaxvid.attention.plan import AttentionPlan
 from jaxvid.models.dtypes import DTYPES, resolve_dtype
 from jaxvid.models.loading import load_model, parse_config
+from jaxvid.parallel import mesh_context, on_mesh, place_module, place_replicated, shard_spatial
 from jaxvid.pipelines.loop import (
     CompiledFunction,
     Component,
@@ -226,6 +227,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, tiling
     """latents [B, F, C, h, w] -> float32 frames [B, F', H, W, 3] in [0, 1] (clamp(x / 2 + 0.5), as diffusers)."""
     vae = nnx.merge(graphdef, state)
     z = latents.transpose(0, 2, 1, 3, 4) / scaling_factor
+    z = shard_spatial(z, axis=3)  # under a device mesh: latent rows split over the devices (XLA exchanges halos)
     video = vae.decode(z.astype(vae.cfg.dtype), tiling=tiling)
     return jnp.clip(video.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 4, 1)
 
@@ -459,11 +461,21 @@ class CogVideoXPipeline:
             padded = jnp.concatenate([padded[:, : f % pt], padded], axis=1)
         return padded
 
-    def decode_latents(self, latents: jax.Array, output_type: str = "uint8") -> np.ndarray:
+    def _on_mesh(self, component: Component, mesh: Any) -> Component:
+        """The component with its weights replicated on `mesh` (moved once, in place; no-op for None)."""
+        if mesh is not None and not on_mesh(component.state, mesh):
+            place_module(component.module, mesh)
+            component.refresh()
+        return component
+
+    def decode_latents(self, latents: jax.Array, output_type: str = "uint8", mesh: Any = None) -> np.ndarray:
         """Latents [B, F, C, h, w] (scaled) -> frames [B, 1 + 4(F - 1), H, W, 3]: uint8 (rounded as
         diffusers' PIL output), or float32 in [0, 1] with output_type="np"."""
         vcfg = self.vae.module.cfg
-        frames = self._decode(self.vae.graphdef, self.vae.state, latents, self.vae_tiling, float(vcfg.scaling_factor))
+        vae = self._on_mesh(self.vae, mesh)
+        with mesh_context(mesh):
+            frames = self._decode(vae.graphdef, vae.state, place_replicated(latents, mesh), self.vae_tiling,
+                                  float(vcfg.scaling_factor))
         return finish_frames(frames, output_type, rounding="round")
 
     # ---- generation ---------------------------------------------------------------------
@@ -489,6 +501,7 @@ class CogVideoXPipeline:
         output_type: str = "uint8",
         max_sequence_length: int = COGVIDEOX_MAX_LENGTH,
         progress: bool = True,
+        mesh: Any = None,
     ) -> VideoOutput:
         """Generate a video; returns a VideoOutput: frames uint8 [B, F, H, W, 3] (`.frames[0]` is the
         first video), the final latents [B, F', C, h, w] float32 (padding frames included, as diffusers
@@ -498,7 +511,8 @@ class CogVideoXPipeline:
         `latents` replaces the initial noise ([B, F', C, h, w], F' padded to a multiple of
         patch_size_t for CogVideoX 1.5). `image` (I2V models only, required there): a PIL image or an
         array [H, W, 3]. `attention`: None (dense) or an AttentionPlan (its dense_timesteps switch
-        inside the jitted loop).
+        inside the jitted loop). `mesh`: a jax Mesh (jaxvid.parallel.make_mesh) to run the DiT on
+        several devices (CFG halves over `cfg`, Ulysses over `seq`) and split the VAE decode; None = one device.
         """
         check_output_type(output_type)
         geometry = VideoGeometry(num_frames=num_frames, height=height, width=width)
@@ -506,12 +520,12 @@ class CogVideoXPipeline:
                             max_sequence_length=max_sequence_length)
         return self.generate(prompt, negative_prompt, geometry, sampling, use_dynamic_cfg=use_dynamic_cfg,
                              image=image, attention=attention, latents=latents, output_type=output_type,
-                             progress=progress)
+                             progress=progress, mesh=mesh)
 
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str], geometry: VideoGeometry,
                  sampling: Sampling, *, use_dynamic_cfg: bool = False, image: Any = None,
                  attention: AttentionPlan | None = None, latents: Any = None, output_type: str = "uint8",
-                 progress: bool = True) -> VideoOutput:
+                 progress: bool = True, mesh: Any = None) -> VideoOutput:
         """`__call__` with the video size and the sampling settings passed whole."""
         t_start = time.perf_counter()
         check_output_type(output_type)
@@ -570,14 +584,16 @@ class CogVideoXPipeline:
         spec = LoopSpec(scheduler=self.scheduler, scheduler_config=self.scheduler_config, do_cfg=do_cfg,
                         attention=attention, ofs=I2V_OFS if tcfg.ofs_embed_dim else None)
         self.progress.enabled = progress
-        tr = self.transformer
-        args = (tr.graphdef, spec, tr.state, noise, embeds, image_latents, schedule,
-                jnp.asarray(scales, jnp.float32), keys.dpm)
-        timings["compile"] += self._denoise.prepare(*args)  # compile before the bar starts
+        tr = self._on_mesh(self.transformer, mesh)
+        args = (tr.graphdef, spec, tr.state, *place_replicated(
+            (noise, embeds, image_latents, schedule, jnp.asarray(scales, jnp.float32), keys.dpm), mesh))
+        with mesh_context(mesh):
+            timings["compile"] += self._denoise.prepare(*args)  # compile before the bar starts
         self.progress.start(num_inference_steps)
         t0 = time.perf_counter()
         try:
-            out = jax.block_until_ready(self._denoise(*args))
+            with mesh_context(mesh):
+                out = jax.block_until_ready(self._denoise(*args))
         finally:
             self.progress.close()
         timings["steps"] = time.perf_counter() - t0
@@ -587,7 +603,7 @@ class CogVideoXPipeline:
         frames = None
         if output_type != "latent":
             t0 = time.perf_counter()
-            frames = self.decode_latents(out[:, additional_frames:], output_type)
+            frames = self.decode_latents(out[:, additional_frames:], output_type, mesh=mesh)
             timings["compile"] += self._decode.last_compile_seconds
             timings["decode"] = time.perf_counter() - t0 - self._decode.last_compile_seconds
         result = VideoOutput(frames=frames, latents=np.asarray(out.astype(jnp.float32)), fps=default_fps(tcfg),

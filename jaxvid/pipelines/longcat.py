@@ -53,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from jaxvid.attention.plan import AttentionPlan
+from jaxvid.parallel import mesh_context, on_mesh, place_module, place_replicated, shard_spatial
 from jaxvid.pipelines.longcat_buckets import bucket_size
 from jaxvid.pipelines.loop import (
     CompiledFunction,
@@ -238,6 +239,7 @@ def _vae_decode(graphdef, state, latents):
     """DiT latents [B, z, T, h, w] -> frames float32 [B, F, H, W, 3] in [0, 1] (upstream's postprocess 'np')."""
     vae = nnx.merge(graphdef, state)
     z = vae.denormalize_latents(latents.astype(vae.cfg.dtype))
+    z = shard_spatial(z, axis=3)  # under a device mesh: latent rows split over the devices (XLA exchanges halos)
     video = vae.decode(z)
     video = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return jnp.transpose(video, (0, 2, 3, 4, 1))
@@ -368,6 +370,8 @@ class LongCatPipeline:
         self._tokenizers: dict[int, Any] = {}
         self._lora_cache: tuple[Any, Any] = (None, None)
         self.last_timings: dict[str, float] = {}
+        self.mesh: Any = None  # a jax Mesh after use_mesh(): DiT and VAE decode on several devices
+        self.mesh_fsdp = False  # use_mesh(fsdp=True): the DiT's weights sharded over the mesh's seq axis
         self._encode_text = CompiledFunction(_encode_text, static_argnums=(0,))
         self._vae_encode = CompiledFunction(_vae_encode, static_argnums=(0,))
         self._vae_decode = CompiledFunction(_vae_decode, static_argnums=(0,))
@@ -578,10 +582,24 @@ class LongCatPipeline:
         latents = self._vae_encode(vae.graphdef, vae.state, frames, key).astype(dtype)
         return self.vae.normalize_latents(latents)
 
+    def use_mesh(self, mesh: Any, *, fsdp: bool = False) -> None:
+        """Run every later denoising loop and VAE decode on the devices of `mesh` (a jax Mesh from
+        jaxvid.parallel.make_mesh; None = back to one device for new weights placements): CFG halves
+        over its `cfg` axis, Ulysses sequence parallel over `seq`, the decode split by latent rows.
+        The DiT's weights are replicated, or with `fsdp` sharded over `seq` (1/n of them per device,
+        gathered layer by layer; for 24 GB cards)."""
+        self.mesh, self.mesh_fsdp = mesh, fsdp
+        if mesh is not None:
+            place_module(self.dit, mesh, fsdp=fsdp)
+            place_module(self.vae, mesh)
+            for name in ("dit", "vae"):
+                self.components[name].refresh()
+
     def decode(self, latents: jax.Array) -> np.ndarray:
         """DiT latents [B, z, T, h, w] -> float32 frames [B, 1 + 4(T-1), 8h, 8w, 3] in [0, 1]."""
         vae = self.components["vae"]
-        return np.asarray(self._vae_decode(vae.graphdef, vae.state, latents))
+        with mesh_context(self.mesh):
+            return np.asarray(self._vae_decode(vae.graphdef, vae.state, place_replicated(latents, self.mesh)))
 
     def denoise(self, latents: jax.Array, embeds: jax.Array, mask: jax.Array, schedule: flow_match.FlowMatchState,
                 *, guidance_scale: float, num_cond_latents: int = 0, use_kv_cache: bool = False,
@@ -602,13 +620,17 @@ class LongCatPipeline:
                          dtype=self.dit_dtype, attention=attention, scheduler=self.scheduler)
         dit = self.components["dit"]
         num_steps = int(schedule.timesteps.shape[0])
-        args = (dit.graphdef, spec, self.progress, dit.state, self._lora_factors(), latents, embeds, mask, schedule,
-                jnp.float32(guidance_scale))
-        compile_seconds = self._denoise.prepare(*args)  # compile before the bar starts
+        if self.mesh is not None and not on_mesh(dit.state, self.mesh):
+            self.use_mesh(self.mesh, fsdp=self.mesh_fsdp)  # weights loaded or changed since use_mesh()
+        args = (dit.graphdef, spec, self.progress, dit.state, *place_replicated(
+            (self._lora_factors(), latents, embeds, mask, schedule, jnp.float32(guidance_scale)), self.mesh))
+        with mesh_context(self.mesh):
+            compile_seconds = self._denoise.prepare(*args)  # compile before the bar starts
         self.progress.start(num_steps)
         t0 = time.perf_counter()
         try:
-            out = jax.block_until_ready(self._denoise(*args))
+            with mesh_context(self.mesh):
+                out = jax.block_until_ready(self._denoise(*args))
         finally:
             self.progress.close()
         total = time.perf_counter() - t0
