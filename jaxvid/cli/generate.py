@@ -84,6 +84,12 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     common.add_argument("--output", default="out.mp4",
                         help="video file, .mp4 or .gif (default out.mp4); --refine writes <name>_refine beside it")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--devices", type=int, default=None,
+                        help="run on the first N devices (GPUs): Ulysses sequence parallel over all N unless --mesh "
+                             "splits them (default: one device, no mesh)")
+    common.add_argument("--mesh", default=None,
+                        help="device mesh axes, e.g. 'cfg=2,seq=4': cfg = the two CFG halves on different devices, "
+                             "seq = Ulysses sequence parallel; their product is the device count")
 
     cog = p.add_argument_group("CogVideoX options")
     cog.add_argument("--dynamic-cfg", action="store_true", default=None,
@@ -203,6 +209,16 @@ def attention_plan(args: argparse.Namespace) -> Any:
         dense_timesteps=12 if args.dense_timesteps is None else args.dense_timesteps)
 
 
+def device_mesh(args: argparse.Namespace) -> Any:
+    """--devices / --mesh -> a jax Mesh (checked against the visible devices), or None for one device."""
+    from jaxvid.parallel import describe_mesh, mesh_from_options
+
+    mesh = mesh_from_options(args.devices, args.mesh)
+    if mesh is not None:
+        log.info("device mesh: %s", describe_mesh(mesh))
+    return mesh
+
+
 def _default_dtype(tiny: bool) -> str:
     import jax
 
@@ -297,6 +313,7 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
     if not tiny and not args.prompt:
         raise ValueError("--prompt is required with --model")
     plan = attention_plan(args)
+    mesh = device_mesh(args)
     with tempfile.TemporaryDirectory(prefix="jaxvid-tiny-") as tmp:
         if tiny:
             from jaxvid.synthetic.cogvideox import write_tiny_pipeline
@@ -317,7 +334,7 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
         # inside the `with`: the tiny folder (its tokenizer) must live until the prompt is encoded
         out = pipe.generate(prompt, args.negative_prompt or "", geometry, sampling,
                             use_dynamic_cfg=bool(args.dynamic_cfg), image=image, attention=plan,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, mesh=mesh)
     frames = out.frames[0]
     path = _save(frames, Path(args.output), fps)
     t = pipe.last_timings
@@ -388,6 +405,7 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
     t0 = time.perf_counter()
     mode = args.mode or "t2v"
     _check_longcat(args, mode)
+    mesh = device_mesh(args)
     target_fps = 15.0 if args.target_fps is None else args.target_fps
     image = video_io.load_image(args.image) if args.image else None
     source = _read_video(args.video, target_fps if mode in ("continue", "long") else None) if args.video else None
@@ -404,6 +422,7 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
         bsa_sparsity=args.bsa_sparsity)
     dtype = resolve_dtype(args.dtype or _default_dtype(False), "--dtype")
     pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress)
+    pipe.use_mesh(mesh)
     outputs = run_longcat(pipe, run)
     output = Path(args.output)
     written = []
