@@ -72,7 +72,7 @@ def test_full_matrix():
 
 def test_parse_mesh_spec():
     assert parse_mesh_spec("cfg=2,seq=4") == {"cfg": 2, "seq": 4}
-    assert parse_mesh_spec(" seq = 8 ") == {"cfg": 1, "seq": 8}
+    assert parse_mesh_spec(" seq = 8 ") == {"seq": 8}
     for bad, match in (("tp=2", "not axis=size"), ("cfg=0", "positive integer"), ("cfg=2,cfg=2", "twice"),
                        ("", "axis=size pairs"), ("seq", "not axis=size"), ("seq=x", "positive integer")):
         with pytest.raises(ValueError, match=match):
@@ -129,3 +129,27 @@ def test_one_device_mesh_runs_the_shard_map_path():
     assert seen[0] == (1, 10, 3, 8)
     assert "shard_map" in sharded_jaxpr
     assert "shard_map" not in str(jax.make_jaxpr(run)(q, k, v))  # no mesh: the plain call
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--devices", "99"], "--devices=99; only"),
+    (["--devices", "0"], "--devices=0; expected a positive integer"),
+    (["--mesh", "tp=2"], "'tp=2' is not axis=size"),
+    (["--devices", "1", "--mesh", "cfg=2,seq=2"], "uses 4 devices; --devices=1"),
+    (["--devices", "1", "--mesh", "cfg=2"], "--mesh cfg=2 does not divide --devices=1"),
+])
+def test_cli_device_options_fail_before_loading(tmp_path, argv, message, caplog):
+    """--devices / --mesh are checked against the visible devices before any model is written or loaded."""
+    import argparse
+    import logging
+
+    from jaxvid.cli.generate import add_generate_parser
+
+    parser = argparse.ArgumentParser(prog="jaxvid")
+    add_generate_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["generate", "--output", str(tmp_path / "x.mp4"), *argv])
+    with caplog.at_level(logging.ERROR):
+        assert args.func(args) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(message in e for e in errors), errors
+    assert not (tmp_path / "x.mp4").exists()

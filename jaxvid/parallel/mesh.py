@@ -19,7 +19,8 @@ AXES = ("cfg", "seq")
 
 
 def parse_mesh_spec(text: str) -> dict[str, int]:
-    """"cfg=2,seq=4" -> {"cfg": 2, "seq": 4}; axes left out are 1. Only `cfg` and `seq` exist."""
+    """"cfg=2,seq=4" -> {"cfg": 2, "seq": 4}; only the axes given (make_mesh fills in the rest: cfg 1,
+    seq = the devices cfg leaves). Only `cfg` and `seq` exist."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"--mesh={text!r}; expected axis=size pairs such as 'cfg=2,seq=4' (axes: cfg, seq)")
     sizes: dict[str, int] = {}
@@ -36,7 +37,7 @@ def parse_mesh_spec(text: str) -> dict[str, int]:
         if size < 1:
             raise ValueError(f"--mesh={text!r}: {name}={value!r}; expected a positive integer")
         sizes[name] = size
-    return {axis: sizes.get(axis, 1) for axis in AXES}
+    return {axis: sizes[axis] for axis in AXES if axis in sizes}
 
 
 def make_mesh(devices: int | None = None, *, axes: Mapping[str, int] | None = None,
@@ -60,7 +61,7 @@ def make_mesh(devices: int | None = None, *, axes: Mapping[str, int] | None = No
     if unknown:
         raise ValueError(f"mesh axes {sorted(unknown)} unknown; expected only {AXES}")
     cfg = int(sizes.get("cfg", 1))
-    if cfg < 1 or devices % cfg:
+    if cfg < 1 or ("seq" not in sizes and devices % cfg):
         raise ValueError(f"--mesh cfg={cfg} does not divide --devices={devices}")
     seq = int(sizes.get("seq", devices // cfg))
     if cfg * seq != devices:
