@@ -3,6 +3,13 @@
     python bench/step.py                       # every case, table on stdout
     python bench/step.py --cases cogvideox-2b --json step.json
     python bench/step.py --cases cogvideox-5b --step-cache 2 --no-torch   # pyramid attention broadcast
+    python bench/step.py --cases "cogvideox-5b dense,longcat 720p bsa" --devices 1,2,4,8 --no-torch
+
+--devices 1,2,4,8: the same step on a ("cfg", "seq") device mesh of each size (jaxvid.parallel:
+Ulysses over `seq`, `--mesh-cfg 2` puts the CFG halves on different devices; weights replicated),
+one subprocess per count; the table adds speedup and efficiency = t(1) / (n * t(n)).
+--check-unsharded also runs the plain single-device step and prints the rel. L2 difference (the
+sharded code path checked on one GPU with --devices 1). --latent F,H,W shrinks the video.
 
 Random bf16 weights (N(0, 0.02^2)), random inputs. Each measurement runs in its own subprocess so
 JAX and PyTorch never share the GPU's memory. Printed per row: compile time (first call, JAX),
@@ -68,7 +75,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 # ---- JAX workers ------------------------------------------------------------------------------
 
-def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int = 0) -> dict:
+def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int = 0, devices: int | None = None,
+              mesh_cfg: int = 1, check_unsharded: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -79,6 +87,8 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int
     bf16 = jnp.bfloat16
     key = jax.random.key(1)
     f, h, w = case.latent
+    if devices is not None and jax.default_backend() == "cpu" and jax.device_count() < devices:
+        raise RuntimeError(f"--devices {devices} on CPU: run with XLA_FLAGS=--xla_force_host_platform_device_count=N")
     if case.model.startswith("cogvideox"):
         from jaxvid.attention.plan import AttentionPlan, Radial
         from jaxvid.models.cogvideox import CogVideoXConfig, CogVideoXTransformer3D
@@ -119,6 +129,8 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int
     graphdef, state = nnx.split(model)
     if step_cache and case.model.startswith("cogvideox"):
         return _jax_step_cache(case, cfg, graphdef, state, args, plan, repeats, step_cache)
+    if devices is not None:
+        return _sharded_step(graphdef, state, call, args, repeats, devices, mesh_cfg, check_unsharded)
     step = jax.jit(lambda state, *a: call(nnx.merge(graphdef, state), *a))
     t0 = time.perf_counter()
     jax.block_until_ready(step(state, *args))
@@ -163,6 +175,38 @@ def _jax_step_cache(case, cfg, graphdef, state, args, plan, repeats: int, n: int
             "ms_reuse": ms_reuse, "reuse_rel_err": err, "attention_rel_err": attn_err}
 
 
+def _sharded_step(graphdef, state, call, args, repeats: int, devices: int, mesh_cfg: int,
+                  check_unsharded: bool) -> dict:
+    """The step on a (cfg, seq) mesh of `devices` devices; optionally vs the plain single-device step."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxvid.parallel import describe_mesh, make_mesh, mesh_context, place_replicated
+
+    def fn(state, *a):
+        return call(nnx.merge(graphdef, state), *a)
+
+    rel_l2 = None
+    if check_unsharded:
+        plain = np.asarray(jax.jit(fn)(state, *args), np.float32)
+    mesh = make_mesh(devices, axes={"cfg": mesh_cfg, "seq": devices // mesh_cfg})
+    state, args = place_replicated((state, args), mesh)
+    with mesh_context(mesh):
+        step = jax.jit(fn)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(step(state, *args))
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(step(state, *args))
+        ms = _median_ms(lambda: jax.block_until_ready(step(state, *args)), repeats)
+    if check_unsharded:
+        got = np.asarray(out, np.float32)
+        rel_l2 = float(np.linalg.norm(got - plain) / np.linalg.norm(plain))
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat]
+    return {"impl": "jaxvid", "ms": ms, "compile_s": compile_s, "peak_gib": max(peaks) / 2**30, "devices": devices,
+            "mesh": describe_mesh(mesh), "rel_l2_vs_unsharded": rel_l2}
+
+
 # ---- PyTorch worker (diffusers CogVideoX) -------------------------------------------------------
 
 def _torch_case(case: StepCase, repeats: int) -> dict:
@@ -203,11 +247,14 @@ def _torch_case(case: StepCase, repeats: int) -> dict:
 # ---- driver ------------------------------------------------------------------------------------
 
 def _run_worker(kind: str, case: StepCase, repeats: int, timeout: int, smoke: bool = False,
-                step_cache: int = 0) -> dict:
+                extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--cases", case.name, "--repeats", str(repeats)]
     cmd += ["--smoke"] if smoke else []
-    cmd += ["--step-cache", str(step_cache)] if step_cache else []
+    cmd += list(extra)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    if smoke and "--worker-devices" in extra:  # a CPU check of the sharded path: forced host devices
+        n = extra[extra.index("--worker-devices") + 1]
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -230,25 +277,50 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny configs and shapes (check the script on a CPU)")
     ap.add_argument("--step-cache", type=int, default=0, metavar="N",
                     help="CogVideoX: pyramid attention broadcast, attention recomputed every N steps (0: off)")
+    ap.add_argument("--devices", default=None,
+                    help="comma-separated device counts, e.g. 1,2,4,8: the step on a device mesh of each size")
+    ap.add_argument("--mesh-cfg", type=int, choices=(1, 2), default=1,
+                    help="with --devices: 2 = the CFG halves (batch 2) on different devices, seq = the rest")
+    ap.add_argument("--check-unsharded", action="store_true",
+                    help="with --devices: also run the plain single-device step and report the rel. L2 difference")
+    ap.add_argument("--latent", default=None, help="F,H,W latent size replacing the cases' (a smaller check)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-devices", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    device_counts = _device_counts(ap, args)
     wanted = [s.strip() for s in args.cases.split(",") if s.strip()]
     cases = [c for c in CASES if c.name in wanted or any(c.name.startswith(w) for w in wanted)]
     if not cases:
         ap.error(f"--cases: no case matches {wanted}; known: {[c.name for c in CASES]}")
+    if args.latent:
+        try:
+            latent = tuple(int(x) for x in args.latent.split(","))
+        except ValueError:
+            latent = ()
+        if len(latent) != 3 or min(latent) < 1:
+            ap.error(f"--latent={args.latent!r}; expected three positive ints F,H,W")
+        cases = [dataclasses.replace(c, latent=latent) for c in cases]
 
     if args.worker:
         case = cases[0]
-        res = (_jax_case(case, args.repeats, args.smoke, args.step_cache) if args.worker == "jax"
-               else _torch_case(case, args.repeats))
+        if args.worker == "jax":
+            res = _jax_case(case, args.repeats, args.smoke, args.step_cache, args.worker_devices, args.mesh_cfg,
+                            args.check_unsharded)
+        else:
+            res = _torch_case(case, args.repeats)
         print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    if device_counts:
+        _scaling(cases, device_counts, args)
         return
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     torch_done: dict[str, dict] = {}
     for case in cases:
-        res = _run_worker("jax", case, args.repeats, args.timeout, args.smoke, args.step_cache)
+        res = _run_worker("jax", case, args.repeats, args.timeout, args.smoke,
+                          ("--step-cache", str(args.step_cache)) if args.step_cache else ())
         ref = None
         if case.model.startswith("cogvideox") and not args.no_torch and not args.smoke:
             if case.model not in torch_done:
@@ -280,6 +352,55 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{'':26s} step cache every {j['step_cache']}: computing step {j['ms_compute']:.1f} ms, reusing "
                   f"step {j['ms_reuse']:.1f} ms; reuse rel L2 error: output {j['reuse_rel_err']:.2e}, attention "
                   f"{j['attention_rel_err']:.2e}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+def _device_counts(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[int]:
+    if args.devices is None:
+        return []
+    try:
+        counts = [int(x) for x in args.devices.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or any(n % args.mesh_cfg for n in counts):
+        ap.error(f"--devices={args.devices!r}; expected comma-separated positive ints (multiples of --mesh-cfg="
+                 f"{args.mesh_cfg})")
+    return counts
+
+
+def _scaling(cases: list[StepCase], counts: list[int], args: argparse.Namespace) -> None:
+    """One worker per (case, device count); step time, speedup and efficiency against the smallest count."""
+    rows = []
+    for case in cases:
+        base = None
+        for n in counts:
+            extra = ("--worker-devices", str(n), "--mesh-cfg", str(args.mesh_cfg))
+            extra += ("--check-unsharded",) if args.check_unsharded else ()
+            extra += ("--latent", args.latent) if args.latent else ()
+            res = _run_worker("jax", case, args.repeats, args.timeout, args.smoke, extra)
+            if "error" not in res and base is None:
+                base = (n, res["ms"])
+            if "error" not in res and base:
+                speedup = base[1] / res["ms"]
+                res["speedup"], res["efficiency"] = speedup, speedup * base[0] / n
+            latent = "smoke" if args.smoke else "x".join(map(str, case.latent))
+            rows.append({"case": case.name, "latent": latent, "devices": n, "jaxvid": res})
+            log.info("%s on %d device(s): %s", case.name, n, res)
+    hdr = (f"{'case':26s} {'latent':>12s} {'mesh':>32s} {'ms':>9s} {'speedup':>7s} {'effic.':>6s} {'compile s':>9s} "
+           f"{'peak GiB':>8s} {'rel L2':>8s}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        j = r["jaxvid"]
+        if "error" in j:
+            print(f"{r['case']:26s} {r['devices']} device(s): ERROR {j['error']}")
+            continue
+        rel = j.get("rel_l2_vs_unsharded")
+        print(f"{r['case']:26s} {r['latent']:>12s} {j['mesh'][:32]:>32s} {j['ms']:9.1f} "
+              f"{j.get('speedup', float('nan')):7.2f} {j.get('efficiency', float('nan')):6.2f} {j['compile_s']:9.1f} "
+              f"{j['peak_gib']:8.1f} {'-' if rel is None else format(rel, '.1e'):>8s}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

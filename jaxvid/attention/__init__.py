@@ -7,6 +7,8 @@ contract of DESIGN.md (pallas_kernels.block_sparse_attention).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from jaxvid.attention.bsa import bsa_attention, select_blocks
@@ -16,6 +18,7 @@ from jaxvid.attention.plan import BSA, PRECISIONS, AttentionPlan, AttentionSpec,
 from jaxvid.attention.precision import quantized_dense_attention
 from jaxvid.attention.radial import radial_attention, radial_block_mask
 from jaxvid.attention.scene import scene_block_mask
+from jaxvid.parallel.ulysses import sequence_parallel
 
 __all__ = [
     "attend", "dense_attention", "VideoLayout",
@@ -43,8 +46,16 @@ def attend(
     (queries) and optionally `kv_layout` (keys, default = layout), both without text; a layout
     with a single frame runs dense, as upstream ("bsa will not be used in image sampling").
     `scale` defaults to 1/sqrt(D). q, k, v must be floating point (TypeError otherwise).
+    Under a device mesh (jaxvid.parallel.mesh_context) it runs Ulysses sequence parallel: each device
+    attends over the whole sequence of a slice of the heads (jaxvid.parallel.ulysses).
     """
     check_float_qkv("attend", q, k, v)
+    local = functools.partial(_attend_local, spec=spec, layout=layout, kv_layout=kv_layout, scale=scale)
+    return sequence_parallel(local, q, k, v)
+
+
+def _attend_local(q, k, v, *, spec, layout, kv_layout, scale):
+    """`attend` on one device (or on one device's heads inside the Ulysses shard_map)."""
     if isinstance(spec, Dense) and spec.precision != "bf16":
         return quantized_dense_attention(q, k, v, precision=spec.precision, scale=scale)
     if spec is None or isinstance(spec, Dense):

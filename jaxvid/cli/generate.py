@@ -105,6 +105,12 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="persistent compilation cache folder (default: $JAXVID_COMPILE_CACHE, else "
                         "~/.cache/jaxvid/jax-compile): a second run of the same shapes compiles nothing")
     common.add_argument("--no-compile-cache", action="store_true", help="neither read nor write the compilation cache")
+    common.add_argument("--devices", type=int, default=None,
+                        help="run on the first N devices (GPUs): Ulysses sequence parallel over all N unless --mesh "
+                             "splits them (default: one device, no mesh)")
+    common.add_argument("--mesh", default=None,
+                        help="device mesh axes, e.g. 'cfg=2,seq=4': cfg = the two CFG halves on different devices, "
+                             "seq = Ulysses sequence parallel; their product is the device count")
 
     cog = p.add_argument_group("CogVideoX options")
     cog.add_argument("--dynamic-cfg", action="store_true", default=None,
@@ -304,6 +310,16 @@ def attention_plan(args: argparse.Namespace, num_frames: int | None = None, scen
         block_size=args.block_size or 128, dense_layers=layers, dense_timesteps=steps, scene=scene)
 
 
+def device_mesh(args: argparse.Namespace) -> Any:
+    """--devices / --mesh -> a jax Mesh (checked against the visible devices), or None for one device."""
+    from jaxvid.parallel import describe_mesh, mesh_from_options
+
+    mesh = mesh_from_options(args.devices, args.mesh)
+    if mesh is not None:
+        log.info("device mesh: %s", describe_mesh(mesh))
+    return mesh
+
+
 def _default_dtype(tiny: bool) -> str:
     import jax
 
@@ -468,6 +484,7 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
         raise ValueError("--prompt is required with --model")
     _check_cogvideox_inputs(args)
     loras = parse_lora_specs(args.lora)
+    mesh = device_mesh(args)
     with tempfile.TemporaryDirectory(prefix="jaxvid-tiny-") as tmp:
         if tiny:
             from jaxvid.synthetic.cogvideox import write_tiny_pipeline
@@ -520,7 +537,7 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
         out = pipe.generate(prompt, args.negative_prompt or "", geometry, sampling,
                             use_dynamic_cfg=bool(args.dynamic_cfg), image=image, video=source,
                             strength=0.8 if args.strength is None else args.strength, attention=plan,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, mesh=mesh)
     frames = out.frames[0]
     path = _save(frames, Path(args.output), fps)
     t = pipe.last_timings
@@ -642,6 +659,7 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
     if prompts is not None and len(prompts) < (1 if args.video else 2):
         raise ValueError(f"--prompt-file={args.prompt_file!r} has {len(prompts)} prompt(s); expected at least "
                          f"{1 if args.video else 2}: one for the first segment and one per continuation")
+    mesh = device_mesh(args)
     target_fps = 15.0 if args.target_fps is None else args.target_fps
     image = video_io.load_image(args.image) if args.image else None
     source = _read_video(args.video, target_fps if mode in ("continue", "long") else None) if args.video else None
@@ -660,6 +678,7 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
     dtype = resolve_dtype(args.dtype or _default_dtype(False), "--dtype")
     pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress,
                                            weights=args.weights, offload=args.offload)
+    pipe.use_mesh(mesh)
     if args.attention_precision is not None:
         pipe.dit.set_attention_precision(args.attention_precision)
     outputs, attention = run_longcat_report(pipe, run)

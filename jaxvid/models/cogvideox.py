@@ -34,6 +34,7 @@ from jaxvid.models.layers import (
     timestep_embedding,
 )
 from jaxvid.models.offload import stream_in
+from jaxvid.parallel import shard_tokens
 
 __all__ = ["CogVideoXConfig", "CogVideoXBlock", "CogVideoXTransformer3D", "rotary_table", "resize_crop_region"]
 
@@ -542,7 +543,9 @@ class CogVideoXTransformer3D(nnx.Module):
             def body(carry, layer_state, spec=spec):
                 # offload="blocks": this layer's host-resident weights are copied in here
                 block = nnx.merge(graphdef, stream_in(layer_state))
-                return block(*carry, temb, rope, spec=spec, layout=layout), None
+                x, enc = carry
+                # tokens over the mesh's `seq` axis outside attention (no-op without a mesh)
+                return block(shard_tokens(x), enc, temb, rope, spec=spec, layout=layout), None
 
             (x, enc), _ = jax.lax.scan(body, (x, enc), seg)
         return x, enc

@@ -38,6 +38,7 @@ from jaxvid.attention import BSA, PRECISIONS, AttentionPlan, Dense, VideoLayout,
 from jaxvid.attention.dense import dense_attention
 from jaxvid.attention.presets import BSARow, bsa_table_from_config
 from jaxvid.models.offload import stream_in
+from jaxvid.parallel import shard_tokens
 
 log = logging.getLogger(__name__)
 
@@ -756,6 +757,7 @@ class LongCatVideoTransformer3D(nnx.Module):
 
             def body(x, layer, layer_plan=layer_plan):
                 layer_state, layer_cache, layer_lora = layer
+                x = shard_tokens(x)  # tokens over the mesh's `seq` axis outside attention (no-op without a mesh)
                 # offload="blocks": this layer's host-resident weights are copied in here
                 return nnx.merge(graphdef, stream_in(layer_state))(x, *inputs, layer_plan, layer_cache, layer_lora)
 

@@ -39,6 +39,7 @@ from jaxvid.models.dtypes import DTYPES, resolve_dtype
 from jaxvid.models.loading import load_model, parse_config
 from jaxvid.models.lora_cogvideox import CogVideoXLoraLoaderMixin
 from jaxvid.models.offload import Offload
+from jaxvid.parallel import mesh_context, on_mesh, place_module, place_replicated, shard_spatial
 from jaxvid.pipelines.loop import (
     CompiledFunction,
     Component,
@@ -243,6 +244,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, tiling
     """latents [B, F, C, h, w] -> float32 frames [B, F', H, W, 3] in [0, 1] (clamp(x / 2 + 0.5), as diffusers)."""
     vae = nnx.merge(graphdef, state)
     z = latents.transpose(0, 2, 1, 3, 4) / scaling_factor
+    z = shard_spatial(z, axis=3)  # under a device mesh: latent rows split over the devices (XLA exchanges halos)
     video = vae.decode(z.astype(vae.cfg.dtype), tiling=tiling)
     return _to_frames01(video)
 
@@ -546,10 +548,23 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
             padded = jnp.concatenate([padded[:, : f % pt], padded], axis=1)
         return padded
 
-    def decode_latents(self, latents: jax.Array, output_type: str = "uint8") -> np.ndarray:
+    def _on_mesh(self, component: Component, mesh: Any) -> Component:
+        """The component with its weights replicated on `mesh` (moved once, in place; no-op for None)."""
+        if mesh is not None and not on_mesh(component.state, mesh):
+            place_module(component.module, mesh)
+            component.refresh()
+        return component
+
+    def decode_latents(self, latents: jax.Array, output_type: str = "uint8", mesh: Any = None) -> np.ndarray:
         """Latents [B, F, C, h, w] (scaled) -> frames [B, 1 + 4(F - 1), H, W, 3]: uint8 (rounded as
         diffusers' PIL output), or float32 in [0, 1] with output_type="np"."""
         vcfg = self.vae.module.cfg
+        if mesh is not None:  # one program, the latent rows split over the mesh's devices
+            vae = self._on_mesh(self.vae, mesh)
+            with mesh_context(mesh):
+                frames = self._decode(vae.graphdef, vae.state, place_replicated(latents, mesh), self.vae_tiling,
+                                      float(vcfg.scaling_factor))
+            return finish_frames(frames, output_type, rounding="round")
         b, f, c, h, w = latents.shape
         layout = self.vae.module.decode_layout((b, c, f, h, w), self.vae_tiling)
         with self.vae.resident() as state:
@@ -615,6 +630,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         max_sequence_length: int = COGVIDEOX_MAX_LENGTH,
         callback_on_step_end: StepEndCallback | None = None,
         progress: bool = True,
+        mesh: Any = None,
     ) -> VideoOutput:
         """Generate a video; returns a VideoOutput: frames uint8 [B, F, H, W, 3] (`.frames[0]` is the
         first video), the final latents [B, F', C, h, w] float32 (padding frames included, as diffusers
@@ -632,7 +648,9 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         the one a single call with seed[b] makes). `attention`: None (dense) or an AttentionPlan
         (its dense_timesteps switch inside the jitted loop). `callback_on_step_end(pipe, step,
         timestep, {"latents": latents})` runs after every step as diffusers' does and may return
-        {"latents": new_latents}; the loop then runs one jitted step at a time.
+        {"latents": new_latents}; the loop then runs one jitted step at a time. `mesh`: a jax Mesh
+        (jaxvid.parallel.make_mesh) to run the DiT on several devices (CFG halves over `cfg`, Ulysses
+        over `seq`) and split the VAE decode; None = one device.
         """
         check_output_type(output_type)
         geometry, sources = self.resolve_geometry(_video_frames(video) if video is not None and num_frames is None
@@ -645,7 +663,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         return self.generate(prompt, negative_prompt, geometry, sampling, use_dynamic_cfg=use_dynamic_cfg,
                              image=image, video=video, strength=strength, attention=attention, latents=latents,
                              prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                             output_type=output_type, callback_on_step_end=callback_on_step_end, progress=progress)
+                             output_type=output_type, callback_on_step_end=callback_on_step_end, progress=progress,
+                             mesh=mesh)
 
     def _text_embeddings(self, prompt: Any, negative_prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any,
                          sampling: Sampling) -> tuple[jax.Array, int]:
@@ -699,7 +718,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
                  video: Any = None, strength: float = 0.8, attention: AttentionPlan | None = None,
                  latents: Any = None, prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
                  output_type: str = "uint8", callback_on_step_end: StepEndCallback | None = None,
-                 progress: bool = True) -> VideoOutput:
+                 progress: bool = True, mesh: Any = None) -> VideoOutput:
         """`__call__` with the video size and the sampling settings passed whole."""
         t_start = time.perf_counter()
         check_output_type(output_type)
@@ -779,12 +798,15 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
             cache = jnp.zeros((tcfg.num_layers, embeds.shape[0], tokens, tcfg.inner_dim), dtype)
             carry = (carry, cache) if self.scheduler == "ddim" else carry + (cache,)
         self.progress.enabled = progress
-        tr = self.transformer
+        tr = self._on_mesh(self.transformer, mesh)  # with a mesh: weights replicated over it (offload aside)
         scales = jnp.asarray(scales, jnp.float32)
+        carry, embeds, image_latents, schedule, scales, dpm_keys = place_replicated(
+            (carry, embeds, image_latents, schedule, scales, dpm_keys), mesh)
 
-        with tr.resident() as tr_state:
+        with tr.resident() as tr_state, mesh_context(mesh):
             # LoRA adapters run on a merged copy of the weights (a device copy, whatever the offload)
-            run_state = tr_state if self._lora_adapters is None else self.lora_transformer_state()
+            run_state = tr_state if self._lora_adapters is None else place_replicated(self.lora_transformer_state(),
+                                                                                        mesh)
 
             def run_range(steps: StepRange, carry: Any) -> Any:
                 return self._denoise(tr.graphdef, spec, run_state, carry, steps, embeds, image_latents, schedule,
@@ -814,7 +836,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         frames = None
         if output_type != "latent":
             t0 = time.perf_counter()
-            frames = self.decode_latents(out[:, additional_frames:], output_type)
+            frames = self.decode_latents(out[:, additional_frames:], output_type, mesh=mesh)
             timings["compile"] += self._decode.last_compile_seconds
             timings["decode"] = time.perf_counter() - t0 - self._decode.last_compile_seconds
         result = VideoOutput(frames=frames, latents=np.asarray(out.astype(jnp.float32)), fps=default_fps(tcfg),

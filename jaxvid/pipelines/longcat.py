@@ -60,6 +60,7 @@ from flax import nnx
 from jaxvid.attention.plan import BSA, AttentionPlan
 from jaxvid.attention.presets import BSAChoice, resolve_bsa
 from jaxvid.models.offload import Offload
+from jaxvid.parallel import mesh_context, on_mesh, place_module, place_replicated, shard_spatial
 from jaxvid.pipelines.longcat_buckets import bucket_size
 from jaxvid.pipelines.loop import (
     CompiledFunction,
@@ -247,6 +248,7 @@ def _vae_decode(graphdef, state, latents):
     """DiT latents [B, z, T, h, w] -> frames float32 [B, F, H, W, 3] in [0, 1] (upstream's postprocess 'np')."""
     vae = nnx.merge(graphdef, state)
     z = vae.denormalize_latents(latents.astype(vae.cfg.dtype))
+    z = shard_spatial(z, axis=3)  # under a device mesh: latent rows split over the devices (XLA exchanges halos)
     video = vae.decode(z)
     video = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return jnp.transpose(video, (0, 2, 3, 4, 1))
@@ -435,6 +437,8 @@ class LongCatPipeline:
         self._tokenizers: dict[int, Any] = {}
         self._lora_cache: tuple[Any, Any] = (None, None)
         self.last_timings: dict[str, float] = {}
+        self.mesh: Any = None  # a jax Mesh after use_mesh(): DiT and VAE decode on several devices
+        self.mesh_fsdp = False  # use_mesh(fsdp=True): the DiT's weights sharded over the mesh's seq axis
         self._bsa_by_size: dict[str, Any] | None = None  # enable_bsa_by_resolution's explicit values
         self.last_attention = "dense"  # what the latest denoise ran, for summary lines
         self._encode_text = CompiledFunction(_encode_text, static_argnums=(0,), name="umT5 text encoder")
@@ -694,11 +698,24 @@ class LongCatPipeline:
             latents = jax.block_until_ready(self._vae_encode(vae.graphdef, state, frames, key).astype(dtype))
         return self.vae.normalize_latents(latents)
 
+    def use_mesh(self, mesh: Any, *, fsdp: bool = False) -> None:
+        """Run every later denoising loop and VAE decode on the devices of `mesh` (a jax Mesh from
+        jaxvid.parallel.make_mesh; None = back to one device for new weights placements): CFG halves
+        over its `cfg` axis, Ulysses sequence parallel over `seq`, the decode split by latent rows.
+        The DiT's weights are replicated, or with `fsdp` sharded over `seq` (1/n of them per device,
+        gathered layer by layer; for 24 GB cards)."""
+        self.mesh, self.mesh_fsdp = mesh, fsdp
+        if mesh is not None:
+            place_module(self.dit, mesh, fsdp=fsdp)
+            place_module(self.vae, mesh)
+            for name in ("dit", "vae"):
+                self.components[name].refresh()
+
     def decode(self, latents: jax.Array) -> np.ndarray:
         """DiT latents [B, z, T, h, w] -> float32 frames [B, 1 + 4(T-1), 8h, 8w, 3] in [0, 1]."""
         vae = self.components["vae"]
-        with vae.resident() as state:
-            return np.asarray(self._vae_decode(vae.graphdef, state, latents))
+        with vae.resident() as state, mesh_context(self.mesh):
+            return np.asarray(self._vae_decode(vae.graphdef, state, place_replicated(latents, self.mesh)))
 
     def denoise(self, latents: jax.Array, embeds: jax.Array, mask: jax.Array, schedule: flow_match.FlowMatchState,
                 *, guidance_scale: float, num_cond_latents: int = 0, use_kv_cache: bool = False,
@@ -725,9 +742,12 @@ class LongCatPipeline:
                          dtype=self.dit_dtype, attention=attention, scheduler=self.scheduler)
         dit = self.components["dit"]
         num_steps = int(schedule.timesteps.shape[0])
+        if self.mesh is not None and not on_mesh(dit.state, self.mesh):
+            self.use_mesh(self.mesh, fsdp=self.mesh_fsdp)  # weights loaded or changed since use_mesh()
         lora, scale, nc = self._lora_factors(), jnp.float32(guidance_scale), spec.num_cond_latents
         x = jnp.asarray(latents).astype(jnp.float32)
-        with dit.resident() as state:
+        lora, x, embeds, mask, schedule, scale = place_replicated((lora, x, embeds, mask, schedule, scale), self.mesh)
+        with dit.resident() as state, mesh_context(self.mesh):
             compile_seconds = 0.0
             t0 = time.perf_counter()
             kv_cache = None

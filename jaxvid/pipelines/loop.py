@@ -157,7 +157,8 @@ class CompiledFunction:
         static = tuple(args[i] for i in self._static)
         dynamic = [a for i, a in enumerate(args) if i not in self._static]
         leaves, treedef = jax.tree.flatten(dynamic)
-        return static, treedef, tuple(_abstract_key(x) for x in leaves)
+        # the device mesh set around the call (jaxvid.parallel.mesh_context) changes the executable
+        return static, treedef, tuple(_abstract_key(x) for x in leaves), jax.sharding.get_mesh()
 
     def prepare(self, *args: Any) -> float:
         """Compile for these arguments unless cached; returns the seconds spent compiling (0.0 on a hit)."""
@@ -269,14 +270,18 @@ def denoise_loop(
     `run_steps`, which gives the same progress and callbacks from the host.
     """
 
+    # jax orders callbacks on one device only; under a device mesh (jaxvid.parallel) they are unordered,
+    # and each still depends on its step's carry, so it fires after that step's work.
+    ordered = jax.sharding.get_abstract_mesh().size <= 1
+
     def body(i, c):
         c = step_fn(i, c)
         if progress is not None:
             # Depend on the new carry so the tick fires after the step's work, not before it.
             leaf = jax.tree.leaves(c)[0]
-            jax.debug.callback(progress.tick, i + 0 * leaf.reshape(-1)[0].astype(i.dtype), ordered=True)
+            jax.debug.callback(progress.tick, i + 0 * leaf.reshape(-1)[0].astype(i.dtype), ordered=ordered)
         if callback is not None:
-            jax.debug.callback(callback, i, c, ordered=True)
+            jax.debug.callback(callback, i, c, ordered=ordered)
         return c
 
     if isinstance(steps, StepRange):
