@@ -73,11 +73,8 @@ class Cancellation:
 
 @contextmanager
 def handling_signals(cancel: Cancellation, signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[Cancellation]:
-    """Route `signums` to `cancel.on_signal` for the duration of the block, then restore the previous handlers.
-
-    A signal that is ignored (SIG_IGN, e.g. SIGINT for a job started in the background with `&`) stays ignored.
-    """
-    previous = {s: signal.signal(s, cancel.on_signal) for s in signums if signal.getsignal(s) is not signal.SIG_IGN}
+    """Route `signums` to `cancel.on_signal` for the duration of the block, then restore the previous handlers."""
+    previous = {s: signal.signal(s, cancel.on_signal) for s in signums}
     try:
         yield cancel
     finally:
