@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -87,6 +88,31 @@ def _quiet_closed_loop(unraisable) -> None:
 
 
 _previous_hook = sys.unraisablehook
+_TENSORSTORE_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")  # tensorstore's errors start with an absl status code
+
+
+def _is_abandoned_read(exc: BaseException | None) -> bool:
+    """The closed-loop RuntimeError, or a tensorstore read error, anywhere in an exception's chain."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return True
+        if isinstance(exc, ValueError) and _TENSORSTORE_STATUS.match(str(exc)):
+            return True
+        exc, seen = exc.__context__, seen + 1
+    return False
+
+
+class _AbandonedReadsFilter(logging.Filter):
+    """The second path of the same noise: orbax closes its event loop with the other reads' tasks still
+    holding their errors, and when those tasks are garbage collected asyncio logs "Task exception was
+    never retrieved" (logger 'asyncio', with the traceback) once per read. Drop exactly those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _is_abandoned_read(record.exc_info[1]))
+
+
+_ABANDONED_READS = _AbandonedReadsFilter()
 
 
 def _install_closed_loop_filter() -> None:
@@ -94,6 +120,7 @@ def _install_closed_loop_filter() -> None:
     if sys.unraisablehook is not _quiet_closed_loop:
         _previous_hook = sys.unraisablehook
         sys.unraisablehook = _quiet_closed_loop
+    logging.getLogger("asyncio").addFilter(_ABANDONED_READS)  # a no-op when already there
 
 
 def _group_files(folder: Path) -> dict[str, int]:

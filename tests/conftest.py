@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,35 @@ os.environ.setdefault("JAXVID_COMPILE_CACHE", "off")
 def _fixtures_root() -> Path:
     override = os.environ.get("JAXVID_FIXTURES")
     return Path(override) if override else FIXTURES_ROOT
+
+
+_XLA_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_XLA_CACHE_KEY = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole run, removed at the end.
+
+    Set in the environment before jax is imported, so the xdist workers and the subprocesses the tests
+    start (`jaxvid generate`, `jaxvid-convert`, notebook kernels) share it: the same tiny pipeline's
+    programs compile once per run instead of once per process. It caches only compilations slower than
+    jax's threshold (1 s) and changes no result. JAXVID_TEST_XLA_CACHE=0 turns it off; a
+    JAX_COMPILATION_CACHE_DIR already set is used as it is (and kept).
+    """
+    if os.environ.get("JAXVID_TEST_XLA_CACHE", "1") == "0" or _XLA_CACHE_ENV in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="jaxvid-tests-xla-cache-")
+    os.environ[_XLA_CACHE_ENV] = folder
+    config.stash[_XLA_CACHE_KEY] = folder
+    if "jax" in sys.modules:  # a plugin imported jax before us: it read the environment already
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", folder)
+
+
+def pytest_unconfigure(config):
+    folder = config.stash.get(_XLA_CACHE_KEY, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(_XLA_CACHE_ENV, None)
 
 
 def has_gpu() -> bool:
@@ -48,7 +80,42 @@ def fixtures_dir() -> Path:
     return root
 
 
+# The heaviest test modules, heaviest first (per-module time from `--durations=0` on 2 cores, session 4).
+# They are collected first, and with `-n N` each module runs on one worker (see pytest_xdist_make_scheduler),
+# so the long ones start at once instead of finishing last on one worker while the other idles.
+SLOW_MODULES_FIRST = (
+    "test_notebooks.py", "test_pipeline_longcat.py", "test_pipeline_cogvideox.py", "test_lora_cogvideox.py",
+    "test_convert_reliability.py", "test_generate_cli.py", "test_vae_cogvideox.py", "test_longcat_fastvideo.py",
+    "test_attention_reference.py", "test_cogvideox_parity.py", "test_vae_wan.py", "test_longcat_parity.py",
+    "test_bad_inputs_generate.py",
+)
+
+
+def _module_rank(item) -> int:
+    try:
+        return SLOW_MODULES_FIRST.index(item.path.name)
+    except ValueError:
+        return len(SLOW_MODULES_FIRST)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # before xdist's own, which would pick LoadScheduling
+def pytest_xdist_make_scheduler(config, log):
+    """`pytest -n N` (xdist's default `--dist load`) -> one module per worker, modules in collection order.
+
+    A module's fixtures (a built torch reference, a loaded pipeline) and its jit compilations are made
+    once per process: spread over two workers, every heavy module paid for them twice. An explicit
+    `--dist` other than load is left alone.
+    """
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # keep SLOW_MODULES_FIRST's order, not "most tests first"
+    return LoadFileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_module_rank)  # stable: the order within a module and among the rest is kept
     # GPU tests skip (with a reason) on machines without a Hopper GPU, e.g. CI.
     gpu_items = [it for it in items if it.get_closest_marker("gpu")]
     if not gpu_items:

@@ -23,6 +23,12 @@ def rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@jax.jit(static_argnums=0)
+def _forward(graphdef, state, hidden_states, encoder_hidden_states, timestep, ofs):
+    """Keyed on the (hashable) graphdef: the diffusers-folder and converted loads share one compilation."""
+    return nnx.merge(graphdef, state)(hidden_states, encoder_hidden_states, timestep, ofs)
+
+
 @pytest.fixture(scope="session", params=FIXTURES)
 def fixture_case(request, fixtures_dir, tmp_path_factory):
     folder = fixtures_dir / "cogvideox" / request.param
@@ -37,9 +43,8 @@ def test_fixture_matches_io(fixture_case, source):
     model = load_transformer(folder / "transformer" if source == "diffusers_folder" else converted)
     ofs = jnp.asarray(io["ofs"]) if io["ofs"].size else None
     graphdef, state = nnx.split(model)
-    fwd = jax.jit(lambda s, h, e, t, o: nnx.merge(graphdef, s)(h, e, t, o))
-    out = fwd(state, jnp.asarray(io["hidden_states"]), jnp.asarray(io["encoder_hidden_states"]),
-              jnp.asarray(io["timestep"]), ofs)
+    out = _forward(graphdef, state, jnp.asarray(io["hidden_states"]), jnp.asarray(io["encoder_hidden_states"]),
+                   jnp.asarray(io["timestep"]), ofs)
     assert out.shape == io["output"].shape
     err = rel_l2(out, io["output"])
     print(f"{name} ({source}): rel L2 = {err:.2e}")
