@@ -131,6 +131,21 @@ def test_one_device_mesh_runs_the_shard_map_path():
     assert "shard_map" not in str(jax.make_jaxpr(run)(q, k, v))  # no mesh: the plain call
 
 
+def test_cli_fsdp_needs_a_mesh(tmp_path, caplog):
+    """--fsdp without --devices/--mesh is an error (exit 2, one line naming both) before any model loads."""
+    import logging
+
+    from jaxvid.cli import main
+    from jaxvid.synthetic.longcat import write_tiny_longcat
+
+    folder = write_tiny_longcat(tmp_path / "lc")
+    with caplog.at_level(logging.ERROR):
+        rc = main(["generate", "--model", str(folder), "--prompt", "x", "--fsdp", "--output", str(tmp_path / "x.mp4")])
+    assert rc == 2
+    assert "--fsdp shards the weights over a device mesh; add --devices N" in caplog.text
+    assert not (tmp_path / "x.mp4").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--devices", "99"], "--devices=99; only"),
     (["--devices", "0"], "--devices=0; expected a positive integer"),

@@ -35,7 +35,7 @@ COGVIDEOX_OPTIONS = ("dynamic_cfg", "scheduler", "attention", "dense_layers", "d
 LONGCAT_OPTIONS = ("mode", "cond_video", "num_cond_frames", "resolution", "distill", "refine",
                    "refine_steps", "refine_height", "refine_width", "spatial_refine_only", "num_segments",
                    "target_fps", "no_kv_cache", "no_enhance_hf", "bsa_sparsity", "bsa", "bsa_cdf_threshold",
-                   "bsa_chunk_q", "bsa_chunk_k", "prompt_file")
+                   "bsa_chunk_q", "bsa_chunk_k", "prompt_file", "fsdp")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -179,6 +179,9 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="block sparse attention in every stage (default: off, on in refinement); parameters by "
                     "resolution (the config's bsa_params table, else 720p+: 0.9375 4x4x4, 480p: 0.875 4x4x8, below "
                     "dense) unless given below")
+    lc.add_argument("--fsdp", action="store_true", default=None,
+                    help="with --devices/--mesh: shard the DiT's weights over the mesh's seq axis (1/n per device, "
+                    "gathered layer by layer; for 24 GB cards) instead of replicating them")
     lc.add_argument("--bsa-sparsity", type=float, default=None,
                     help="BSA sparsity in [0, 1) (default: the resolution row's)")
     lc.add_argument("--bsa-cdf-threshold", type=float, default=None,
@@ -598,6 +601,8 @@ def _check_longcat(args: argparse.Namespace, mode: str) -> None:
     cog_only = _given(args, COGVIDEOX_OPTIONS)
     if cog_only:
         raise _options_error(cog_only, f"--model {args.model} is a LongCat-Video model", "CogVideoX")
+    if args.fsdp and args.devices is None and args.mesh is None:
+        raise ValueError("--fsdp shards the weights over a device mesh; add --devices N or --mesh cfg=..,seq=..")
     if args.prompt_file is not None:
         if mode != "long":
             raise ValueError(f"--prompt-file is for --mode long (one prompt per segment), not --mode {mode}")
@@ -678,7 +683,7 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
     dtype = resolve_dtype(args.dtype or _default_dtype(False), "--dtype")
     pipe = LongCatPipeline.from_pretrained(args.model, dtype=dtype, progress=not args.no_progress,
                                            weights=args.weights, offload=args.offload)
-    pipe.use_mesh(mesh)
+    pipe.use_mesh(mesh, fsdp=bool(args.fsdp))
     if args.attention_precision is not None:
         pipe.dit.set_attention_precision(args.attention_precision)
     outputs, attention = run_longcat_report(pipe, run)
