@@ -2,7 +2,8 @@
 
 Each notebook is executed with nbclient in a kernel that runs *this* interpreter (a kernelspec
 written to a temp dir, so a user-level "python3" kernel pointing at another Python cannot be
-picked up). JAXVID_NOTEBOOK_SCALE=small keeps shapes tiny; JAXVID_FIG_DIR sends the PNGs to a
+picked up). JAXVID_NOTEBOOK_SCALE=test keeps shapes tiny (smaller than a user's default "small"
+where a notebook has a heavy part: fewer frames and steps, same cells and checks); JAXVID_FIG_DIR sends the PNGs to a
 temp dir so the run never rewrites docs/. The kernel's TMPDIR is a folder of its own that must be
 empty once the kernel has exited: a notebook leaves nothing behind in the temp folder. One test
 per notebook, so pytest-xdist spreads them.
@@ -62,14 +63,18 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     kernel_tmp = tmp_path / "kernel_tmp"
     kernel_tmp.mkdir()
     # The kernel process inherits this environment.
-    monkeypatch.setenv("JAXVID_NOTEBOOK_SCALE", "small")
+    monkeypatch.setenv("JAXVID_NOTEBOOK_SCALE", "test")
     monkeypatch.setenv("JAXVID_FIG_DIR", str(fig_dir))
     monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("TMPDIR", str(kernel_tmp))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    # With pytest-xdist each worker runs one kernel; keep XLA from oversubscribing the cores.
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false"))
+    # With pytest-xdist each worker runs one kernel; keep XLA from oversubscribing the cores. The
+    # notebooks' tiny programs spend most of their time in XLA's optimisation passes, not running:
+    # compiling them unoptimised more than halves the test (the notebooks' own checks still run).
+    monkeypatch.setenv("XLA_FLAGS", " ".join([os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false"),
+                                              "--xla_backend_optimization_level=0",
+                                              "--xla_llvm_disable_expensive_passes=true"]))
 
     nb = nbformat.read(path, as_version=4)
     km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=_kernel_spec_manager(tmp_path))

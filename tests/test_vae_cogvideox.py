@@ -141,7 +141,7 @@ def test_decode_tiled(models, tiled_pt):
         untiled = tiled_pt.decode(z).sample.numpy()
     # Tiling really happens at these sizes: tiles see less context, so the result differs.
     assert rel_l2(untiled, ref) > 1e-2
-    out = jx.decode(jnp.asarray(z.numpy()), tiling=CogVideoXVAETiling(**TILE))
+    out = nnx.jit(lambda m, z: m.decode(z, tiling=CogVideoXVAETiling(**TILE)))(jx, jnp.asarray(z.numpy()))
     assert out.shape == ref.shape == (1, 3, 9, 32, 24)
     assert rel_l2(out, ref) <= 1e-4
 
@@ -187,7 +187,7 @@ def test_encode_tiled(models, tiled_pt):
         tiled_pt.use_tiling = False
         untiled = tiled_pt.encode(x).latent_dist
     assert rel_l2(untiled.mean.numpy(), ref.mean.numpy()) > 1e-2
-    post = jx.encode(jnp.asarray(x.numpy()), tiling=CogVideoXVAETiling(**TILE))
+    post = nnx.jit(lambda m, x: m.encode(x, tiling=CogVideoXVAETiling(**TILE)))(jx, jnp.asarray(x.numpy()))
     assert post.mean.shape == tuple(ref.mean.shape) == (1, 4, 3, 8, 6)
     assert rel_l2(post.mean, ref.mean.numpy()) <= 1e-4
     assert rel_l2(post.logvar, ref.logvar.numpy()) <= 1e-4
@@ -268,14 +268,17 @@ def test_tiled_output_has_untiled_size_and_content(tile):
     dec, enc = model._decode_grid(tiling), model._encode_grid(tiling)
     s = model.cfg.spatial_compression
     rng = np.random.default_rng(0)
+    # Jitted: run eagerly, every tile slice of every size would compile a program of its own.
+    tiled_decode = jax.jit(lambda z: run_tiled(_nearest_up(s), z, dec))
+    tiled_encode = jax.jit(lambda v: run_tiled(_mean_pool(s), v, enc))
     for h, w in [(8, 8), (5, 7), (9, 3), (13, 11), (4, 4), (1, 6)]:
         z = jnp.asarray(rng.standard_normal((1, 2, h, w, 3)), jnp.float32)
         untiled = _nearest_up(s)(z)
-        tiled = run_tiled(_nearest_up(s), z, dec)
+        tiled = tiled_decode(z)
         assert tiled.shape == untiled.shape, (h, w)
         np.testing.assert_allclose(tiled, untiled, rtol=1e-6, atol=1e-6)
         # encode: pixels -> latents, the stand-in averages each s x s patch
-        tiled_enc = run_tiled(_mean_pool(s), untiled, enc)
+        tiled_enc = tiled_encode(untiled)
         assert tiled_enc.shape == z.shape, (h, w)
         np.testing.assert_allclose(tiled_enc, z, rtol=1e-5, atol=1e-5)
 
@@ -284,9 +287,14 @@ def test_default_tiling_keeps_the_requested_size(models):
     """The pipeline's default tiling on small videos (32 x 32 came out 36 x 34): sizes as untiled."""
     _, jx = models
     tiling = CogVideoXVAETiling.default(jx.cfg)
+    # The tiled runs are real (jitted: eager op-by-op dispatch was most of this test's time); the
+    # untiled sizes they must equal come from tracing the untiled model (the shape is all we compare).
     decode = nnx.jit(lambda m, z: m.decode(z, tiling=tiling))
+    encode = nnx.jit(lambda m, x: m.encode(x, tiling=tiling).mean)
     for h, w in [(8, 8), (5, 7)]:
         z = jnp.asarray(np.random.default_rng(h).standard_normal((1, 4, 1, h, w)), jnp.float32)
-        assert decode(jx, z).shape == jx.decode(z).shape == (1, 3, 1, 4 * h, 4 * w)
+        untiled = nnx.eval_shape(lambda m, z: m.decode(z), jx, z).shape
+        assert decode(jx, z).shape == untiled == (1, 3, 1, 4 * h, 4 * w)
     x = jnp.asarray(np.random.default_rng(9).uniform(-1, 1, (1, 3, 1, 32, 28)), jnp.float32)
-    assert jx.encode(x, tiling=tiling).mean.shape == jx.encode(x).mean.shape == (1, 4, 1, 8, 7)
+    untiled = nnx.eval_shape(lambda m, x: m.encode(x).mean, jx, x).shape
+    assert encode(jx, x).shape == untiled == (1, 4, 1, 8, 7)
