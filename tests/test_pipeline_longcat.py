@@ -304,18 +304,18 @@ def test_i2v_matches_reference(pipe, ref):
 
 def test_continuation_kv_cache_enhance_hf_matches_reference(pipe, ref):
     video = _frames(9, 32, 32, seed=4)
-    kw = dict(height=32, width=32, num_frames=13, num_cond_frames=5, num_inference_steps=4, seed=4,
+    kw = dict(height=32, width=32, num_frames=9, num_cond_frames=5, num_inference_steps=4, seed=4,
               output_type="latent", max_sequence_length=L)
     out = pipe.generate_vc(video, PROMPT, NEGATIVE, use_kv_cache=True, enhance_hf=True, **kw)
-    want = ref.generate_vc(video, 32, 32, 13, 5, 4, 4.0, seed=4, enhance_hf=True)
-    assert out.latents.shape == (1, 4, 4, 4, 4)
+    want = ref.generate_vc(video, 32, 32, 9, 5, 4, 4.0, seed=4, enhance_hf=True)
+    assert out.latents.shape == (1, 4, 3, 4, 4)  # 2 clean + 1 new latent frame
     err = rel_l2(out.latents, want)
     assert err <= TOL, f"continuation (KV cache) rel L2 {err:.2e}"
     print(f"continuation (KV cache): rel L2 {err:.2e}")  # shown with pytest -s
     # without the cache the clean frames run through every layer each step, and (upstream) the CFG-Zero*
     # scale is then taken over all frames, clean ones included: close to, not equal to, the cached run
     no_cache = pipe.generate_vc(video, PROMPT, NEGATIVE, use_kv_cache=False, enhance_hf=True, **kw)
-    want_no_cache = ref.generate_vc(video, 32, 32, 13, 5, 4, 4.0, seed=4, enhance_hf=True, use_kv_cache=False)
+    want_no_cache = ref.generate_vc(video, 32, 32, 9, 5, 4, 4.0, seed=4, enhance_hf=True, use_kv_cache=False)
     err = rel_l2(no_cache.latents, want_no_cache)
     assert err <= TOL, f"continuation (no KV cache) rel L2 {err:.2e}"
     print(f"continuation (no KV cache): rel L2 {err:.2e}")  # shown with pytest -s
@@ -349,7 +349,7 @@ def test_refine_with_lora_bsa_and_conditioning_matches_reference(pipe, ref):
 # The tiny frames (32 x 32 px: a 2 x 2 token grid per latent frame) are far below 480p, where the
 # resolution table says dense; explicit chunks of 1 x 2 x 2 tokens then complete the config's
 # bsa_params (sparsity 0.5): one chunk per latent frame, int(0.5 * n) of the n key chunks kept
-# (1 of 3 in t2v; 1 of 2 clean / 2 of 4 in the continuation), so the selection really drops keys.
+# (1 of 3 in t2v; 1 of 2 clean / 1 of 3 in the continuation), so the selection really drops keys.
 BSA_VALUES = dict(chunk_3d_shape_q=(1, 2, 2), chunk_3d_shape_k=(1, 2, 2))
 
 
@@ -402,7 +402,7 @@ def test_bsa_by_resolution_in_every_mode_matches_reference(pipe, ref, mode):
         out = pipe.generate_i2v(image, PROMPT, NEGATIVE, num_frames=9, **kw)
     else:
         video = _frames(9, 32, 32, seed=13)
-        out = pipe.generate_vc(video, PROMPT, NEGATIVE, num_frames=13, num_cond_frames=5, enhance_hf=False, **kw)
+        out = pipe.generate_vc(video, PROMPT, NEGATIVE, num_frames=9, num_cond_frames=5, enhance_hf=False, **kw)
     assert pipe.last_attention.startswith("BSA sparsity 0.5, chunks q 1x2x2 / k 1x2x2 by resolution: config "
                                           "bsa_params (dense (32x32"), pipe.last_attention
     pipe.dit.enable_bsa(choice.params)  # the reference's DiT calls run this spec by default
@@ -411,7 +411,7 @@ def test_bsa_by_resolution_in_every_mode_matches_reference(pipe, ref, mode):
     elif mode == "i2v":
         want = ref.generate_i2v(image, 32, 32, 9, 2, 1.0, seed=11)
     else:
-        want = ref.generate_vc(video, 32, 32, 13, 5, 2, 1.0, seed=11, enhance_hf=False)
+        want = ref.generate_vc(video, 32, 32, 9, 5, 2, 1.0, seed=11, enhance_hf=False)
     err = rel_l2(out.latents, want)
     assert err <= TOL, f"{mode} with BSA: rel L2 {err:.2e}"
     print(f"{mode} with BSA: rel L2 {err:.2e}")  # shown with pytest -s
