@@ -5,7 +5,6 @@ Bad input must fail with a clear error naming the problem and leave no output fo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -295,12 +294,8 @@ def test_demo_runs_without_torch(tmp_path):
         "from jaxvid.cli import main\n"
         f"sys.exit(main(['demo', '--out', {str(tmp_path / 'demo')!r}]))\n"
     )
-    # The demo's tiny programs spend most of their time in XLA's optimisation passes: compile them
-    # unoptimised (the demo's own exact check, max |diff| = 0, still has to hold).
-    xla_flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
-                                       "--xla_llvm_disable_expensive_passes=true"]))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "XLA_FLAGS": xla_flags})
+    # (inherits conftest's unoptimised-compile XLA_FLAGS; the demo's exact check, max |diff| = 0, still holds)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "demo finished" in proc.stderr and "max |diff| = 0" in proc.stderr
     assert is_checkpoint(tmp_path / "demo" / "jaxvid" / "transformer")

@@ -33,19 +33,6 @@ from jaxvid.models.vae_cogvideox import (  # noqa: E402
 TILE = dict(sample_min_height=16, sample_min_width=16, overlap_factor_height=1 / 4, overlap_factor_width=1 / 2)
 
 
-# The tiny VAE's programs spend most of their time in XLA's optimisation passes, not running: the
-# whole-model jits below compile unoptimised (fp32 all the same; the tolerances are unchanged).
-FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
-
-
-def fast_jit(fn):
-    """fn(model, x) jitted with FAST_COMPILE (nnx.jit takes no compiler options)."""
-    def run(model, x):
-        graphdef, state = nnx.split(model)
-        return jax.jit(lambda state, x: fn(nnx.merge(graphdef, state), x), compiler_options=FAST_COMPILE)(state, x)
-    return run
-
-
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -115,7 +102,7 @@ def test_decode_untiled_jit(models):
     z = torch.randn(1, 4, 7, 8, 8, generator=torch.Generator().manual_seed(5))  # batches 3, 2, 2
     with torch.no_grad():
         ref = pt.decode(z).sample.numpy()
-    out = fast_jit(lambda m, z: m.decode(z))(jx, jnp.asarray(z.numpy()))
+    out = nnx.jit(lambda m, z: m.decode(z))(jx, jnp.asarray(z.numpy()))
     assert out.shape == ref.shape == (1, 3, 25, 32, 32)
     assert rel_l2(out, ref) <= 1e-4
 
@@ -125,7 +112,7 @@ def test_encode_untiled_jit(models):
     x = _rand(1, 3, 25, 16, 16, seed=6)  # batches 9, 8, 8 frames
     with torch.no_grad():
         ref = pt.encode(x).latent_dist
-    post = fast_jit(lambda m, x: m.encode(x))(jx, jnp.asarray(x.numpy()))
+    post = nnx.jit(lambda m, x: m.encode(x))(jx, jnp.asarray(x.numpy()))
     assert post.mean.shape == tuple(ref.mean.shape) == (1, 4, 7, 4, 4)
     assert rel_l2(post.mean, ref.mean.numpy()) <= 1e-4
     assert rel_l2(post.logvar, ref.logvar.numpy()) <= 1e-4
@@ -154,7 +141,7 @@ def test_decode_tiled(models, tiled_pt):
         untiled = tiled_pt.decode(z).sample.numpy()
     # Tiling really happens at these sizes: tiles see less context, so the result differs.
     assert rel_l2(untiled, ref) > 1e-2
-    out = fast_jit(lambda m, z: m.decode(z, tiling=CogVideoXVAETiling(**TILE)))(jx, jnp.asarray(z.numpy()))
+    out = nnx.jit(lambda m, z: m.decode(z, tiling=CogVideoXVAETiling(**TILE)))(jx, jnp.asarray(z.numpy()))
     assert out.shape == ref.shape == (1, 3, 9, 32, 24)
     assert rel_l2(out, ref) <= 1e-4
 
@@ -200,7 +187,7 @@ def test_encode_tiled(models, tiled_pt):
         tiled_pt.use_tiling = False
         untiled = tiled_pt.encode(x).latent_dist
     assert rel_l2(untiled.mean.numpy(), ref.mean.numpy()) > 1e-2
-    post = fast_jit(lambda m, x: m.encode(x, tiling=CogVideoXVAETiling(**TILE)))(jx, jnp.asarray(x.numpy()))
+    post = nnx.jit(lambda m, x: m.encode(x, tiling=CogVideoXVAETiling(**TILE)))(jx, jnp.asarray(x.numpy()))
     assert post.mean.shape == tuple(ref.mean.shape) == (1, 4, 3, 8, 6)
     assert rel_l2(post.mean, ref.mean.numpy()) <= 1e-4
     assert rel_l2(post.logvar, ref.logvar.numpy()) <= 1e-4
@@ -282,8 +269,8 @@ def test_tiled_output_has_untiled_size_and_content(tile):
     s = model.cfg.spatial_compression
     rng = np.random.default_rng(0)
     # Jitted: run eagerly, every tile slice of every size would compile a program of its own.
-    tiled_decode = jax.jit(lambda z: run_tiled(_nearest_up(s), z, dec), compiler_options=FAST_COMPILE)
-    tiled_encode = jax.jit(lambda v: run_tiled(_mean_pool(s), v, enc), compiler_options=FAST_COMPILE)
+    tiled_decode = jax.jit(lambda z: run_tiled(_nearest_up(s), z, dec))
+    tiled_encode = jax.jit(lambda v: run_tiled(_mean_pool(s), v, enc))
     for h, w in [(8, 8), (5, 7), (9, 3), (13, 11), (4, 4), (1, 6)]:
         z = jnp.asarray(rng.standard_normal((1, 2, h, w, 3)), jnp.float32)
         untiled = _nearest_up(s)(z)
@@ -302,8 +289,8 @@ def test_default_tiling_keeps_the_requested_size(models):
     tiling = CogVideoXVAETiling.default(jx.cfg)
     # The tiled runs are real (jitted: eager op-by-op dispatch was most of this test's time); the
     # untiled sizes they must equal come from tracing the untiled model (the shape is all we compare).
-    decode = fast_jit(lambda m, z: m.decode(z, tiling=tiling))
-    encode = fast_jit(lambda m, x: m.encode(x, tiling=tiling).mean)
+    decode = nnx.jit(lambda m, z: m.decode(z, tiling=tiling))
+    encode = nnx.jit(lambda m, x: m.encode(x, tiling=tiling).mean)
     for h, w in [(8, 8), (5, 7)]:
         z = jnp.asarray(np.random.default_rng(h).standard_normal((1, 4, 1, h, w)), jnp.float32)
         untiled = nnx.eval_shape(lambda m, z: m.decode(z), jx, z).shape
