@@ -272,14 +272,21 @@ def _run_config(config: str, args: argparse.Namespace, folder: Path, workdir: Pa
            "--height", str(args.height), "--width", str(args.width),
            "--out", str(workdir / f"{config.replace(':', '-')}.mp4")]
     cmd += ["--smoke"] if args.smoke else []
+    log_dir = Path(args.log_dir) if args.log_dir else workdir
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{config.replace(':', '-').replace('@', '_')}.log"
+    if args.log_dir:
+        cmd += ["--verbose"]
+        env["JAX_LOG_COMPILES"] = "1"
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:  # subprocess.run kills the worker
-        return {"error": f"timeout after {timeout:.0f} s"}
+    with open(log_path, "w") as log_file:  # a file, not a pipe: what a killed worker wrote is kept
+        try:
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:  # subprocess.run kills the worker
+            return {"error": f"timeout after {timeout:.0f} s (log: {log_path})"}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
-        tail = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-3:]
+        tail = [ln for ln in log_path.read_text().strip().splitlines() if ln.strip()][-3:]
         return {"error": " | ".join(tail)[-400:]}
     return {**json.loads(lines[-1][len("RESULT "):]), "process_s": time.perf_counter() - t0}
 
@@ -311,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds for the whole run: each configuration gets at most what is left, and those "
                     "that would start with under 20 s left are skipped (rows say so)")
     ap.add_argument("--smoke", action="store_true", help="the tiny pipeline, fp32, on a CPU")
+    ap.add_argument("--log-dir", default=None,
+                    help="keep each worker's log here (CONFIG.log: INFO logging and every XLA compile with its "
+                    "time); also kept for a run that times out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -322,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     args.frames, args.height, args.width = (v if v is not None else d for v, d in
                                             zip((args.frames, args.height, args.width), defaults))
     if args.worker:
+        if args.verbose:
+            import logging
+
+            logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
         _worker(args)
         return 0
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,7 @@ def load_arrays(
     if max_in_flight < 1 or max_bytes_in_flight < 1:
         raise ValueError(f"max_in_flight={max_in_flight}, max_bytes_in_flight={max_bytes_in_flight}; expected >= 1")
     read = getattr(source, "read_mapped", None) or source.read
+    t_start = time.perf_counter()
     total = sum(_stored_nbytes(source, r.source) for r in rules)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=not progress,
                leave=False)
@@ -277,6 +279,9 @@ def load_arrays(
     arrays.update(stacked)
     jax.block_until_ready(list(arrays.values()))
     bar.close()
+    seconds = time.perf_counter() - t_start
+    log.info("%s: %d tensors, %.2f GB in %.2f s (%.2f GB/s)", desc, len(rules), total / 1e9, seconds,
+             total / 1e9 / max(seconds, 1e-9))
     return arrays
 
 
