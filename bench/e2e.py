@@ -259,7 +259,7 @@ def _run_config(config: str, args: argparse.Namespace, folder: Path, workdir: Pa
     name, _, limit = config.partition("@")
     base = name.partition(":")[0]
     env = dict(os.environ)
-    cache = workdir / "jax-compile-cache"
+    cache = Path(args.cache_dir) if args.cache_dir else workdir / "jax-compile-cache"
     if base == "jaxvid-cold":
         shutil.rmtree(cache, ignore_errors=True)
     if limit:
@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
-    ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", default=None,
+                    help="jaxvid's persistent compilation cache (default: DIR/jax-compile-cache); jaxvid-cold empties it")
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps < 1:

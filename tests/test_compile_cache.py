@@ -79,3 +79,24 @@ def test_resolve_cache_dir(monkeypatch, tmp_path):
     assert compile_cache.resolve_cache_dir() is None
     with pytest.raises(ValueError, match="compile cache dir"):
         compile_cache.resolve_cache_dir("  ")
+
+
+def test_gpu_compiler_options(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.delenv(compile_cache.AUTOTUNE_ENV_VAR, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    assert compile_cache.compiler_options("cpu") == {}
+    gpu = compile_cache.compiler_options("gpu")
+    assert gpu == {"xla_gpu_autotune_level": 1}
+    # XLA knows the option by this name (an unknown one is an INVALID_ARGUMENT error at compile)
+    out = jax.jit(lambda x: x * 2).lower(jnp.arange(3.0)).compile(gpu)(jnp.arange(3.0))
+    assert out.tolist() == [0.0, 2.0, 4.0]
+    monkeypatch.setenv(compile_cache.AUTOTUNE_ENV_VAR, "4")
+    assert compile_cache.compiler_options("gpu") == {"xla_gpu_autotune_level": 4}
+    monkeypatch.setenv(compile_cache.AUTOTUNE_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="JAXVID_GPU_AUTOTUNE_LEVEL"):
+        compile_cache.compiler_options("gpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")  # the user's own choice stands
+    assert compile_cache.compiler_options("gpu") == {}

@@ -34,7 +34,7 @@ from flax import nnx
 from jax import lax
 
 from jaxvid.attention.plan import AttentionPlan
-from jaxvid.compile_cache import CompileCounter, describe
+from jaxvid.compile_cache import CompileCounter, compiler_options, describe
 from jaxvid.models.offload import Offload
 from jaxvid.schedulers.guidance import split_cfg_batch
 
@@ -170,7 +170,7 @@ class CompiledFunction:
             log.info("compiling %s for these shapes...", self.name)
             t0 = time.perf_counter()
             with CompileCounter() as counter:
-                self._executables[key] = self._jit.lower(*args).compile()
+                self._executables[key] = self._jit.lower(*args).compile(compiler_options())
             self.last_compile_seconds = time.perf_counter() - t0
             log.info("%s", describe(counter, self.name))
         return self.last_compile_seconds
@@ -194,8 +194,9 @@ class CompiledFunction:
         t0 = time.perf_counter()
         with CompileCounter() as counter:
             lowered = {key: self._jit.lower(*args) for key, args in todo.items()}
+            options = compiler_options()
             with ThreadPoolExecutor(max_workers=min(len(lowered), 4)) as pool:
-                compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+                compiled = dict(zip(lowered, pool.map(lambda low: low.compile(options), lowered.values())))
         self._executables.update(compiled)
         self.last_compile_seconds = time.perf_counter() - t0
         log.info("%s", describe(counter, self.name))
