@@ -22,7 +22,8 @@ Random bf16 weights (N(0, 0.02^2)), random inputs. Each measurement runs in its 
 JAX and PyTorch never share the GPU's memory. Printed per row: compile time (first call, JAX),
 median ms per step over --repeats timed calls after a warm-up, peak device memory, and the ratio
 to the PyTorch reference (diffusers 0.42.1 for CogVideoX, measured in the same run when diffusers
-is importable; LongCat's upstream numbers from ../shared/reference, same H100 kind).
+is importable, eager or with --torch-compile; LongCat's upstream numbers from ../shared/reference,
+same H100 kind).
 
 --step-cache N (CogVideoX cases): pyramid attention broadcast, recompute attention every N steps.
 Times a step that computes attention (and returns the outputs to keep) and a step that reuses
@@ -254,7 +255,7 @@ def _sharded_step(graphdef, state, call, args, repeats: int, devices: int, mesh_
 
 # ---- PyTorch worker (diffusers CogVideoX) -------------------------------------------------------
 
-def _torch_case(case: StepCase, repeats: int) -> dict:
+def _torch_case(case: StepCase, repeats: int, compile_model: bool = False) -> dict:
     import torch
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -278,15 +279,21 @@ def _torch_case(case: StepCase, repeats: int) -> dict:
         # 480x720 is the base grid (sample_height/width), so the crop region is the whole grid.
         rope = get_3d_rotary_pos_embed(hf["attention_head_dim"], ((0, 0), (h // p, w // p)), (h // p, w // p), f, device=dev)
 
+    fn = torch.compile(model) if compile_model else model
+
     def run():
         with torch.no_grad():
-            model(hidden_states=x, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope, return_dict=False)
+            fn(hidden_states=x, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope, return_dict=False)
         torch.cuda.synchronize()
 
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0 if compile_model else None
     run()
     torch.cuda.reset_peak_memory_stats()
     ms = _median_ms(run, repeats)
-    return {"impl": "diffusers", "ms": ms, "compile_s": None, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"impl": "diffusers+torch.compile" if compile_model else "diffusers", "ms": ms, "compile_s": compile_s,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -318,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--no-torch", action="store_true", help="skip the diffusers reference")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="the diffusers reference through torch.compile (its compile time is not in ms)")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per measurement subprocess")
     ap.add_argument("--smoke", action="store_true", help="tiny configs and shapes (check the script on a CPU)")
     ap.add_argument("--step-cache", type=int, default=0, metavar="N",
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
             res = _jax_case(case, args.repeats, args.smoke, args.step_cache, args.worker_devices, args.mesh_cfg,
                             args.check_unsharded, precisions[0], args.worker_out)
         else:
-            res = _torch_case(case, args.repeats)
+            res = _torch_case(case, args.repeats, args.torch_compile)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
@@ -390,12 +399,16 @@ def main(argv: list[str] | None = None) -> None:
                 ref = None
                 if case.model.startswith("cogvideox") and not args.no_torch and not args.smoke:
                     if case.model not in torch_done:
-                        torch_done[case.model] = _run_worker("torch", case, args.repeats, args.timeout)
+                        torch_done[case.model] = _run_worker("torch", case, args.repeats, args.timeout, extra=(
+                            ("--torch-compile",) if args.torch_compile else ()))
                     ref = torch_done[case.model]
                 rows.append({"case": case.name, "precision": precision, "jaxvid": res, "torch_same_run": ref,
                              "reference_ms": case.reference_ms})
                 log.info("%s [%s]: %s", case.name, precision, res)
 
+    if not args.no_torch and not args.smoke:
+        print(f"torch: diffusers 0.42.1 {'through torch.compile' if args.torch_compile else 'eager'} (CogVideoX rows); "
+              "ref: upstream's numbers (bench/results/reference)")
     hdr = (f"{'case':26s} {'precision':>13s} {'jaxvid ms':>10s} {'compile s':>9s} {'peak GiB':>8s} {'torch ms':>9s} "
            f"{'torch GiB':>9s} {'x torch':>7s} {'ref ms':>7s} {'x ref':>6s} {'rel L2 vs bf16':>14s}")
     print(hdr)
