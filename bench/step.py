@@ -4,6 +4,13 @@
     python bench/step.py --cases cogvideox-2b --json step.json
     python bench/step.py --cases cogvideox-5b --step-cache 2 --no-torch   # pyramid attention broadcast
     python bench/step.py --cases "cogvideox-5b dense,longcat 720p bsa" --devices 1,2,4,8 --no-torch
+    python bench/step.py --cases "cogvideox-5b,longcat 720p bsa" --precisions bf16,fp8   # 8-bit rows
+
+--precisions bf16,fp8,...: one row per precision of each case (issue 19). "bf16": bf16 weights and
+attention; "fp8": fp8 weights (the DiT linears in e4m3, jaxvid.models.fp8) and fp8 attention (the
+plan's precision: the 8-bit kernel); "fp8-weights" / "fp8-attention": one of the two; "int8-fp8":
+fp8 weights with int8-fp8 attention. Same random weights and inputs in every row; "rel L2" is each
+row's step output against the bf16 row's (the cost of the precision in one step, random weights).
 
 --devices 1,2,4,8: the same step on a ("cfg", "seq") device mesh of each size (jaxvid.parallel:
 Ulysses over `seq`, `--mesh-cfg 2` puts the CFG halves on different devices; weights replicated),
@@ -15,7 +22,8 @@ Random bf16 weights (N(0, 0.02^2)), random inputs. Each measurement runs in its 
 JAX and PyTorch never share the GPU's memory. Printed per row: compile time (first call, JAX),
 median ms per step over --repeats timed calls after a warm-up, peak device memory, and the ratio
 to the PyTorch reference (diffusers 0.42.1 for CogVideoX, measured in the same run when diffusers
-is importable; LongCat's upstream numbers from ../shared/reference, same H100 kind).
+is importable, eager or with --torch-compile; LongCat's upstream numbers from ../shared/reference,
+same H100 kind).
 
 --step-cache N (CogVideoX cases): pyramid attention broadcast, recompute attention every N steps.
 Times a step that computes attention (and returns the outputs to keep) and a step that reuses
@@ -64,6 +72,26 @@ CASES: tuple[StepCase, ...] = (
 )
 
 
+# --precisions: name -> (weights, attention precision)
+PRECISIONS: dict[str, tuple[str, str]] = {
+    "bf16": ("bf16", "bf16"),
+    "fp8": ("fp8", "fp8"),
+    "fp8-weights": ("fp8", "bf16"),
+    "fp8-attention": ("bf16", "fp8"),
+    "int8-fp8": ("fp8", "int8-fp8"),
+}
+
+
+def parse_precisions(text: str) -> list[str]:
+    """'bf16,fp8' -> ['bf16', 'fp8'] (order kept, duplicates dropped); ValueError naming what is known."""
+    names = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in names if p not in PRECISIONS]
+    if not names or unknown:
+        raise ValueError(f"--precisions={text!r}: unknown {unknown or 'empty'}; expected comma-separated names "
+                         f"from {list(PRECISIONS)}")
+    return names
+
+
 def _median_ms(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -76,7 +104,8 @@ def _median_ms(fn, repeats: int) -> float:
 # ---- JAX workers ------------------------------------------------------------------------------
 
 def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int = 0, devices: int | None = None,
-              mesh_cfg: int = 1, check_unsharded: bool = False) -> dict:
+              mesh_cfg: int = 1, check_unsharded: bool = False, precision: str = "bf16",
+              out_path: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -86,6 +115,7 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int
 
     bf16 = jnp.bfloat16
     key = jax.random.key(1)
+    weights, attention_precision = PRECISIONS[precision]
     f, h, w = case.latent
     if devices is not None and jax.default_backend() == "cpu" and jax.device_count() < devices:
         raise RuntimeError(f"--devices {devices} on CPU: run with XLA_FLAGS=--xla_force_host_platform_device_count=N")
@@ -101,6 +131,8 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int
             case = dataclasses.replace(case, text_tokens=cfg.max_text_seq_length)
         model = random_model(CogVideoXTransformer3D, cfg)
         plan = AttentionPlan(sparse=Radial(decay_factor=1.0, block_size=128)) if case.attention == "radial" else None
+        if attention_precision != "bf16":
+            plan = (plan or AttentionPlan.dense()).with_precision(attention_precision)
         x = jax.random.normal(key, (case.batch, f, cfg.in_channels, h, w), bf16)
         enc = jax.random.normal(key, (case.batch, case.text_tokens, cfg.text_embed_dim), bf16)
         t = jnp.full((case.batch,), 500, jnp.int32)
@@ -111,9 +143,11 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int
     else:
         from jaxvid.models.longcat import LongCatConfig, LongCatVideoTransformer3D
 
-        cfg = LongCatConfig.longcat_video(dtype=bf16, param_dtype=bf16, enable_bsa=case.attention == "bsa")
+        cfg = LongCatConfig.longcat_video(dtype=bf16, param_dtype=bf16, enable_bsa=case.attention == "bsa",
+                                          attention_precision=attention_precision)
         if smoke:
             cfg = LongCatConfig.tiny(dtype=bf16, param_dtype=bf16, enable_bsa=cfg.enable_bsa,
+                                     attention_precision=attention_precision,
                                      bsa_params=dataclasses.replace(cfg.bsa_params, sparsity=0.5, chunk_3d_shape_q=(2, 2, 2), chunk_3d_shape_k=(2, 2, 2)))
             f, h, w = 4, 8, 8
         model = random_model(LongCatVideoTransformer3D, cfg)
@@ -126,6 +160,10 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int
         def call(m, x, t, enc, mask):
             return m(x, t, enc, mask)
 
+    if weights == "fp8":
+        from jaxvid.models.fp8 import quantize_model_fp8
+
+        quantize_model_fp8(model)  # the same random weights, DiT linears in e4m3 + per-channel scales
     graphdef, state = nnx.split(model)
     if step_cache and case.model.startswith("cogvideox"):
         return _jax_step_cache(case, cfg, graphdef, state, args, plan, repeats, step_cache)
@@ -135,10 +173,15 @@ def _jax_case(case: StepCase, repeats: int, smoke: bool = False, step_cache: int
     t0 = time.perf_counter()
     jax.block_until_ready(step(state, *args))
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(step(state, *args))
+    out = jax.block_until_ready(step(state, *args))
     ms = _median_ms(lambda: jax.block_until_ready(step(state, *args)), repeats)
     stats = jax.devices()[0].memory_stats() or {}
-    return {"impl": "jaxvid", "ms": ms, "compile_s": compile_s, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+    if out_path:  # the step's output, for the driver's rel. L2 against the bf16 row
+        import numpy as np
+
+        np.save(out_path, np.asarray(out.astype(jnp.float32)))
+    return {"impl": "jaxvid", "ms": ms, "compile_s": compile_s, "precision": precision,
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
 
 
 def _jax_step_cache(case, cfg, graphdef, state, args, plan, repeats: int, n: int) -> dict:
@@ -212,7 +255,7 @@ def _sharded_step(graphdef, state, call, args, repeats: int, devices: int, mesh_
 
 # ---- PyTorch worker (diffusers CogVideoX) -------------------------------------------------------
 
-def _torch_case(case: StepCase, repeats: int) -> dict:
+def _torch_case(case: StepCase, repeats: int, compile_model: bool = False) -> dict:
     import torch
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -236,15 +279,21 @@ def _torch_case(case: StepCase, repeats: int) -> dict:
         # 480x720 is the base grid (sample_height/width), so the crop region is the whole grid.
         rope = get_3d_rotary_pos_embed(hf["attention_head_dim"], ((0, 0), (h // p, w // p)), (h // p, w // p), f, device=dev)
 
+    fn = torch.compile(model) if compile_model else model
+
     def run():
         with torch.no_grad():
-            model(hidden_states=x, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope, return_dict=False)
+            fn(hidden_states=x, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope, return_dict=False)
         torch.cuda.synchronize()
 
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0 if compile_model else None
     run()
     torch.cuda.reset_peak_memory_stats()
     ms = _median_ms(run, repeats)
-    return {"impl": "diffusers", "ms": ms, "compile_s": None, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"impl": "diffusers+torch.compile" if compile_model else "diffusers", "ms": ms, "compile_s": compile_s,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -276,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--no-torch", action="store_true", help="skip the diffusers reference")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="the diffusers reference through torch.compile (its compile time is not in ms)")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per measurement subprocess")
     ap.add_argument("--smoke", action="store_true", help="tiny configs and shapes (check the script on a CPU)")
     ap.add_argument("--step-cache", type=int, default=0, metavar="N",
@@ -287,9 +338,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--check-unsharded", action="store_true",
                     help="with --devices: also run the plain single-device step and report the rel. L2 difference")
     ap.add_argument("--latent", default=None, help="F,H,W latent size replacing the cases' (a smaller check)")
+    ap.add_argument("--precisions", default="bf16",
+                    help=f"comma-separated rows per case, from {list(PRECISIONS)} (weights / attention; see above)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-devices", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    try:
+        precisions = parse_precisions(args.precisions)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.worker and len(precisions) != 1:
+        ap.error("--worker takes exactly one --precisions entry")
     device_counts = _device_counts(ap, args)
     wanted = [s.strip() for s in args.cases.split(",") if s.strip()]
     cases = [c for c in CASES if c.name in wanted or any(c.name.startswith(w) for w in wanted)]
@@ -308,46 +368,65 @@ def main(argv: list[str] | None = None) -> None:
         case = cases[0]
         if args.worker == "jax":
             res = _jax_case(case, args.repeats, args.smoke, args.step_cache, args.worker_devices, args.mesh_cfg,
-                            args.check_unsharded)
+                            args.check_unsharded, precisions[0], args.worker_out)
         else:
-            res = _torch_case(case, args.repeats)
+            res = _torch_case(case, args.repeats, args.torch_compile)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
     if device_counts:
-        _scaling(cases, device_counts, args)
+        _scaling(cases, device_counts, args, precisions)
         return
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     torch_done: dict[str, dict] = {}
-    for case in cases:
-        res = _run_worker("jax", case, args.repeats, args.timeout, args.smoke,
-                          ("--step-cache", str(args.step_cache)) if args.step_cache else ())
-        ref = None
-        if case.model.startswith("cogvideox") and not args.no_torch and not args.smoke:
-            if case.model not in torch_done:
-                torch_done[case.model] = _run_worker("torch", case, args.repeats, args.timeout)
-            ref = torch_done[case.model]
-        rows.append({"case": case.name, "jaxvid": res, "torch_same_run": ref, "reference_ms": case.reference_ms})
-        log.info("%s: %s", case.name, res)
+    import tempfile
 
-    hdr = f"{'case':26s} {'jaxvid ms':>10s} {'compile s':>9s} {'peak GiB':>8s} {'torch ms':>9s} {'torch GiB':>9s} {'x torch':>7s} {'ref ms':>7s} {'x ref':>6s}"
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+        for case in cases:
+            outputs: dict[str, str] = {}
+            for precision in precisions:
+                extra: tuple[str, ...] = ("--precisions", precision)
+                extra += ("--step-cache", str(args.step_cache)) if args.step_cache else ()
+                extra += ("--latent", args.latent) if args.latent else ()
+                if len(precisions) > 1 and not args.step_cache:
+                    outputs[precision] = os.path.join(tmp, f"{len(rows)}.npy")
+                    extra += ("--worker-out", outputs[precision])
+                res = _run_worker("jax", case, args.repeats, args.timeout, args.smoke, extra)
+                if "error" not in res and precision != "bf16" and "bf16" in outputs:
+                    res["rel_l2_vs_bf16"] = _rel_l2_files(outputs[precision], outputs["bf16"])
+                ref = None
+                if case.model.startswith("cogvideox") and not args.no_torch and not args.smoke:
+                    if case.model not in torch_done:
+                        torch_done[case.model] = _run_worker("torch", case, args.repeats, args.timeout, extra=(
+                            ("--torch-compile",) if args.torch_compile else ()))
+                    ref = torch_done[case.model]
+                rows.append({"case": case.name, "precision": precision, "jaxvid": res, "torch_same_run": ref,
+                             "reference_ms": case.reference_ms})
+                log.info("%s [%s]: %s", case.name, precision, res)
+
+    if not args.no_torch and not args.smoke:
+        print(f"torch: diffusers 0.42.1 {'through torch.compile' if args.torch_compile else 'eager'} (CogVideoX rows); "
+              "ref: upstream's numbers (bench/results/reference)")
+    hdr = (f"{'case':26s} {'precision':>13s} {'jaxvid ms':>10s} {'compile s':>9s} {'peak GiB':>8s} {'torch ms':>9s} "
+           f"{'torch GiB':>9s} {'x torch':>7s} {'ref ms':>7s} {'x ref':>6s} {'rel L2 vs bf16':>14s}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         j, t = r["jaxvid"], r["torch_same_run"] or {}
         if "error" in j:
-            print(f"{r['case']:26s} ERROR {j['error']}")
+            print(f"{r['case']:26s} {r['precision']:>13s} ERROR {j['error']}")
             continue
         tm = t.get("ms")
         x_t = f"{tm / j['ms']:.2f}" if tm else "-"
         x_r = f"{r['reference_ms'] / j['ms']:.2f}" if r["reference_ms"] else "-"
         tms = f"{tm:9.1f}" if tm else f"{'-':>9s}"
         tgib = f"{t.get('peak_gib', 0):9.1f}" if tm else f"{'-':>9s}"
+        rel = f"{j['rel_l2_vs_bf16']:.4f}" if j.get("rel_l2_vs_bf16") is not None else "-"
         print(
-            f"{r['case']:26s} {j['ms']:10.1f} {j['compile_s']:9.1f} {j['peak_gib']:8.1f} {tms} {tgib} {x_t:>7s} "
-            f"{(r['reference_ms'] or 0):7.0f} {x_r:>6s}"
+            f"{r['case']:26s} {r['precision']:>13s} {j['ms']:10.1f} {j['compile_s']:9.1f} {j['peak_gib']:8.1f} {tms} "
+            f"{tgib} {x_t:>7s} {(r['reference_ms'] or 0):7.0f} {x_r:>6s} {rel:>14s}"
         )
         if t.get("error"):
             print(f"{'':26s} torch error: {t['error']}")
@@ -358,6 +437,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
+
+
+def _rel_l2_files(path: str, ref_path: str) -> float | None:
+    """Relative L2 of one saved step output against another (None if either is missing)."""
+    import numpy as np
+
+    if not (os.path.exists(path) and os.path.exists(ref_path)):
+        return None
+    a, b = np.load(path).astype(np.float64), np.load(ref_path).astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _device_counts(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[int]:
@@ -373,13 +462,16 @@ def _device_counts(ap: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     return counts
 
 
-def _scaling(cases: list[StepCase], counts: list[int], args: argparse.Namespace) -> None:
-    """One worker per (case, device count); step time, speedup and efficiency against the smallest count."""
+def _scaling(cases: list[StepCase], counts: list[int], args: argparse.Namespace,
+             precisions: tuple[str, ...] | list[str] = ("bf16",)) -> None:
+    """One worker per (case, precision, device count); step time, speedup and efficiency against the
+    smallest count (rows of a precision other than bf16 are named "<case> [<precision>]")."""
     rows = []
-    for case in cases:
+    for case, precision in [(c, p) for c in cases for p in precisions]:
         base = None
+        label = case.name if precision == "bf16" else f"{case.name} [{precision}]"
         for n in counts:
-            extra = ("--worker-devices", str(n), "--mesh-cfg", str(args.mesh_cfg))
+            extra = ("--worker-devices", str(n), "--mesh-cfg", str(args.mesh_cfg), "--precisions", precision)
             extra += ("--check-unsharded",) if args.check_unsharded else ()
             extra += ("--latent", args.latent) if args.latent else ()
             res = _run_worker("jax", case, args.repeats, args.timeout, args.smoke, extra)
@@ -389,8 +481,8 @@ def _scaling(cases: list[StepCase], counts: list[int], args: argparse.Namespace)
                 speedup = base[1] / res["ms"]
                 res["speedup"], res["efficiency"] = speedup, speedup * base[0] / n
             latent = "smoke" if args.smoke else "x".join(map(str, case.latent))
-            rows.append({"case": case.name, "latent": latent, "devices": n, "jaxvid": res})
-            log.info("%s on %d device(s): %s", case.name, n, res)
+            rows.append({"case": label, "latent": latent, "devices": n, "jaxvid": res})
+            log.info("%s on %d device(s): %s", label, n, res)
     hdr = (f"{'case':26s} {'latent':>12s} {'mesh':>32s} {'ms':>9s} {'speedup':>7s} {'effic.':>6s} {'compile s':>9s} "
            f"{'peak GiB':>8s} {'rel L2':>8s}")
     print(hdr)

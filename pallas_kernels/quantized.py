@@ -14,6 +14,13 @@ removes the channel offsets real DiT keys carry (a few channels 10-50x the rest)
 scale is set by the keys' spread, not by the offset. Accumulation is float32 throughout; the output
 is in q's dtype (bf16 for the kernel).
 
+Rounding to e4m3 is explicit arithmetic (`round_to_e4m3`: f32 in, f32 on the e4m3 grid out), never
+a float -> float8 -> float convert pair: XLA's GPU compiler drops such a pair as "excess precision"
+(its SimplifyFPConversions pass removes any chain of float converts while xla_allow_excess_precision
+is on, the default), so a reference that dequantizes by `x.astype(float8).astype(float32)` silently
+computes with unrounded values on the GPU while the kernel reads real e4m3 bytes. With the rounding
+done in f32 first, the cast to float8 is exact and removing it changes nothing.
+
 The per-row scale of P: every row of P = exp(S - m) has its largest entry at exp(0) = 1, so the
 row's scale max_j P_rj / 448 is 1 / 448; the kernels use it as a constant (P * 448 -> e4m3, the
 1/448 folded into the epilogue with the V scales), which is what the reference does too.
@@ -35,7 +42,7 @@ from pallas_kernels.reference import check_block_sparse_args, indices_to_block_m
 
 __all__ = [
     "PRECISIONS", "P_SCALE", "QuantizedQKV", "check_precision", "quantize_qkv", "quantized_attention_online",
-    "quantized_attention_reference",
+    "quantized_attention_reference", "round_to_e4m3",
     "smooth_keys",
 ]
 
@@ -68,6 +75,28 @@ class QuantizedQKV(NamedTuple):
     v_scale: jax.Array
 
 
+# e4m3fn: 3 mantissa bits, smallest normal exponent -6 (below it the grid is the subnormal step 2^-9)
+_E4M3_MANTISSA_BITS = 3
+_E4M3_MIN_EXP = -6
+
+
+def round_to_e4m3(x: jax.Array) -> jax.Array:
+    """x (float32) rounded to the nearest float8_e4m3fn value (ties to even), saturating at +-448; f32 out.
+
+    The same values as a float32 -> float8_e4m3fn cast with round-to-nearest-even and satfinite (the
+    PTX `cvt.rn.satfinite.e4m3x2.f32` Mosaic GPU emits, and ml_dtypes' cast for |x| <= 448), done as
+    exact f32 arithmetic: divide by the power-of-two spacing of x's binade, round half to even,
+    multiply back. No compiler may drop it (see the module docstring), and casting the result to
+    float8 is exact. NaN stays NaN.
+    """
+    x = jnp.clip(jnp.asarray(x, jnp.float32), -E4M3_MAX, E4M3_MAX)
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    exponent = ((bits >> 23) & 0xFF) - 127  # the binade of |x| (-127 for zero and f32 subnormals)
+    spacing_exp = jnp.maximum(exponent, _E4M3_MIN_EXP) - _E4M3_MANTISSA_BITS  # in [-9, 5]
+    spacing = jax.lax.bitcast_convert_type((spacing_exp + 127) << 23, jnp.float32)  # 2**spacing_exp, exact
+    return jnp.round(x / spacing) * spacing  # x / 2**n and * 2**n are exact; jnp.round is half-to-even
+
+
 def smooth_keys(k: jax.Array, kv_len: int | jax.Array | None = None) -> jax.Array:
     """k [B, S, H, D] minus its mean over the first kv_len positions (per batch, head, channel), f32."""
     kf = k.astype(jnp.float32)
@@ -91,7 +120,7 @@ def _quantize_blocks(x: jax.Array, block: int, integer: bool) -> tuple[jax.Array
     if integer:
         q = jnp.clip(jnp.round(y), -INT8_MAX, INT8_MAX).astype(jnp.int8)
     else:
-        q = jnp.clip(y, -E4M3_MAX, E4M3_MAX).astype(FP8)
+        q = round_to_e4m3(y).astype(FP8)  # exact cast: see the module docstring
     return q.reshape(b, s, h, d), scale
 
 
@@ -117,7 +146,7 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, precision: str, bl
     q8, q_scale = _quantize_blocks(q.astype(jnp.float32), block_q, integer)
     k8, k_scale = _quantize_blocks(kf, block_kv, integer)
     v_scale = jnp.maximum(jnp.max(jnp.abs(vf), axis=1) / E4M3_MAX, _TINY)  # [B, H, D]
-    v8 = jnp.clip(vf / v_scale[:, None], -E4M3_MAX, E4M3_MAX).astype(FP8)
+    v8 = round_to_e4m3(vf / v_scale[:, None]).astype(FP8)
     return QuantizedQKV(q8, q_scale, k8, k_scale, v8, v_scale)
 
 
@@ -187,7 +216,7 @@ def _reference(q, k, v, kv_indices, kv_counts, kv_len, *, block_q, block_kv, sca
     p = jnp.where(token_mask, jnp.exp(logits - row_max), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     if pv_precision == "fp8":
-        p8 = (p * P_SCALE).astype(FP8).astype(jnp.float32) / P_SCALE
+        p8 = round_to_e4m3(p * P_SCALE) / P_SCALE
     else:
         p8 = p.astype(jnp.bfloat16).astype(jnp.float32)
         vf = jnp.where((jnp.arange(k.shape[1]) < kv_len)[None, :, None, None], v.astype(jnp.float32), 0.0)
@@ -263,7 +292,7 @@ def _online(q, k, v, kv_indices, kv_counts, kv_len, *, block_q, block_kv, scale,
         p = jnp.where(keep & active[..., None], jnp.exp2(s * c - m_new[..., None]), 0.0)
         denom = denom * alpha + jnp.sum(p, axis=-1)
         if pv_precision == "fp8":
-            p_op = (p * P_SCALE).astype(FP8).astype(jnp.float32)
+            p_op = round_to_e4m3(p * P_SCALE)  # what the kernel's cvt.rn.satfinite gives
         else:
             p_op = p.astype(jnp.bfloat16).astype(jnp.float32)
         vblk = jnp.take_along_axis(vb, blk[..., None, None], axis=2)

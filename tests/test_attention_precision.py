@@ -231,3 +231,26 @@ def test_online_reference_agrees_with_reference(precision, pv, bound):
                                              block_kv=BLK, kv_len=200)
     assert abs(_rel_l2(online, exact) - _rel_l2(ref, exact)) < 0.2 * _rel_l2(ref, exact)
     assert not np.asarray(online[0, 2 * BLK:3 * BLK, 1].astype(jnp.float32)).any()  # the empty row
+
+
+def test_round_to_e4m3_matches_ml_dtypes_cast():
+    """The explicit e4m3 rounding (no float8 convert pair for XLA to drop on the GPU) against
+    ml_dtypes' float32 -> float8_e4m3fn cast: every e4m3 value, every midpoint between neighbours
+    (ties to even) and the floats just beside it, subnormals, random values; +-448 saturation."""
+    from pallas_kernels.quantized import round_to_e4m3
+
+    e4m3 = ml_dtypes.float8_e4m3fn
+    grid = np.arange(256, dtype=np.uint8).view(e4m3).astype(np.float32)
+    grid = np.unique(grid[np.isfinite(grid) & (grid >= 0)])  # 0 .. 448
+    mids = (grid[:-1] + grid[1:]) / 2
+    xs = np.concatenate([grid, mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+                         np.random.default_rng(0).uniform(0, 448, 20000).astype(np.float32),
+                         np.random.default_rng(1).uniform(0, 2.0 ** -5, 2000).astype(np.float32),
+                         np.float32([2.0 ** -10, 2.0 ** -11, 1e-30])]).astype(np.float32)
+    xs = np.concatenate([xs, -xs])
+    got = np.asarray(round_to_e4m3(jnp.asarray(xs)))
+    want = xs.astype(e4m3).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(round_to_e4m3(jnp.float32([460.0, 1e6, -1e6, jnp.inf]))),
+                                  [448.0, 448.0, -448.0, 448.0])  # satfinite
+    assert np.isnan(np.asarray(round_to_e4m3(jnp.float32([jnp.nan])))).all()

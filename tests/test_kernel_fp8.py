@@ -53,12 +53,11 @@ def _tables(rng, heads, seq, block_q, block_kv, zero_rows):
 
 
 @pytest.mark.parametrize("pv", ["fp8", "bf16"])
-@pytest.mark.parametrize("precision", [
-    # H200 run of session 4: e4m3 Q.K^T leaves 8 to 1264 elements (of ~1e5) outside the per-element
-    # bound of the online reference, with either P.V; int8 Q.K^T passes. Open: see README "8-bit".
-    pytest.param("fp8", marks=pytest.mark.xfail(reason="e4m3 Q.K^T: elements off the online reference on H200",
-                                                strict=False)),
-    "int8-fp8"])
+# Session 4 (H200) failed "fp8" here by 1264 / 135 / 445 / 8 elements: the reference dequantized Q and K
+# by an f32 -> float8 -> f32 convert pair, which XLA's GPU compiler drops (excess precision), so it
+# computed with unrounded Q/K. Emulated on CPU, unrounded vs rounded Q/K gives 1180 / 129 / 323 / 6 off
+# the same bound. quantized.round_to_e4m3 now rounds in f32 arithmetic that nothing can drop.
+@pytest.mark.parametrize("precision", ["fp8", "int8-fp8"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"d{c[0]}-bq{c[1]}-bkv{c[2]}")
 def test_fp8_kernel_matches_reference(case, precision, pv):
     import jax
@@ -116,3 +115,23 @@ def test_api_routes_8bit_precisions_to_the_fp8_kernel():
     out, want = (np.asarray(x.astype(jnp.float32)) for x in (out, want))
     assert not np.isnan(out).any()
     assert np.linalg.norm(out - want) / np.linalg.norm(want) < VS_ONLINE[DEFAULT_PV]
+
+
+def test_e4m3_rounding_on_gpu_matches_ml_dtypes():
+    """round_to_e4m3 under XLA:GPU gives the e4m3 grid (what the kernel's bytes hold); prints what a plain
+    f32 -> float8 -> f32 convert pair gives there (XLA may drop it: the cause of session 4's fp8 failures)."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from pallas_kernels.quantized import FP8, round_to_e4m3
+
+    x = np.random.default_rng(0).uniform(-448, 448, 1 << 16).astype(np.float32)
+    want = x.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    got = np.asarray(jax.jit(lambda y: round_to_e4m3(y).astype(FP8).astype(jnp.float32) * 2.0)(x)) / 2.0
+    np.testing.assert_array_equal(got, want)
+    pair = np.asarray(jax.jit(lambda y: y.astype(FP8).astype(jnp.float32) * 2.0)(x)) / 2.0
+    reshaped = np.asarray(jax.jit(lambda y: y.reshape(256, 256).astype(FP8).reshape(-1).astype(jnp.float32)
+                                  * 2.0)(x)) / 2.0
+    print(f"\nXLA:GPU f32->f8->f32 pair off the e4m3 grid: {np.mean(pair != want):.1%} of values; "
+          f"with a reshape between: {np.mean(reshaped != want):.1%}")

@@ -23,6 +23,8 @@ from flax import nnx
 
 from convert.apply import check_rules, dominant_float_dtype
 from convert.checkpoint import CheckpointReader, is_checkpoint
+from convert.int8_weights import INT8_SUFFIX, Int8WeightOnlySource, has_int8_weights
+from convert.int8_weights import SCALE_SUFFIX as INT8_SCALE_SUFFIX
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
 from convert.transforms import Transform
@@ -358,6 +360,8 @@ def load_model(
     `weights="fp8"` quantizes the DiT's linear layers to e4m3 with per-channel scales after loading
     (jaxvid.models.fp8; CogVideoX and LongCat transformers); a checkpoint converted with
     `jaxvid-convert --weights fp8` loads as fp8 whatever `weights` says.
+    A folder in LongCat-Video's INT8 weight-only layout (`<linear>.weight_int8` + `.weight_scale`,
+    upstream's `base_model_int8/`) loads dequantized to `dtype` (convert.int8_weights).
     """
     path = Path(path)
     weights = resolve_weights(weights)
@@ -375,6 +379,14 @@ def load_model(
     else:
         source = SafetensorsReader(path)
         class_name = class_name_of(hf_config)
+        if has_int8_weights(source.keys()):
+            # LongCat-Video's INT8 weight-only layout: dequantized on read, in the load dtype
+            # (upstream's formula, in the dtype the float tensors beside the pairs are stored in
+            # when none is given)
+            int8_dtype = dtype or dominant_float_dtype(_WithoutInt8Pairs(source)) or np.dtype(np.float32)
+            source = Int8WeightOnlySource(source, int8_dtype, where=path)
+            log.info("%s: %d INT8 weight-only linears, dequantized to %s", path, len(source.quantized_keys),
+                     np.dtype(int8_dtype).name)
     if expect is not None and class_name not in set(expect):
         raise ValueError(f"{path} holds a {class_name}; expected one of {sorted(expect)}")
     entry = entry_for(class_name)
@@ -392,6 +404,22 @@ def load_model(
         quantize_model_fp8(model)
     log.info("loaded %s from %s%s", class_name, path, " (fp8 linears)" if stored_fp8 or weights == "fp8" else "")
     return model
+
+
+class _WithoutInt8Pairs:
+    """A tensor source minus the int8 weights and their scales (they must not pick the model dtype)."""
+
+    def __init__(self, source: Any):
+        self._source = source
+
+    def keys(self) -> list[str]:
+        return [k for k in self._source.keys() if not k.endswith((INT8_SUFFIX, INT8_SCALE_SUFFIX))]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._source.shape(key)
+
+    def dtype(self, key: str) -> Any:
+        return self._source.dtype(key)
 
 
 class _WithoutScales:

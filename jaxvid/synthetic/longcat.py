@@ -130,6 +130,14 @@ def _write_component(folder: Path, config: dict[str, Any], weights_name: str, se
     write_safetensors(folder / weights_name, tensors)
 
 
+def write_tiny_dit(folder: str | os.PathLike, *, seed: int = 0) -> Path:
+    """The DiT component alone (what `write_tiny_longcat` puts in dit/): config.json (tiny_dit_config)
+    + diffusion_pytorch_model.safetensors, float32 torch layout. Returns the folder."""
+    folder = Path(folder)
+    _write_component(folder, tiny_dit_config(), "diffusion_pytorch_model.safetensors", seed)
+    return folder
+
+
 def _write_tokenizer(folder: Path) -> int:
     """A sentencepiece unigram model with T5's special ids (<pad>=0, </s>=1, <unk>=2); returns the vocab size."""
     import sentencepiece
