@@ -89,3 +89,64 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path):
     assert memory_kinds(pipe.components["text_encoder"].state) == {"pinned_host"}
     got = pipe.generate_t2v("a cat", "blurry", **kw).latents
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+# "text" parks only the text encoder, which "model" covers
+@pytest.mark.parametrize("policy", ["model", "blocks"])
+def test_parked_weights_load_straight_to_host(folder, monkeypatch, policy):
+    """Offloaded weights never pass through the device while loading: the device loader
+    (loading.load_arrays) is never asked for a parked Param, the host loader puts them in pinned
+    host memory, and every loaded array equals the one a resident load reads from the same file."""
+    from flax import nnx
+
+    import jaxvid.models.loading as loading
+
+    to_device: list[str] = []
+    device_loader = loading.load_arrays
+
+    def spy(rules, *args, **kwargs):
+        to_device.extend(r.target_path for r in rules)
+        return device_loader(rules, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_arrays", spy)
+    off = Offload(policy)
+    parked = {"text": {"text_encoder"}, "model": {"text_encoder", "transformer", "vae"},
+              "blocks": {"text_encoder", "vae"}}[policy]
+    for name in ("text_encoder", "transformer", "vae"):
+        to_device.clear()
+        model = loading.load_model(folder / name, host=off.host_paths(name))
+        state = nnx.state(model, nnx.Param)
+        if name in parked:
+            assert to_device == [] and memory_kinds(state) == {"pinned_host"}, name
+        elif policy == "blocks" and name == "transformer":
+            assert to_device and not any(p.startswith("transformer_blocks.") for p in to_device)
+            assert memory_kinds(state["transformer_blocks"]) == {"pinned_host"}
+            assert memory_kinds(state) == {"pinned_host", "device"}
+        else:
+            assert memory_kinds(state) == {"device"} and to_device, name
+        monkeypatch.setattr(loading, "load_arrays", device_loader)
+        reference = nnx.state(loading.load_model(folder / name), nnx.Param)
+        monkeypatch.setattr(loading, "load_arrays", spy)
+        for (path, want), (_, got) in zip(nnx.to_flat_state(reference), nnx.to_flat_state(state)):
+            assert got.get_value().dtype == want.get_value().dtype, path
+            np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(want.get_value()), err_msg=str(path))
+
+
+def test_host_loader_casts_per_tensor_like_numpy(folder):
+    """A dtype change while loading to host memory (the tiny T5's fp32 file as bf16): each stored
+    tensor is transposed, cast and placed in its stacked layer slot on its own, and equals numpy's
+    round-to-nearest-even cast of the file's tensor."""
+    import ml_dtypes
+
+    from convert.safetensors_io import SafetensorsReader
+    from jaxvid.models.loading import load_model
+
+    model = load_model(folder / "text_encoder", dtype="bf16", host=lambda path: True)
+    got = model.blocks.attention.q.kernel.get_value()  # [layers, in, out] from per-layer [out, in]
+    assert got.dtype == ml_dtypes.bfloat16 and got.sharding.memory_kind == "pinned_host"
+    reader = SafetensorsReader(folder / "text_encoder")
+    for i in range(got.shape[0]):
+        stored = reader.read(f"encoder.block.{i}.layer.0.SelfAttention.q.weight")
+        assert stored.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(got)[i],
+                                      stored.T.astype(ml_dtypes.bfloat16))

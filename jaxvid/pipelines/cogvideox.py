@@ -446,11 +446,14 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         t0 = time.perf_counter()
         parking = Offload(offload)
         # weights="fp8": the transformer's attention/MLP linears in e4m3 (jaxvid.models.fp8)
-        transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS, weights=weights)
-        parking.park_module("transformer", transformer)
-        vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",))
+        # parked weights load straight into pinned host memory (host_paths), never through the device
+        transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS, weights=weights,
+                                 host=parking.host_paths("transformer"))
+        parking.park_module("transformer", transformer)  # a no-op unless fp8 quantizing loaded it to the device
+        vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",), host=parking.host_paths("vae"))
         parking.park_module("vae", vae)
-        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",))
+        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",),
+                                  host=parking.host_paths("text_encoder"))
         parking.park_module("text_encoder", text_encoder)
         pipe = cls(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer_dir=path / "tokenizer",

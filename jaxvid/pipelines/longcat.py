@@ -473,11 +473,15 @@ class LongCatPipeline:
                              f"{list(COMPONENTS)} and lora/")
         parking = Offload(offload)
         # weights="fp8": the DiT's attention/MLP linears in e4m3 (jaxvid.models.fp8)
-        dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"], weights=weights)
-        parking.park_module("dit", dit)
-        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=["UMT5EncoderModel", "T5EncoderModel"])
+        # parked weights load straight into pinned host memory (host_paths): the 27 GB DiT under
+        # "model" / "blocks" never passes through the device
+        dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"], weights=weights,
+                         host=parking.host_paths("dit"))
+        parking.park_module("dit", dit)  # a no-op unless fp8 quantizing loaded it to the device
+        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=["UMT5EncoderModel", "T5EncoderModel"],
+                                  host=parking.host_paths("text_encoder"))
         parking.park_module("text_encoder", text_encoder)
-        vae = load_model(path / "vae", dtype=dtype, expect=["AutoencoderKLWan"])
+        vae = load_model(path / "vae", dtype=dtype, expect=["AutoencoderKLWan"], host=parking.host_paths("vae"))
         parking.park_module("vae", vae)
         sched_file = path / "scheduler" / "scheduler_config.json"
         if not sched_file.is_file():
