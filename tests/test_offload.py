@@ -3,6 +3,8 @@ that memory kind too) and the video equals the one with every component resident
 offload="none", one loop call without a progress bar)."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,8 +22,13 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resident(folder):
-    return CogVideoXPipeline.from_pretrained(folder, offload="none")("a prompt", progress=False, **KW)
+def resident_pipe(folder):
+    return CogVideoXPipeline.from_pretrained(folder, offload="none")
+
+
+@pytest.fixture(scope="module")
+def resident(resident_pipe):
+    return resident_pipe("a prompt", progress=False, **KW)
 
 
 # "text" is the default, so every other pipeline test runs it (against diffusers); "blocks" only
@@ -82,12 +89,18 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path):
     kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=4.0, seed=1,
               max_sequence_length=16, output_type="latent")
     resident = LongCatPipeline.from_pretrained(folder, progress=False, offload="none")
-    want = resident.generate_t2v("a cat", "blurry", **kw).latents
+    s = resident.vae_scale_factor_spatial
+    shape = (1, resident.dit.cfg.in_channels, (kw["num_frames"] - 1) // resident.vae_scale_factor_temporal + 1,
+             kw["height"] // s, kw["width"] // s)
     pipe = LongCatPipeline.from_pretrained(folder, progress=False, offload="blocks")
     dit = pipe.components["dit"].state
     assert memory_kinds(dit["blocks"]) == {"pinned_host"} and memory_kinds(dit) == {"pinned_host", "device"}
     assert memory_kinds(pipe.components["text_encoder"].state) == {"pinned_host"}
-    got = pipe.generate_t2v("a cat", "blurry", **kw).latents
+    # the caller's latents (float32, as the loop runs) go in; the loop donates only its own copy
+    noise = jax.random.normal(jax.random.key(3), shape, jnp.float32)
+    want = resident.generate_t2v("a cat", "blurry", latents=noise, **kw).latents
+    got = pipe.generate_t2v("a cat", "blurry", latents=noise, **kw).latents
+    assert not noise.is_deleted()
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -150,3 +163,39 @@ def test_host_loader_casts_per_tensor_like_numpy(folder):
         assert stored.dtype == np.float32
         np.testing.assert_array_equal(np.asarray(got)[i],
                                       stored.T.astype(ml_dtypes.bfloat16))
+
+
+def _device_arrays() -> dict[int, jax.Array]:
+    return {id(a): a for a in jax.live_arrays() if a.sharding.memory_kind == "device"}
+
+
+def test_text_encoder_leaves_no_device_copy_after_encoding(folder):
+    """Under the default policy the T5 encoder is on the device only while it encodes: afterwards
+    the device holds exactly what it held before plus the embeddings (no weight copy survives),
+    while offload="none" keeps the encoder's weights on the device by contract."""
+    pipe = CogVideoXPipeline.from_pretrained(folder)  # offload="text"
+    t5_bytes = sum(a.nbytes for a in jax.tree.leaves(pipe.text_encoder.state))
+    assert memory_kinds(pipe.text_encoder.state) == {"pinned_host"}
+    before = _device_arrays()
+    embeds = pipe.encode_prompt(["", "a prompt"])
+    new = [a for i, a in _device_arrays().items() if i not in before]
+    assert [id(a) for a in new] == [id(embeds)], [(a.shape, a.dtype) for a in new]
+    assert all(not a.is_deleted() for a in before.values())
+    resident = CogVideoXPipeline.from_pretrained(folder, offload="none")
+    assert memory_kinds(resident.text_encoder.state) == {"device"}
+    assert sum(a.nbytes for a in jax.tree.leaves(resident.text_encoder.state)) == t5_bytes
+
+
+def test_step_end_callback_keeps_its_latents(resident_pipe, resident):
+    """The loop donates its carry step to step; latents a step-end callback was shown (and kept)
+    are the caller's and stay valid, and the video equals the one without a callback."""
+    kept = []
+
+    def keep(pipe, step, timestep, kwargs):
+        kept.append(kwargs["latents"])
+        return kwargs  # diffusers' usual callback: hand the same latents back
+
+    out = resident_pipe("a prompt", progress=False, callback_on_step_end=keep, **KW)
+    assert len(kept) == KW["num_inference_steps"] and not any(a.is_deleted() for a in kept)
+    np.testing.assert_array_equal(np.asarray(kept[-1], np.float32), out.latents)
+    np.testing.assert_array_equal(out.latents, resident.latents)

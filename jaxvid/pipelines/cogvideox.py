@@ -410,7 +410,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         self.vae_tiling: Any = None  # a CogVideoXVAETiling, or None for untiled decoding
         self.progress = StepProgress(desc="denoising")
         self.last_timings: dict[str, float] = {}
-        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), name="denoising loop")
+        # the carry (latents, DPM's x_0, a step cache's kept attention outputs) is donated: updated in place
+        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), donate_argnums=(3,), name="denoising loop")
         self._initial_noise = CompiledFunction(_initial_noise, static_argnums=(1, 2), name="initial noise")
         self._encode_text = CompiledFunction(_encode_text, static_argnums=(0, 3), name="text encoder")
         self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4), name="image encoder")
@@ -827,11 +828,16 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
                     for i in range(num_steps):
                         carry = run_range(StepRange.of(i, i + 1), carry)
                         self.progress.tick(i)
-                        carry = _apply_callback(callback_on_step_end, self, i, int(schedule.timesteps[i]), carry)
+                        carry = _owned(_apply_callback(callback_on_step_end, self, i, int(schedule.timesteps[i]),
+                                                       carry))
                     carry = jax.block_until_ready(carry)
             finally:
                 self.progress.close()
         out = carry[0] if isinstance(carry, tuple) else carry
+        # what only the loop needed goes before the decode's activations arrive: a step cache's kept
+        # attention outputs (GBs at full size), DPM's x_0, the prompt embeddings, the image latents
+        # (dropping the pipeline's references: arrays a caller passed in and still holds stay valid)
+        carry = embeds = image_latents = None
         timings["steps"] = time.perf_counter() - t0
         timings["per_step"] = timings["steps"] / max(num_steps, 1)
 
@@ -901,6 +907,14 @@ def _apply_callback(callback: StepEndCallback, pipe: Any, step: int, timestep: i
                          f"expected {tuple(latents.shape)}")
     new = new.astype(latents.dtype)
     return new if not isinstance(carry, tuple) else (new,) + carry[1:]
+
+
+def _owned(carry: Any) -> Any:
+    """The carry with its latents copied: the next (donating) step consumes the copy, never the
+    array a step-end callback was shown or returned (the caller may keep it)."""
+    if isinstance(carry, tuple):
+        return (jnp.copy(carry[0]),) + carry[1:]
+    return jnp.copy(carry)
 
 
 def _video_frames(video: Any) -> int:

@@ -445,7 +445,8 @@ class LongCatPipeline:
         self._vae_encode = CompiledFunction(_vae_encode, static_argnums=(0,), name="VAE encode")
         self._vae_decode = CompiledFunction(_vae_decode, static_argnums=(0,), name="VAE decode")
         self._cache_kv = CompiledFunction(_cache_clean_latents, static_argnums=(0, 1), name="KV cache of clean frames")
-        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), name="denoising loop")
+        # the latents x are donated: each step updates them in place
+        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), donate_argnums=(4,), name="denoising loop")
         if vae.cfg.z_dim != dit.cfg.in_channels:
             raise ValueError(f"vae z_dim={vae.cfg.z_dim} != dit in_channels={dit.cfg.in_channels}")
         if text_encoder.cfg.d_model != dit.cfg.caption_channels:
@@ -749,7 +750,8 @@ class LongCatPipeline:
         if self.mesh is not None and not on_mesh(dit.state, self.mesh):
             self.use_mesh(self.mesh, fsdp=self.mesh_fsdp)  # weights loaded or changed since use_mesh()
         lora, scale, nc = self._lora_factors(), jnp.float32(guidance_scale), spec.num_cond_latents
-        x = jnp.asarray(latents).astype(jnp.float32)
+        # a copy even when latents are float32 already: the loop donates (consumes) x, never the caller's array
+        x = jnp.array(latents, dtype=jnp.float32, copy=True)
         lora, x, embeds, mask, schedule, scale = place_replicated((lora, x, embeds, mask, schedule, scale), self.mesh)
         with dit.resident() as state, mesh_context(self.mesh):
             compile_seconds = 0.0
