@@ -199,3 +199,20 @@ def test_step_end_callback_keeps_its_latents(resident_pipe, resident):
     assert len(kept) == KW["num_inference_steps"] and not any(a.is_deleted() for a in kept)
     np.testing.assert_array_equal(np.asarray(kept[-1], np.float32), out.latents)
     np.testing.assert_array_equal(out.latents, resident.latents)
+
+
+@pytest.mark.parametrize("host", [False, True], ids=["to device", "to host"])
+def test_loading_with_a_cast_leaves_one_copy_of_each_weight(folder, host):
+    """Loading the fp32 T5 as bf16 (to the device, or straight to pinned host memory): once loaded,
+    the only new live arrays are the model's own weights; no stored-dtype copy or staging buffer
+    survives its cast."""
+    from flax import nnx
+
+    from jaxvid.models.loading import load_model
+
+    before = {id(a) for a in jax.live_arrays()}
+    model = load_model(folder / "text_encoder", dtype="bf16", host=(lambda path: True) if host else None)
+    weights = {id(a) for a in jax.tree.leaves(nnx.state(model))}
+    new = [a for a in jax.live_arrays() if id(a) not in before]
+    assert {id(a) for a in new} == weights, [(a.shape, a.dtype) for a in new if id(a) not in weights]
+    assert {a.dtype for a in new} == {jnp.dtype(jnp.bfloat16)}
