@@ -50,6 +50,7 @@ from jaxvid.pipelines.loop import (
     run_steps,
     with_plan_switch,
 )
+from jaxvid.pipelines.memory import peak_memory_gib
 from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
 from jaxvid.pipelines.settings import Sampling, VideoGeometry
 from jaxvid.pipelines.step_cache import PyramidAttentionBroadcast
@@ -366,7 +367,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         jaxvid.video.save(out.frames[0], "out.mp4", fps=out.fps)
 
     `last_timings` holds the timings of the latest call (seconds): compile, steps, per_step,
-    encode, decode, total; `last_sources` where the latest call's num_frames / height / width came
+    encode, decode, total, and peak_gib (the process's device memory peak so far, in GiB, where
+    the backend reports it: pipelines.memory); `last_sources` where the latest call's num_frames / height / width came
     from ("given", "model default (...)", "the input video").
 
     LoRAs as in diffusers (CogVideoXLoraLoaderMixin): `load_lora_weights(path, adapter_name=...,
@@ -851,6 +853,9 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         result = VideoOutput(frames=frames, latents=np.asarray(out.astype(jnp.float32)), fps=default_fps(tcfg),
                              output_type=output_type)
         timings["total"] = time.perf_counter() - t_start
+        peak = peak_memory_gib()
+        if peak is not None:  # the process's device memory peak so far (XLA's statistics; none on a CPU)
+            timings["peak_gib"] = peak
         self.last_timings = timings
         log.info(
             "generated %s %s in %.2f s: compile %.2f s, %d steps at %.3f s/step, encode %.2f s, decode %.2f s",

@@ -72,6 +72,7 @@ from jaxvid.pipelines.loop import (
     run_steps,
     with_plan_switch,
 )
+from jaxvid.pipelines.memory import peak_memory_gib
 from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
 from jaxvid.pipelines.settings import Sampling, check_positive_int
 from jaxvid.schedulers import flow_match, guidance
@@ -782,6 +783,9 @@ class LongCatPipeline:
         per_step = float(np.median(ticks[1:])) if len(ticks) > 1 else total / num_steps
         self.last_timings = {"compile": compile_seconds, "denoise": total, "per_step": per_step, "steps": num_steps,
                              "compile_and_first_step": compile_seconds + (ticks[0] if ticks else total)}
+        peak = peak_memory_gib()
+        if peak is not None:  # updated again after decoding (_finish)
+            self.last_timings["peak_gib"] = peak
         log.info("denoised %d steps in %.2f s (%.3f s/step after the first)", num_steps, total, per_step)
         return out
 
@@ -797,6 +801,9 @@ class LongCatPipeline:
         if output_type == "latent":
             return VideoOutput(frames=None, latents=latents, fps=fps, output_type=output_type)
         frames = self.decode(latents)
+        peak = peak_memory_gib()
+        if peak is not None:  # the process's device memory peak so far (XLA's statistics; none on a CPU)
+            self.last_timings["peak_gib"] = peak
         if frame_slice is not None:
             frames = frames[:, frame_slice]
         # uint8 as upstream's demos write them: (x * 255).astype(uint8), truncating
