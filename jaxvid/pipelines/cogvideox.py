@@ -871,7 +871,9 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         vcfg = self.vae.module.cfg
         pixels = jnp.asarray(preprocess_video(video, height, width), vcfg.dtype)  # [1, 3, F, H, W]
         pixels = jnp.broadcast_to(pixels, (batch,) + pixels.shape[1:])
-        latents = self._encode_video(self.vae.graphdef, self.vae.state, pixels, key, float(vcfg.scaling_factor))
+        with self.vae.resident() as state:  # parked under "model" / "blocks": on the device while it encodes
+            latents = jax.block_until_ready(self._encode_video(self.vae.graphdef, state, pixels, key,
+                                                               float(vcfg.scaling_factor)))
         return latents.astype(self.transformer.module.cfg.dtype)
 
 
