@@ -79,9 +79,13 @@ def test_device_without_pinned_host_keeps_everything_resident(caplog):
     assert "no pinned_host memory" in caplog.text and not off.parks("transformer")
 
 
-def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path):
-    """LongCat's DiT under offload="blocks": its blocks stay in pinned host memory and stream into
-    the layer scan; the denoised latents equal those of a resident pipeline bit for bit."""
+def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path, monkeypatch):
+    """LongCat's DiT under offload="blocks": its blocks load straight into pinned host memory (the
+    device loader never sees them, nor the umT5 encoder's weights) and stream into the layer scan;
+    the denoised latents equal those of a resident pipeline bit for bit."""
+    from flax import nnx
+
+    import jaxvid.models.loading as loading
     from jaxvid.pipelines.longcat import LongCatPipeline
     from jaxvid.synthetic.longcat import write_tiny_longcat
 
@@ -92,7 +96,19 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path):
     s = resident.vae_scale_factor_spatial
     shape = (1, resident.dit.cfg.in_channels, (kw["num_frames"] - 1) // resident.vae_scale_factor_temporal + 1,
              kw["height"] // s, kw["width"] // s)
+    to_device: list[str] = []
+    device_loader = loading.load_arrays
+
+    def spy(rules, *args, **kwargs):
+        to_device.extend(r.target_path for r in rules)
+        return device_loader(rules, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_arrays", spy)
     pipe = LongCatPipeline.from_pretrained(folder, progress=False, offload="blocks")
+    monkeypatch.setattr(loading, "load_arrays", device_loader)
+    # what the device loader got: the DiT's non-block weights only (umT5 and VAE parked whole)
+    dit_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(pipe.dit, nnx.Param))}
+    assert to_device and set(to_device) <= dit_paths and not any(p.startswith("blocks.") for p in to_device)
     dit = pipe.components["dit"].state
     assert memory_kinds(dit["blocks"]) == {"pinned_host"} and memory_kinds(dit) == {"pinned_host", "device"}
     assert memory_kinds(pipe.components["text_encoder"].state) == {"pinned_host"}
