@@ -226,9 +226,34 @@ def test_loading_with_a_cast_leaves_one_copy_of_each_weight(folder, host):
 
     from jaxvid.models.loading import load_model
 
-    before = {id(a) for a in jax.live_arrays()}
+    before = {id(a): a for a in jax.live_arrays()}  # references held, so no id is reused
     model = load_model(folder / "text_encoder", dtype="bf16", host=(lambda path: True) if host else None)
     weights = {id(a) for a in jax.tree.leaves(nnx.state(model))}
     new = [a for a in jax.live_arrays() if id(a) not in before]
     assert {id(a) for a in new} == weights, [(a.shape, a.dtype) for a in new if id(a) not in weights]
     assert {a.dtype for a in new} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_host_loader_falls_back_through_the_device_one_tensor_at_a_time(folder, monkeypatch, caplog):
+    """A jax that cannot copy numpy straight into pinned memory: the loader says so once and routes
+    each tensor through the device; the arrays still end in pinned_host, equal to a resident load."""
+    from flax import nnx
+
+    from jaxvid.models.loading import load_model
+
+    real_put = jax.device_put
+
+    def refuse_numpy_to_host(x, device=None, **kwargs):
+        if isinstance(x, np.ndarray) and getattr(device, "memory_kind", None) == "pinned_host":
+            raise ValueError("cannot fill pinned_host from numpy")
+        return real_put(x, device, **kwargs)
+
+    want = nnx.state(load_model(folder / "vae"), nnx.Param)
+    monkeypatch.setattr(jax, "device_put", refuse_numpy_to_host)
+    with caplog.at_level("WARNING", logger="jaxvid.models.loading"):
+        got = nnx.state(load_model(folder / "vae", host=lambda path: True), nnx.Param)
+    monkeypatch.setattr(jax, "device_put", real_put)
+    assert caplog.text.count("passes through the device") == 1
+    assert memory_kinds(got) == {"pinned_host"}
+    for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
+        np.testing.assert_array_equal(np.asarray(b.get_value()), np.asarray(a.get_value()), err_msg=str(path))

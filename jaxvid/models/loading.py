@@ -326,9 +326,22 @@ def load_arrays_to_host(
             value = r.transform(np.asarray(value))
         return value.astype(dtype, copy=False)
 
+    via_device: list[str] = []  # set once a backend refused numpy -> pinned memory (then said once)
+
     def put(value: np.ndarray) -> jax.Array:
         # may_alias=False: the pinned array must never alias the file mapping or a buffer we drop
-        return jax.block_until_ready(jax.device_put(value, host_memory, may_alias=False))
+        if not via_device:
+            try:
+                return jax.block_until_ready(jax.device_put(value, host_memory, may_alias=False))
+            except (ValueError, RuntimeError, NotImplementedError, TypeError) as e:
+                via_device.append(str(e))
+                log.warning("jax %s cannot copy host arrays into %s memory directly (%s); each tensor passes "
+                            "through the device on its way there, one at a time", jax.__version__, HOST_MEMORY_KIND,
+                            " ".join(str(e).split())[:200])
+        on_device = jax.device_put(value, jax.sharding.SingleDeviceSharding(target, memory_kind="device"))
+        out = jax.block_until_ready(jax.device_put(on_device, host_memory))
+        on_device.delete()
+        return out
 
     def one(r: Rule) -> jax.Array:
         out = put(converted(r))
