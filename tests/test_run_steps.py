@@ -75,3 +75,16 @@ def test_donated_carry_is_consumed_and_results_unchanged():
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     assert fn.num_compiled == 1
+
+
+def test_donated_scalar_carry_ticks_per_step():
+    """The finish marker is its own buffer even when the carry is one 0-d array (indexing could
+    hand back the very array the next step consumes)."""
+    fn = CompiledFunction(lambda c, steps: denoise_loop(lambda i, x: x * 0.5 + 1.0, c, steps), donate_argnums=(0,))
+    progress = StepProgress(enabled=False)
+    progress.start(N)
+    want = np.float32(3.0)
+    for _ in range(N):
+        want = want * np.float32(0.5) + np.float32(1.0)
+    got = run_steps(lambda steps, c: fn(c, steps), jnp.float32(3.0), N, progress)
+    assert len(progress.step_times) == N and float(got) == want

@@ -333,9 +333,10 @@ def run_steps(
 
 
 def _finish_marker(carry: Any) -> jax.Array:
-    """One element of the carry's first array: ready when the step that made the carry is done."""
+    """A copy of one element of the carry's first array: ready when the step that made the carry is
+    done, and its own buffer (indexing may hand back the array itself, e.g. a 0-d one)."""
     leaf = jax.tree.leaves(carry)[0]
-    return leaf[(0,) * leaf.ndim]
+    return jnp.array(jnp.ravel(leaf)[:1], copy=True)
 
 
 def _finish_step(step: int, carry: Any, progress: StepProgress | None, callback: Callable[[int, Any], None] | None
