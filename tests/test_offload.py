@@ -118,6 +118,17 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path, monkeypatc
     got = pipe.generate_t2v("a cat", "blurry", latents=noise, **kw).latents
     assert not noise.is_deleted()
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # umT5 goes to the device once for both CFG halves, and no copy of it stays there
+    trips: list[str] = []
+    resident_of = pipe.offload.resident
+    monkeypatch.setattr(pipe.offload, "resident", lambda name, state: trips.append(name) or resident_of(name, state))
+    before = _device_arrays()
+    embeds, mask = pipe.encode_prompt("a cat", "blurry", max_sequence_length=16)
+    assert trips == ["text_encoder"]
+    assert {i for i in _device_arrays() if i not in before} == {id(embeds), id(mask)}
+    want_embeds, want_mask = resident.encode_prompt("a cat", "blurry", max_sequence_length=16)
+    np.testing.assert_array_equal(np.asarray(embeds), np.asarray(want_embeds))
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(want_mask))
 
 
 # "text" parks only the text encoder, which "model" covers

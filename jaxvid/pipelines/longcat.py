@@ -601,12 +601,12 @@ class LongCatPipeline:
             self._tokenizers[max_length] = longcat_tokenizer(self.tokenizer_dir, max_length=max_length)
         return self._tokenizers[max_length]
 
-    def _t5(self, prompts: list[str], num_videos_per_prompt: int, max_sequence_length: int):
+    def _t5(self, prompts: list[str], num_videos_per_prompt: int, max_sequence_length: int, state: Any):
+        """Encode with the umT5 weights `state` (on the device: inside `text_encoder.resident()`)."""
         tokens = self._tokenizer(max_sequence_length)(prompts)
         text = self.components["text_encoder"]
-        with text.resident() as state:
-            embeds = jax.block_until_ready(self._encode_text(text.graphdef, state, jnp.asarray(tokens.input_ids),
-                                                             jnp.asarray(tokens.attention_mask)).astype(self.dit_dtype))
+        embeds = jax.block_until_ready(self._encode_text(text.graphdef, state, jnp.asarray(tokens.input_ids),
+                                                         jnp.asarray(tokens.attention_mask)).astype(self.dit_dtype))
         mask = jnp.asarray(tokens.attention_mask)
         embeds = jnp.repeat(embeds, num_videos_per_prompt, axis=0)[:, None]
         return embeds, jnp.repeat(mask, num_videos_per_prompt, axis=0)
@@ -616,17 +616,21 @@ class LongCatPipeline:
                       max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> tuple[jax.Array, jax.Array]:
         """-> embeds [B', 1, L, D] in the DiT dtype and mask int32 [B', L]; under CFG B' = 2B, negative first."""
         prompts = _check_prompt(prompt)
-        embeds, mask = self._t5(prompts, num_videos_per_prompt, max_sequence_length)
-        if not do_classifier_free_guidance:
-            return embeds, mask
-        negative = negative_prompt or ""
-        if isinstance(negative, str):
-            negatives = [negative] * len(prompts)
-        else:
-            negatives = _check_prompt(negative, "negative_prompt")
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries: expected {len(prompts)} like prompt")
-        neg_embeds, neg_mask = self._t5(negatives, num_videos_per_prompt, max_sequence_length)
+        negatives = None
+        if do_classifier_free_guidance:
+            negative = negative_prompt or ""
+            if isinstance(negative, str):
+                negatives = [negative] * len(prompts)
+            else:
+                negatives = _check_prompt(negative, "negative_prompt")
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries: expected {len(prompts)} like prompt")
+        # one trip of the (parked) encoder to the device for both halves; its copy is deleted after
+        with self.components["text_encoder"].resident() as state:
+            embeds, mask = self._t5(prompts, num_videos_per_prompt, max_sequence_length, state)
+            if negatives is None:
+                return embeds, mask
+            neg_embeds, neg_mask = self._t5(negatives, num_videos_per_prompt, max_sequence_length, state)
         return jnp.concatenate([neg_embeds, embeds]), jnp.concatenate([neg_mask, mask])
 
     # ---- schedule --------------------------------------------------------------------------------
