@@ -3,6 +3,8 @@ that memory kind too) and the video equals the one with every component resident
 offload="none", one loop call without a progress bar)."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,8 +22,13 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resident(folder):
-    return CogVideoXPipeline.from_pretrained(folder, offload="none")("a prompt", progress=False, **KW)
+def resident_pipe(folder):
+    return CogVideoXPipeline.from_pretrained(folder, offload="none")
+
+
+@pytest.fixture(scope="module")
+def resident(resident_pipe):
+    return resident_pipe("a prompt", progress=False, **KW)
 
 
 # "text" is the default, so every other pipeline test runs it (against diffusers); "blocks" only
@@ -72,9 +79,13 @@ def test_device_without_pinned_host_keeps_everything_resident(caplog):
     assert "no pinned_host memory" in caplog.text and not off.parks("transformer")
 
 
-def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path):
-    """LongCat's DiT under offload="blocks": its blocks stay in pinned host memory and stream into
-    the layer scan; the denoised latents equal those of a resident pipeline bit for bit."""
+def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path, monkeypatch):
+    """LongCat's DiT under offload="blocks": its blocks load straight into pinned host memory (the
+    device loader never sees them, nor the umT5 encoder's weights) and stream into the layer scan;
+    the denoised latents equal those of a resident pipeline bit for bit."""
+    from flax import nnx
+
+    import jaxvid.models.loading as loading
     from jaxvid.pipelines.longcat import LongCatPipeline
     from jaxvid.synthetic.longcat import write_tiny_longcat
 
@@ -82,10 +93,178 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path):
     kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=4.0, seed=1,
               max_sequence_length=16, output_type="latent")
     resident = LongCatPipeline.from_pretrained(folder, progress=False, offload="none")
-    want = resident.generate_t2v("a cat", "blurry", **kw).latents
+    s = resident.vae_scale_factor_spatial
+    shape = (1, resident.dit.cfg.in_channels, (kw["num_frames"] - 1) // resident.vae_scale_factor_temporal + 1,
+             kw["height"] // s, kw["width"] // s)
+    to_device: list[str] = []
+    device_loader = loading.load_arrays
+
+    def spy(rules, *args, **kwargs):
+        to_device.extend(r.target_path for r in rules)
+        return device_loader(rules, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_arrays", spy)
     pipe = LongCatPipeline.from_pretrained(folder, progress=False, offload="blocks")
+    monkeypatch.setattr(loading, "load_arrays", device_loader)
+    # what the device loader got: the DiT's non-block weights only (umT5 and VAE parked whole)
+    dit_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(pipe.dit, nnx.Param))}
+    assert to_device and set(to_device) <= dit_paths and not any(p.startswith("blocks.") for p in to_device)
     dit = pipe.components["dit"].state
     assert memory_kinds(dit["blocks"]) == {"pinned_host"} and memory_kinds(dit) == {"pinned_host", "device"}
     assert memory_kinds(pipe.components["text_encoder"].state) == {"pinned_host"}
-    got = pipe.generate_t2v("a cat", "blurry", **kw).latents
+    # the caller's latents (float32, as the loop runs) go in; the loop donates only its own copy
+    noise = jax.random.normal(jax.random.key(3), shape, jnp.float32)
+    want = resident.generate_t2v("a cat", "blurry", latents=noise, **kw).latents
+    got = pipe.generate_t2v("a cat", "blurry", latents=noise, **kw).latents
+    assert not noise.is_deleted()
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # umT5 goes to the device once for both CFG halves, and no copy of it stays there
+    trips: list[str] = []
+    resident_of = pipe.offload.resident
+    monkeypatch.setattr(pipe.offload, "resident", lambda name, state: trips.append(name) or resident_of(name, state))
+    before = _device_arrays()
+    embeds, mask = pipe.encode_prompt("a cat", "blurry", max_sequence_length=16)
+    assert trips == ["text_encoder"]
+    assert {i for i in _device_arrays() if i not in before} == {id(embeds), id(mask)}
+    want_embeds, want_mask = resident.encode_prompt("a cat", "blurry", max_sequence_length=16)
+    np.testing.assert_array_equal(np.asarray(embeds), np.asarray(want_embeds))
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(want_mask))
+
+
+# "text" parks only the text encoder, which "model" covers
+@pytest.mark.parametrize("policy", ["model", "blocks"])
+def test_parked_weights_load_straight_to_host(folder, monkeypatch, policy):
+    """Offloaded weights never pass through the device while loading: the device loader
+    (loading.load_arrays) is never asked for a parked Param, the host loader puts them in pinned
+    host memory, and every loaded array equals the one a resident load reads from the same file."""
+    from flax import nnx
+
+    import jaxvid.models.loading as loading
+
+    to_device: list[str] = []
+    device_loader = loading.load_arrays
+
+    def spy(rules, *args, **kwargs):
+        to_device.extend(r.target_path for r in rules)
+        return device_loader(rules, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_arrays", spy)
+    off = Offload(policy)
+    parked = {"text": {"text_encoder"}, "model": {"text_encoder", "transformer", "vae"},
+              "blocks": {"text_encoder", "vae"}}[policy]
+    for name in ("text_encoder", "transformer", "vae"):
+        to_device.clear()
+        model = loading.load_model(folder / name, host=off.host_paths(name))
+        state = nnx.state(model, nnx.Param)
+        if name in parked:
+            assert to_device == [] and memory_kinds(state) == {"pinned_host"}, name
+        elif policy == "blocks" and name == "transformer":
+            assert to_device and not any(p.startswith("transformer_blocks.") for p in to_device)
+            assert memory_kinds(state["transformer_blocks"]) == {"pinned_host"}
+            assert memory_kinds(state) == {"pinned_host", "device"}
+        else:
+            assert memory_kinds(state) == {"device"} and to_device, name
+        monkeypatch.setattr(loading, "load_arrays", device_loader)
+        reference = nnx.state(loading.load_model(folder / name), nnx.Param)
+        monkeypatch.setattr(loading, "load_arrays", spy)
+        for (path, want), (_, got) in zip(nnx.to_flat_state(reference), nnx.to_flat_state(state)):
+            assert got.get_value().dtype == want.get_value().dtype, path
+            np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(want.get_value()), err_msg=str(path))
+
+
+def test_host_loader_casts_per_tensor_like_numpy(folder):
+    """A dtype change while loading to host memory (the tiny T5's fp32 file as bf16): each stored
+    tensor is transposed, cast and placed in its stacked layer slot on its own, and equals numpy's
+    round-to-nearest-even cast of the file's tensor."""
+    import ml_dtypes
+
+    from convert.safetensors_io import SafetensorsReader
+    from jaxvid.models.loading import load_model
+
+    model = load_model(folder / "text_encoder", dtype="bf16", host=lambda path: True)
+    got = model.blocks.attention.q.kernel.get_value()  # [layers, in, out] from per-layer [out, in]
+    assert got.dtype == ml_dtypes.bfloat16 and got.sharding.memory_kind == "pinned_host"
+    reader = SafetensorsReader(folder / "text_encoder")
+    for i in range(got.shape[0]):
+        stored = reader.read(f"encoder.block.{i}.layer.0.SelfAttention.q.weight")
+        assert stored.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(got)[i],
+                                      stored.T.astype(ml_dtypes.bfloat16))
+
+
+def _device_arrays() -> dict[int, jax.Array]:
+    return {id(a): a for a in jax.live_arrays() if a.sharding.memory_kind == "device"}
+
+
+def test_text_encoder_leaves_no_device_copy_after_encoding(folder):
+    """Under the default policy the T5 encoder is on the device only while it encodes: afterwards
+    the device holds exactly what it held before plus the embeddings (no weight copy survives),
+    while offload="none" keeps the encoder's weights on the device by contract."""
+    pipe = CogVideoXPipeline.from_pretrained(folder)  # offload="text"
+    t5_bytes = sum(a.nbytes for a in jax.tree.leaves(pipe.text_encoder.state))
+    assert memory_kinds(pipe.text_encoder.state) == {"pinned_host"}
+    before = _device_arrays()
+    embeds = pipe.encode_prompt(["", "a prompt"])
+    new = [a for i, a in _device_arrays().items() if i not in before]
+    assert [id(a) for a in new] == [id(embeds)], [(a.shape, a.dtype) for a in new]
+    assert all(not a.is_deleted() for a in before.values())
+    resident = CogVideoXPipeline.from_pretrained(folder, offload="none")
+    assert memory_kinds(resident.text_encoder.state) == {"device"}
+    assert sum(a.nbytes for a in jax.tree.leaves(resident.text_encoder.state)) == t5_bytes
+
+
+def test_step_end_callback_keeps_its_latents(resident_pipe, resident):
+    """The loop donates its carry step to step; latents a step-end callback was shown (and kept)
+    are the caller's and stay valid, and the video equals the one without a callback."""
+    kept = []
+
+    def keep(pipe, step, timestep, kwargs):
+        kept.append(kwargs["latents"])
+        return kwargs  # diffusers' usual callback: hand the same latents back
+
+    out = resident_pipe("a prompt", progress=False, callback_on_step_end=keep, **KW)
+    assert len(kept) == KW["num_inference_steps"] and not any(a.is_deleted() for a in kept)
+    np.testing.assert_array_equal(np.asarray(kept[-1], np.float32), out.latents)
+    np.testing.assert_array_equal(out.latents, resident.latents)
+
+
+@pytest.mark.parametrize("host", [False, True], ids=["to device", "to host"])
+def test_loading_with_a_cast_leaves_one_copy_of_each_weight(folder, host):
+    """Loading the fp32 T5 as bf16 (to the device, or straight to pinned host memory): once loaded,
+    the only new live arrays are the model's own weights; no stored-dtype copy or staging buffer
+    survives its cast."""
+    from flax import nnx
+
+    from jaxvid.models.loading import load_model
+
+    before = {id(a): a for a in jax.live_arrays()}  # references held, so no id is reused
+    model = load_model(folder / "text_encoder", dtype="bf16", host=(lambda path: True) if host else None)
+    weights = {id(a) for a in jax.tree.leaves(nnx.state(model))}
+    new = [a for a in jax.live_arrays() if id(a) not in before]
+    assert {id(a) for a in new} == weights, [(a.shape, a.dtype) for a in new if id(a) not in weights]
+    assert {a.dtype for a in new} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_host_loader_falls_back_through_the_device_one_tensor_at_a_time(folder, monkeypatch, caplog):
+    """A jax that cannot copy numpy straight into pinned memory: the loader says so once and routes
+    each tensor through the device; the arrays still end in pinned_host, equal to a resident load."""
+    from flax import nnx
+
+    from jaxvid.models.loading import load_model
+
+    real_put = jax.device_put
+
+    def refuse_numpy_to_host(x, device=None, **kwargs):
+        if isinstance(x, np.ndarray) and getattr(device, "memory_kind", None) == "pinned_host":
+            raise ValueError("cannot fill pinned_host from numpy")
+        return real_put(x, device, **kwargs)
+
+    want = nnx.state(load_model(folder / "vae"), nnx.Param)
+    monkeypatch.setattr(jax, "device_put", refuse_numpy_to_host)
+    with caplog.at_level("WARNING", logger="jaxvid.models.loading"):
+        got = nnx.state(load_model(folder / "vae", host=lambda path: True), nnx.Param)
+    monkeypatch.setattr(jax, "device_put", real_put)
+    assert caplog.text.count("passes through the device") == 1
+    assert memory_kinds(got) == {"pinned_host"}
+    for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
+        np.testing.assert_array_equal(np.asarray(b.get_value()), np.asarray(a.get_value()), err_msg=str(path))

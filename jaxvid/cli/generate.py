@@ -549,7 +549,17 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
         path, frames.shape[0], frames.shape[1], frames.shape[2], fps, t["compile"], t["per_step"],
         sampling.num_inference_steps, t.get("decode", 0.0), time.perf_counter() - t0,
     )
+    _log_peak_memory()
     return path
+
+
+def _log_peak_memory() -> None:
+    """The run's device memory peak, when the backend reports one (GPUs do; jax's CPU backend does not)."""
+    from jaxvid.pipelines.memory import describe_peak
+
+    peak = describe_peak()
+    if peak is not None:
+        log.info("%s", peak)
 
 
 def _cogvideox_summary(args: argparse.Namespace, geometry: Any, sampling: Any, sources: dict[str, str],
@@ -696,6 +706,7 @@ def generate_longcat(args: argparse.Namespace) -> list[Path]:
             log.info("wrote %s: %d frames %dx%d at %d fps | attention: %s", written[-1], frames.shape[0],
                      frames.shape[1], frames.shape[2], fps, attention[name])
     log.info("done in %.1f s", time.perf_counter() - t0)
+    _log_peak_memory()
     return written
 
 

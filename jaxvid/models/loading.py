@@ -287,6 +287,95 @@ def load_arrays(
     return arrays
 
 
+HOST_MEMORY_KIND = "pinned_host"
+
+
+def load_arrays_to_host(
+    rules: list[Rule],
+    source: Any,
+    specs: dict[str, Any],
+    *,
+    device: Any = None,
+    progress: bool = True,
+    desc: str = "loading",
+    threads: int = LOAD_THREADS,
+) -> dict[str, jax.Array]:
+    """As `load_arrays`, but every array lands in `device`'s pinned host memory (JAX memory kind
+    "pinned_host"), never touching device memory: what offloaded components wait in (models.offload).
+
+    Each tensor is read (memory-mapped where the source can), transformed and cast on the host one
+    at a time, and copied into pinned memory; the cast copy is dropped as soon as it is copied (no
+    second copy of a weight in any dtype survives its own copy). A stacked target ([L, ...] from L
+    per-layer tensors) is assembled in one host buffer, filled slice by slice, moved to pinned
+    memory and dropped before the next stacked target starts (rules are taken target by target),
+    so the extra host memory is at most one stacked target. Exact: the same layout steps and
+    numpy's round-to-nearest-even casts as the device path.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import groupby
+
+    from tqdm.auto import tqdm
+
+    target = device if device is not None else jax.devices()[0]
+    if HOST_MEMORY_KIND not in {m.kind for m in _memories(target)}:
+        raise ValueError(f"device {target} has no {HOST_MEMORY_KIND} memory (jax {jax.__version__}); "
+                         "load to the device instead")
+    host_memory = jax.sharding.SingleDeviceSharding(target, memory_kind=HOST_MEMORY_KIND)
+    read = getattr(source, "read_mapped", None) or source.read
+    bar = tqdm(total=sum(_stored_nbytes(source, r.source) for r in rules), unit="B", unit_scale=True,
+               unit_divisor=1000, desc=desc, disable=not progress, leave=False)
+
+    def converted(r: Rule) -> np.ndarray:
+        """The rule's tensor in its target layout and dtype (a view of the mapped file when nothing changes)."""
+        dtype = np.dtype(specs[r.target_path].dtype)
+        value = read(r.source)
+        if r.transform.name != "identity":
+            value = r.transform(np.asarray(value))
+        return value.astype(dtype, copy=False)
+
+    via_device: list[str] = []  # set once a backend refused numpy -> pinned memory (then said once)
+
+    def put(value: np.ndarray) -> jax.Array:
+        # may_alias=False: the pinned array must never alias the file mapping or a buffer we drop
+        if not via_device:
+            try:
+                return jax.block_until_ready(jax.device_put(value, host_memory, may_alias=False))
+            except (ValueError, RuntimeError, NotImplementedError, TypeError) as e:
+                via_device.append(str(e))
+                log.warning("jax %s cannot copy host arrays into %s memory directly (%s); each tensor passes "
+                            "through the device on its way there, one at a time", jax.__version__, HOST_MEMORY_KIND,
+                            " ".join(str(e).split())[:200])
+        on_device = jax.device_put(value, jax.sharding.SingleDeviceSharding(target, memory_kind="device"))
+        out = jax.block_until_ready(jax.device_put(on_device, host_memory))
+        on_device.delete()
+        return out
+
+    def one(r: Rule) -> jax.Array:
+        out = put(converted(r))
+        bar.update(_stored_nbytes(source, r.source))
+        return out
+
+    arrays: dict[str, jax.Array] = {}
+    by_target = sorted(rules, key=lambda r: r.target_path)  # stable: per-layer order within a target kept
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        singles = [r for r in by_target if r.target_index is None]
+        for r, value in zip(singles, pool.map(one, singles)):
+            arrays[r.target_path] = value
+        for path, group in groupby((r for r in by_target if r.target_index is not None), key=lambda r: r.target_path):
+            spec = specs[path]
+            buffer = np.zeros(tuple(spec.shape), np.dtype(spec.dtype))
+
+            def fill(r: Rule, buffer: np.ndarray = buffer) -> None:
+                buffer[r.target_index] = converted(r)
+                bar.update(_stored_nbytes(source, r.source))
+
+            list(pool.map(fill, list(group)))
+            arrays[path] = put(buffer)
+            del buffer
+    bar.close()
+    return arrays
+
+
 def _memories(device: Any) -> list[Any]:
     try:
         return list(device.addressable_memories())
@@ -304,11 +393,13 @@ def fill_model(
     what: str = "checkpoint",
     fp8: bool = False,
     progress: bool = True,
+    host: Callable[[str], bool] | None = None,
 ) -> nnx.Module:
     """Build `model_cls(cfg)` abstractly and fill every Param from `source` through `rules`.
 
     fp8: the abstract model has fp8 linears (jaxvid.models.fp8), as a converted `--weights fp8`
-    checkpoint stores them.
+    checkpoint stores them. host: which Params ('.'-joined paths) load straight into pinned host
+    memory (`load_arrays_to_host`; offloaded weights never pass through the device); None: none.
 
     Tensors go to the device in their stored layout and are transformed there (`load_arrays`), so
     host memory holds no copy of any weight, and device memory holds the model plus the few
@@ -321,7 +412,12 @@ def fill_model(
     abstract = nnx.eval_shape(build)
     graphdef, specs, flat, rest = abstract_params(abstract)
     rules = check_rules(rules, source, specs, ignore=ignore, what=what)
-    arrays = load_arrays(rules, source, specs, progress=progress, desc=f"loading {Path(what).name or what}")
+    desc = f"loading {Path(what).name or what}"
+    to_host = [r for r in rules if host is not None and host(r.target_path)]
+    to_device = [r for r in rules if host is None or not host(r.target_path)]
+    arrays = load_arrays(to_device, source, specs, progress=progress, desc=desc) if to_device else {}
+    if to_host:
+        arrays.update(load_arrays_to_host(to_host, source, specs, progress=progress, desc=desc + " to host memory"))
     filled = []
     for path, v in flat:
         key = ".".join(str(p) for p in path)
@@ -347,6 +443,7 @@ def load_model(
     expect: Iterable[str] | None = None,
     config_overrides: dict[str, Any] | None = None,
     weights: str | None = None,
+    host: Callable[[str], bool] | None = None,
 ) -> nnx.Module:
     """Load a model from a jaxvid checkpoint or a diffusers/transformers folder (config.json + safetensors).
 
@@ -362,6 +459,11 @@ def load_model(
     `jaxvid-convert --weights fp8` loads as fp8 whatever `weights` says.
     A folder in LongCat-Video's INT8 weight-only layout (`<linear>.weight_int8` + `.weight_scale`,
     upstream's `base_model_int8/`) loads dequantized to `dtype` (convert.int8_weights).
+    `host(path)`: True for the Params ('.'-joined paths, e.g. "transformer_blocks.ff.proj_in.kernel")
+    that load straight into pinned host memory (an offload policy's parked weights: see
+    models.offload.Offload.host_paths); None loads everything to the device. Quantizing to fp8
+    after loading runs on the device, so with `weights="fp8"` on an unquantized checkpoint every
+    Param loads to the device first (the caller parks them after).
     """
     path = Path(path)
     weights = resolve_weights(weights)
@@ -399,7 +501,10 @@ def load_model(
         ignore: tuple[str, ...] = ()
     else:
         rules, ignore = rules_for(entry, cfg, source), entry.ignore
-    model = fill_model(resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path), fp8=stored_fp8)
+    if weights == "fp8" and not stored_fp8:
+        host = None  # quantized on the device below
+    model = fill_model(resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path), fp8=stored_fp8,
+                       host=host)
     if weights == "fp8" and not stored_fp8:
         quantize_model_fp8(model)
     log.info("loaded %s from %s%s", class_name, path, " (fp8 linears)" if stored_fp8 or weights == "fp8" else "")

@@ -13,7 +13,9 @@ Policies (`offload=` of a pipeline, `--offload` of the CLI):
   (`stream_in`, called by the models' scan bodies), so the device holds a layer or two at a time
   and XLA can overlap the next layer's copy with the current layer's compute.
 
-Parking copies a state into `SingleDeviceSharding(memory_kind="pinned_host")` and deletes the
+Loading puts parked weights straight into pinned host memory (`host_paths` tells the loader which;
+a 27 GB LongCat DiT under "model"/"blocks" never touches the device while loading). Parking a
+state that is on the device copies it into `SingleDeviceSharding(memory_kind="pinned_host")` and deletes the
 device buffers as soon as the host copy exists (no second device copy lingers); bringing a
 component in makes a device copy for the duration of a `resident` block and deletes it after.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -105,6 +107,17 @@ class Offload:
     def streams(self, name: str) -> bool:
         """Whether the component's stacked blocks stay in host memory and stream in inside the scan."""
         return self.policy == "blocks" and name in DENOISER_BLOCKS
+
+    def host_paths(self, name: str) -> Callable[[str], bool] | None:
+        """For the loader (models.loading.load_model(host=...)): which of component `name`'s Params
+        ('.'-joined paths) this policy keeps in pinned host memory, so they load straight there and
+        never pass through the device; None when the whole component lives on the device."""
+        if self.parks(name):
+            return lambda path: True
+        if self.streams(name):
+            prefix = DENOISER_BLOCKS[name] + "."
+            return lambda path: path.startswith(prefix)
+        return None
 
     def _to_host(self, tree: Any) -> Any:
         # Not device_put(donate=True): jax 0.10 answers "Donation across different memory kinds is

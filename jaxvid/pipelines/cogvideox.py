@@ -50,6 +50,7 @@ from jaxvid.pipelines.loop import (
     run_steps,
     with_plan_switch,
 )
+from jaxvid.pipelines.memory import peak_memory_gib
 from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
 from jaxvid.pipelines.settings import Sampling, VideoGeometry
 from jaxvid.pipelines.step_cache import PyramidAttentionBroadcast
@@ -366,7 +367,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         jaxvid.video.save(out.frames[0], "out.mp4", fps=out.fps)
 
     `last_timings` holds the timings of the latest call (seconds): compile, steps, per_step,
-    encode, decode, total; `last_sources` where the latest call's num_frames / height / width came
+    encode, decode, total, and peak_gib (the process's device memory peak so far, in GiB, where
+    the backend reports it: pipelines.memory); `last_sources` where the latest call's num_frames / height / width came
     from ("given", "model default (...)", "the input video").
 
     LoRAs as in diffusers (CogVideoXLoraLoaderMixin): `load_lora_weights(path, adapter_name=...,
@@ -410,7 +412,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         self.vae_tiling: Any = None  # a CogVideoXVAETiling, or None for untiled decoding
         self.progress = StepProgress(desc="denoising")
         self.last_timings: dict[str, float] = {}
-        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), name="denoising loop")
+        # the carry (latents, DPM's x_0, a step cache's kept attention outputs) is donated: updated in place
+        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), donate_argnums=(3,), name="denoising loop")
         self._initial_noise = CompiledFunction(_initial_noise, static_argnums=(1, 2), name="initial noise")
         self._encode_text = CompiledFunction(_encode_text, static_argnums=(0, 3), name="text encoder")
         self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4), name="image encoder")
@@ -446,11 +449,14 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         t0 = time.perf_counter()
         parking = Offload(offload)
         # weights="fp8": the transformer's attention/MLP linears in e4m3 (jaxvid.models.fp8)
-        transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS, weights=weights)
-        parking.park_module("transformer", transformer)
-        vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",))
+        # parked weights load straight into pinned host memory (host_paths), never through the device
+        transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS, weights=weights,
+                                 host=parking.host_paths("transformer"))
+        parking.park_module("transformer", transformer)  # a no-op unless fp8 quantizing loaded it to the device
+        vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",), host=parking.host_paths("vae"))
         parking.park_module("vae", vae)
-        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",))
+        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",),
+                                  host=parking.host_paths("text_encoder"))
         parking.park_module("text_encoder", text_encoder)
         pipe = cls(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer_dir=path / "tokenizer",
@@ -824,11 +830,16 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
                     for i in range(num_steps):
                         carry = run_range(StepRange.of(i, i + 1), carry)
                         self.progress.tick(i)
-                        carry = _apply_callback(callback_on_step_end, self, i, int(schedule.timesteps[i]), carry)
+                        carry = _owned(_apply_callback(callback_on_step_end, self, i, int(schedule.timesteps[i]),
+                                                       carry))
                     carry = jax.block_until_ready(carry)
             finally:
                 self.progress.close()
         out = carry[0] if isinstance(carry, tuple) else carry
+        # what only the loop needed goes before the decode's activations arrive: a step cache's kept
+        # attention outputs (GBs at full size), DPM's x_0, the prompt embeddings, the image latents
+        # (dropping the pipeline's references: arrays a caller passed in and still holds stay valid)
+        carry = embeds = image_latents = None
         timings["steps"] = time.perf_counter() - t0
         timings["per_step"] = timings["steps"] / max(num_steps, 1)
 
@@ -842,6 +853,9 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         result = VideoOutput(frames=frames, latents=np.asarray(out.astype(jnp.float32)), fps=default_fps(tcfg),
                              output_type=output_type)
         timings["total"] = time.perf_counter() - t_start
+        peak = peak_memory_gib()
+        if peak is not None:  # the process's device memory peak so far (XLA's statistics; none on a CPU)
+            timings["peak_gib"] = peak
         self.last_timings = timings
         log.info(
             "generated %s %s in %.2f s: compile %.2f s, %d steps at %.3f s/step, encode %.2f s, decode %.2f s",
@@ -857,7 +871,9 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         vcfg = self.vae.module.cfg
         pixels = jnp.asarray(preprocess_video(video, height, width), vcfg.dtype)  # [1, 3, F, H, W]
         pixels = jnp.broadcast_to(pixels, (batch,) + pixels.shape[1:])
-        latents = self._encode_video(self.vae.graphdef, self.vae.state, pixels, key, float(vcfg.scaling_factor))
+        with self.vae.resident() as state:  # parked under "model" / "blocks": on the device while it encodes
+            latents = jax.block_until_ready(self._encode_video(self.vae.graphdef, state, pixels, key,
+                                                               float(vcfg.scaling_factor)))
         return latents.astype(self.transformer.module.cfg.dtype)
 
 
@@ -898,6 +914,14 @@ def _apply_callback(callback: StepEndCallback, pipe: Any, step: int, timestep: i
                          f"expected {tuple(latents.shape)}")
     new = new.astype(latents.dtype)
     return new if not isinstance(carry, tuple) else (new,) + carry[1:]
+
+
+def _owned(carry: Any) -> Any:
+    """The carry with its latents copied: the next (donating) step consumes the copy, never the
+    array a step-end callback was shown or returned (the caller may keep it)."""
+    if isinstance(carry, tuple):
+        return (jnp.copy(carry[0]),) + carry[1:]
+    return jnp.copy(carry)
 
 
 def _video_frames(video: Any) -> int:

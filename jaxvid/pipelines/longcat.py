@@ -72,6 +72,7 @@ from jaxvid.pipelines.loop import (
     run_steps,
     with_plan_switch,
 )
+from jaxvid.pipelines.memory import peak_memory_gib
 from jaxvid.pipelines.output import VideoOutput, check_output_type, finish_frames
 from jaxvid.pipelines.settings import Sampling, check_positive_int
 from jaxvid.schedulers import flow_match, guidance
@@ -445,7 +446,8 @@ class LongCatPipeline:
         self._vae_encode = CompiledFunction(_vae_encode, static_argnums=(0,), name="VAE encode")
         self._vae_decode = CompiledFunction(_vae_decode, static_argnums=(0,), name="VAE decode")
         self._cache_kv = CompiledFunction(_cache_clean_latents, static_argnums=(0, 1), name="KV cache of clean frames")
-        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), name="denoising loop")
+        # the latents x are donated: each step updates them in place
+        self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), donate_argnums=(4,), name="denoising loop")
         if vae.cfg.z_dim != dit.cfg.in_channels:
             raise ValueError(f"vae z_dim={vae.cfg.z_dim} != dit in_channels={dit.cfg.in_channels}")
         if text_encoder.cfg.d_model != dit.cfg.caption_channels:
@@ -473,11 +475,15 @@ class LongCatPipeline:
                              f"{list(COMPONENTS)} and lora/")
         parking = Offload(offload)
         # weights="fp8": the DiT's attention/MLP linears in e4m3 (jaxvid.models.fp8)
-        dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"], weights=weights)
-        parking.park_module("dit", dit)
-        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=["UMT5EncoderModel", "T5EncoderModel"])
+        # parked weights load straight into pinned host memory (host_paths): the 27 GB DiT under
+        # "model" / "blocks" never passes through the device
+        dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"], weights=weights,
+                         host=parking.host_paths("dit"))
+        parking.park_module("dit", dit)  # a no-op unless fp8 quantizing loaded it to the device
+        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=["UMT5EncoderModel", "T5EncoderModel"],
+                                  host=parking.host_paths("text_encoder"))
         parking.park_module("text_encoder", text_encoder)
-        vae = load_model(path / "vae", dtype=dtype, expect=["AutoencoderKLWan"])
+        vae = load_model(path / "vae", dtype=dtype, expect=["AutoencoderKLWan"], host=parking.host_paths("vae"))
         parking.park_module("vae", vae)
         sched_file = path / "scheduler" / "scheduler_config.json"
         if not sched_file.is_file():
@@ -595,12 +601,12 @@ class LongCatPipeline:
             self._tokenizers[max_length] = longcat_tokenizer(self.tokenizer_dir, max_length=max_length)
         return self._tokenizers[max_length]
 
-    def _t5(self, prompts: list[str], num_videos_per_prompt: int, max_sequence_length: int):
+    def _t5(self, prompts: list[str], num_videos_per_prompt: int, max_sequence_length: int, state: Any):
+        """Encode with the umT5 weights `state` (on the device: inside `text_encoder.resident()`)."""
         tokens = self._tokenizer(max_sequence_length)(prompts)
         text = self.components["text_encoder"]
-        with text.resident() as state:
-            embeds = jax.block_until_ready(self._encode_text(text.graphdef, state, jnp.asarray(tokens.input_ids),
-                                                             jnp.asarray(tokens.attention_mask)).astype(self.dit_dtype))
+        embeds = jax.block_until_ready(self._encode_text(text.graphdef, state, jnp.asarray(tokens.input_ids),
+                                                         jnp.asarray(tokens.attention_mask)).astype(self.dit_dtype))
         mask = jnp.asarray(tokens.attention_mask)
         embeds = jnp.repeat(embeds, num_videos_per_prompt, axis=0)[:, None]
         return embeds, jnp.repeat(mask, num_videos_per_prompt, axis=0)
@@ -610,17 +616,21 @@ class LongCatPipeline:
                       max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> tuple[jax.Array, jax.Array]:
         """-> embeds [B', 1, L, D] in the DiT dtype and mask int32 [B', L]; under CFG B' = 2B, negative first."""
         prompts = _check_prompt(prompt)
-        embeds, mask = self._t5(prompts, num_videos_per_prompt, max_sequence_length)
-        if not do_classifier_free_guidance:
-            return embeds, mask
-        negative = negative_prompt or ""
-        if isinstance(negative, str):
-            negatives = [negative] * len(prompts)
-        else:
-            negatives = _check_prompt(negative, "negative_prompt")
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries: expected {len(prompts)} like prompt")
-        neg_embeds, neg_mask = self._t5(negatives, num_videos_per_prompt, max_sequence_length)
+        negatives = None
+        if do_classifier_free_guidance:
+            negative = negative_prompt or ""
+            if isinstance(negative, str):
+                negatives = [negative] * len(prompts)
+            else:
+                negatives = _check_prompt(negative, "negative_prompt")
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries: expected {len(prompts)} like prompt")
+        # one trip of the (parked) encoder to the device for both halves; its copy is deleted after
+        with self.components["text_encoder"].resident() as state:
+            embeds, mask = self._t5(prompts, num_videos_per_prompt, max_sequence_length, state)
+            if negatives is None:
+                return embeds, mask
+            neg_embeds, neg_mask = self._t5(negatives, num_videos_per_prompt, max_sequence_length, state)
         return jnp.concatenate([neg_embeds, embeds]), jnp.concatenate([neg_mask, mask])
 
     # ---- schedule --------------------------------------------------------------------------------
@@ -745,7 +755,8 @@ class LongCatPipeline:
         if self.mesh is not None and not on_mesh(dit.state, self.mesh):
             self.use_mesh(self.mesh, fsdp=self.mesh_fsdp)  # weights loaded or changed since use_mesh()
         lora, scale, nc = self._lora_factors(), jnp.float32(guidance_scale), spec.num_cond_latents
-        x = jnp.asarray(latents).astype(jnp.float32)
+        # a copy even when latents are float32 already: the loop donates (consumes) x, never the caller's array
+        x = jnp.array(latents, dtype=jnp.float32, copy=True)
         lora, x, embeds, mask, schedule, scale = place_replicated((lora, x, embeds, mask, schedule, scale), self.mesh)
         with dit.resident() as state, mesh_context(self.mesh):
             compile_seconds = 0.0
@@ -776,6 +787,9 @@ class LongCatPipeline:
         per_step = float(np.median(ticks[1:])) if len(ticks) > 1 else total / num_steps
         self.last_timings = {"compile": compile_seconds, "denoise": total, "per_step": per_step, "steps": num_steps,
                              "compile_and_first_step": compile_seconds + (ticks[0] if ticks else total)}
+        peak = peak_memory_gib()
+        if peak is not None:  # updated again after decoding (_finish)
+            self.last_timings["peak_gib"] = peak
         log.info("denoised %d steps in %.2f s (%.3f s/step after the first)", num_steps, total, per_step)
         return out
 
@@ -791,6 +805,9 @@ class LongCatPipeline:
         if output_type == "latent":
             return VideoOutput(frames=None, latents=latents, fps=fps, output_type=output_type)
         frames = self.decode(latents)
+        peak = peak_memory_gib()
+        if peak is not None:  # the process's device memory peak so far (XLA's statistics; none on a CPU)
+            self.last_timings["peak_gib"] = peak
         if frame_slice is not None:
             frames = frames[:, frame_slice]
         # uint8 as upstream's demos write them: (x * 255).astype(uint8), truncating

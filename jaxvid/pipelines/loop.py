@@ -139,13 +139,18 @@ class CompiledFunction:
     Each call looks up an executable by (static argument values, pytree structure, shapes and
     dtypes of the dynamic arguments); a miss lowers and compiles once and records the time it took
     in `last_compile_seconds` (0.0 on a hit). `num_compiled` counts distinct executables, so a test
-    can check that a second call with the same shapes did not compile again.
+    can check that a second call with the same shapes did not compile again. `donate_argnums`: as
+    jax.jit's; the denoising loops donate their carry, so the latents (and a step cache's kept
+    attention outputs) are updated in place instead of held twice.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, static_argnums: Sequence[int] = (), name: str | None = None):
+    def __init__(self, fn: Callable[..., Any], *, static_argnums: Sequence[int] = (),
+                 donate_argnums: Sequence[int] = (), name: str | None = None):
         self.name = name or getattr(fn, "__name__", "function").strip("_")
         self._static = tuple(sorted(static_argnums))
-        self._jit = jax.jit(fn, static_argnums=self._static)
+        # donated arguments (positions in fn's signature) are consumed by a call: XLA writes the
+        # outputs into their buffers (a loop's carry), and the caller's arrays are deleted
+        self._jit = jax.jit(fn, static_argnums=self._static, donate_argnums=tuple(donate_argnums))
         self._executables: dict[Hashable, Any] = {}
         self.last_compile_seconds = 0.0
 
@@ -299,25 +304,40 @@ def run_steps(
 ) -> Carry:
     """Drive a jitted `denoise_loop` over steps [0, num_steps) from the host; returns the final carry.
 
-    `run_range(steps, carry)` calls the pipeline's compiled loop for a `StepRange`. Without
-    `progress` and `callback` it is called once for all steps; otherwise once per step (a disabled
-    bar still records `progress.step_times`): the bar ticks (and `callback(step, carry)` sees the
-    step's device arrays) as each step finishes. Step i + 1 is queued before waiting for step i (JAX dispatches
-    asynchronously), so the device does not idle between steps. The caller owns
+    `run_range(steps, carry)` calls the pipeline's compiled loop for a `StepRange`; it may donate
+    its carry (the pipelines' loops do), so the carry passed in is consumed. Without `progress` and
+    `callback` it is called once for all steps; otherwise once per step (a disabled bar still
+    records `progress.step_times`): the bar ticks as each step finishes. With `progress` only, step
+    i + 1 is queued before waiting for step i (JAX dispatches asynchronously; the wait is on a
+    one-element slice of step i's carry, which stays valid when step i + 1 consumes the carry), so
+    the device does not idle between steps. `callback(step, carry)` sees step i's device arrays
+    before step i + 1 is queued (a donated carry is gone after that). The caller owns
     `progress.start/close`, as with an in-loop bar.
     """
     if num_steps < 1:
         return carry
     if progress is None and callback is None:
         return jax.block_until_ready(run_range(StepRange.of(0, num_steps), carry))
-    pending: Any = None
+    pending: Any = None  # the finish marker of the step queued but not yet waited for
     for i in range(num_steps):
-        nxt = run_range(StepRange.of(i, i + 1), carry)
+        carry = run_range(StepRange.of(i, i + 1), carry)
+        if callback is not None:
+            _finish_step(i, carry, progress, callback)
+            continue
+        marker = _finish_marker(carry)
         if pending is not None:
-            _finish_step(i - 1, pending, progress, callback)
-        pending = carry = nxt
-    _finish_step(num_steps - 1, pending, progress, callback)
+            _finish_step(i - 1, pending, progress, None)
+        pending = marker
+    if pending is not None:
+        _finish_step(num_steps - 1, pending, progress, None)
     return carry
+
+
+def _finish_marker(carry: Any) -> jax.Array:
+    """A copy of one element of the carry's first array: ready when the step that made the carry is
+    done, and its own buffer (indexing may hand back the array itself, e.g. a 0-d one)."""
+    leaf = jax.tree.leaves(carry)[0]
+    return jnp.array(jnp.ravel(leaf)[:1], copy=True)
 
 
 def _finish_step(step: int, carry: Any, progress: StepProgress | None, callback: Callable[[int, Any], None] | None
