@@ -269,10 +269,10 @@ def _reconstruct(graphdef, state, pixels):
     return vae.decode(vae.encode(pixels).mean)
 
 
-def latent_std(cfg: TrainConfig, vae: AutoencoderKLCogVideoX, caption_ids: jax.Array, n: int = 4) -> float:
-    """Standard deviation of the VAE's posterior means over n batches of 64."""
+def latent_std(cfg: TrainConfig, vae: AutoencoderKLCogVideoX, caption_ids: jax.Array, n: int = 8) -> float:
+    """Standard deviation of the VAE's posterior means over n batches of 16."""
     graphdef, state = nnx.split(vae)
-    batch_at = jax.jit(_batch_fn(cfg, cfg.seed * 4 + 3, 64, 0.0))
+    batch_at = jax.jit(_batch_fn(cfg, cfg.seed * 4 + 3, 16, 0.0))
     means = [np.asarray(_latent_means(graphdef, state, batch_at(caption_ids, i)[0])) for i in range(n)]
     return float(np.std(np.concatenate([m.ravel() for m in means])))
 
@@ -490,8 +490,9 @@ standing still, on a black, white or gray background, as {world.FRAMES} frames o
     a red circle moving right and a blue triangle standing still on a white background
 
 ## Data
-Rendered on the fly by `jaxvid/synthetic/world.py` (numpy, seeded): shapes of {world.SHAPE_SIZE} px moving
-{world.SPEED:g} px per frame, a caption from the template above; {cfg.two_shape_prob:.0%} of the videos hold two shapes.
+The world of `jaxvid/synthetic/world.py`, sampled and drawn on the device for each training step
+(`jaxvid/synthetic/device_data.py`, seeded): shapes of {world.SHAPE_SIZE} px moving {world.SPEED:g} px per frame, a
+caption from the template above; up to {cfg.two_shape_prob:.0%} of the videos hold two shapes.
 These {len(world.HELD_OUT)} one-shape combinations never appear in training, alone or inside a two-shape scene
 (each of their words, and each pair of them, does):
 
@@ -503,25 +504,33 @@ These {len(world.HELD_OUT)} one-shape combinations never appear in training, alo
   pixels under a shape (dilated by 1 px) weigh {1 + cfg.shape_weight:g} x the background's.
   Loss (step: mean loss since the previous entry): {curve(vae['curve'])}.
   scaling_factor = 1 / std of the posterior means = {stats['scaling_factor']:.4f}.
+  Its reconstructions of the held-out combinations (2 positions each), read by the detector, fraction
+  right: {', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in stats['vae_check'].items())}.
 - DiT{' + T5' if cfg.train_text_encoder else ' (T5 frozen at its random init)'}: {dit['steps']} steps of batch {cfg.dit_batch}, lr {cfg.dit_lr:g},
   v-prediction MSE (latents a shape touches weigh {1 + cfg.shape_weight:g} x), caption dropout {cfg.caption_dropout:g},
   EMA {cfg.ema_decay:g}, {dit['seconds']:.0f} s.
   Loss: {curve(dit['curve'])}.
 
 ## Evaluation
-Held-out captions, generated with `CogVideoXPipeline.from_pretrained` ({GENERATION_DEFAULTS['num_inference_steps']} DDIM steps,
-guidance {GENERATION_DEFAULTS['guidance_scale']}) and read back by `jaxvid/synthetic/detect.py` (colour masks, centroid
-track, bounding-box fill ratio); fraction right:
+The held-out captions, each with {len(stats.get('eval_seeds', ()))} noise seeds, generated with
+`CogVideoXPipeline.from_pretrained` (fp32, {GENERATION_DEFAULTS['num_inference_steps']} DDIM steps) and read back by
+`jaxvid/synthetic/detect.py` (colour masks, centroid track, bounding-box fill ratio); fraction right
+by guidance scale:
 
-{ev_lines}
+{ev_lines or '(not evaluated)'}
+
+Shipped generation settings (`jaxvid_generation.json`; the best guidance above):
+{json.dumps(stats.get('generation', GENERATION_DEFAULTS))}
 
 ## Size
-{json.dumps(params)} parameters; files: {json.dumps(sizes)} bytes.
+{json.dumps(params)} parameters; transformer and VAE stored as float16, T5 as float32; files:
+{json.dumps(sizes)} bytes.
 
 ## Retrain
 
     python -m jaxvid.synthetic.train --out DIR --seed {cfg.seed} --vae-steps {vae['steps']} --steps {dit['steps']} \\
-        --vae-batch {cfg.vae_batch} --dit-batch {cfg.dit_batch}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
+        --vae-batch {cfg.vae_batch} --dit-batch {cfg.dit_batch} --chunk {cfg.chunk} \\
+        --vae-lr {cfg.vae_lr:g} --dit-lr {cfg.dit_lr:g} --warmup {cfg.warmup}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
 
 ({stats.get('device', 'unknown device')}: about {vae['seconds'] + dit['seconds']:.0f} s of training; set
 XLA_FLAGS=--xla_gpu_deterministic_ops=true for bitwise-identical weights).
@@ -583,6 +592,7 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
         write_pipeline(tmp, transformer, vae, t5)
         (tmp / "train_stats.json").write_text(json.dumps({k: v for k, v in stats.items()}, indent=1) + "\n")
         generation = dict(GENERATION_DEFAULTS)
+        stats["eval_seeds"] = list(eval_seeds)
         if cfg.dit_steps and eval_seeds:
             t_eval = time.perf_counter()
             results = evaluate(tmp, held_out_prompts(), seeds=eval_seeds, guidance_scales=eval_guidance)
