@@ -188,7 +188,7 @@ def _run_stage(name: str, run, state: Any, steps: int, budget: float | None, chu
     budget counting from the end of the first (compiling) call; it is fixed from the second call's
     time, before the third call (so with warm-up >= 2 chunks the schedule is unaffected).
     """
-    total = max(1, math.ceil(steps / chunk)) * chunk
+    total = math.ceil(steps / chunk) * chunk
     curve: list[tuple[int, float]] = []
     pending: list[tuple[int, jax.Array]] = []
     t0 = time.perf_counter()
