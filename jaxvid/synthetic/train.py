@@ -434,7 +434,8 @@ def evaluate(folder: Path, prompts: list[tuple[str, tuple[str, str, str]]], *, s
         misses = []
         for seed in seeds:
             videos = pipe([p for p, _ in prompts], num_frames=world.FRAMES, height=world.SIZE, width=world.SIZE,
-                          num_inference_steps=num_inference_steps, guidance_scale=scale, seed=seed, progress=False)
+                          num_inference_steps=num_inference_steps, guidance_scale=scale, seed=seed,
+                          progress=False).frames  # uint8 [B, F, H, W, 3]
             for (prompt, want), video in zip(prompts, videos):
                 d = detect_one(video)
                 got = (d.colour, d.shape, d.motion) if d else (None, None, None)
@@ -459,7 +460,7 @@ def write_sample_gif(folder: str | os.PathLike, path: str | os.PathLike, prompt:
     settings = generation_settings(folder)
     pipe = CogVideoXPipeline.from_pretrained(folder, dtype="fp32")
     kw = {k: settings[k] for k in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale")}
-    frames = pipe(prompt or DEFAULT_PROMPT, seed=seed, progress=False, **kw)
+    frames = pipe(prompt or DEFAULT_PROMPT, seed=seed, progress=False, **kw).frames[0]  # uint8 [F, H, W, 3]
     frames = frames.repeat(4, axis=1).repeat(4, axis=2)
     return save(frames, Path(path).with_suffix(".gif"), fps=settings["fps"])
 
