@@ -596,7 +596,11 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
         stats["eval_seeds"] = list(eval_seeds)
         if cfg.dit_steps and eval_seeds:
             t_eval = time.perf_counter()
-            results = evaluate(tmp, held_out_prompts(), seeds=eval_seeds, guidance_scales=eval_guidance)
+            try:
+                results = evaluate(tmp, held_out_prompts(), seeds=eval_seeds, guidance_scales=eval_guidance)
+            except Exception:  # the trained weights are worth keeping even so; the card says it was not measured
+                log.exception("held-out evaluation failed; writing the model unevaluated")
+                results = {}
             for scale, result in results.items():
                 for m in result["misses"]:
                     log.info("miss at guidance %g: %s", scale, m)
@@ -604,13 +608,13 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
                 log.info("HELD-OUT ACCURACY guidance %g: all %.3f (colour %.3f shape %.3f motion %.3f, n=%d)", scale,
                          result["all"], result["colour"], result["shape"], result["motion"], result["n"])
                 stats.setdefault("eval_by_guidance", {})[str(scale)] = {k: v for k, v in result.items() if k != "misses"}
-            # ship the best scale (the first of equals, in the order given)
-            best = max(results, key=lambda g: results[g]["all"])
-            generation["guidance_scale"] = best
-            stats["eval"] = {"guidance_scale": best, **results[best]}
+            if results:  # ship the best scale (the first of equals, in the order given)
+                best = max(results, key=lambda g: results[g]["all"])
+                generation["guidance_scale"] = best
+                stats["eval"] = {"guidance_scale": best, **results[best]}
+                log.info("HELD-OUT ACCURACY shipped guidance %g: %.3f (%d prompts x %d seeds)", best,
+                         results[best]["all"], len(world.HELD_OUT), len(eval_seeds))
             stats["eval_seconds"] = time.perf_counter() - t_eval
-            log.info("HELD-OUT ACCURACY shipped guidance %g: %.3f (%d prompts x %d seeds)", best, results[best]["all"],
-                     len(world.HELD_OUT), len(eval_seeds))
         stats["generation"] = generation
         (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*.safetensors"))}
