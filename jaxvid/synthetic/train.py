@@ -568,7 +568,7 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
             vae = AutoencoderKLCogVideoX(vcfg, rngs=nnx.Rngs(int(keys[0])))
             vae, stats["vae"] = train_vae(cfg, vae, caption_ids)
         else:
-            vae = load_model(vae_from, expect=("AutoencoderKLCogVideoX",))
+            vae = load_model(vae_from, dtype="fp32", expect=("AutoencoderKLCogVideoX",))  # stored as float16
             card = json.loads((Path(vae_from).parent / "train_stats.json").read_text())
             stats["vae"] = card["vae"]
         stats["vae_check"] = vae_check(vae)
