@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxvid.synthetic import world
-from jaxvid.synthetic.default_model import DEFAULT_GENERATION
+from jaxvid.synthetic.default_model import generation_settings
 from jaxvid.synthetic.detect import detect_one
 
 # Every held-out combination, one sample each: 15 captions in one batch.
@@ -20,10 +20,13 @@ CASES = [(world.caption(world.scene_from_combo(c, np.random.default_rng(0))), c[
 
 
 def _accuracy(folder, seed: int = 0) -> tuple[float, list[str]]:
+    """Fraction of CASES drawn right at the folder's generation settings (those the training
+    script measured and shipped; the random pipeline has none and gets the defaults)."""
     from jaxvid.pipelines.cogvideox import CogVideoXPipeline
 
-    pipe = CogVideoXPipeline.from_pretrained(folder)
-    kw = {k: DEFAULT_GENERATION[k] for k in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale")}
+    pipe = CogVideoXPipeline.from_pretrained(folder, dtype="fp32")
+    settings = generation_settings(folder)
+    kw = {k: settings[k] for k in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale")}
     videos = pipe([p for p, _ in CASES], seed=seed, progress=False, **kw).frames
     misses = []
     for (prompt, want), video in zip(CASES, videos):

@@ -29,7 +29,16 @@ def test_tiny_default_writes_a_video(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert run(["--output", str(out), "--no-progress"]) == 0
     frames = video.load(out)
-    assert frames.shape == (9, 32, 32, 3) and frames.dtype == np.uint8
+    from jaxvid.synthetic.default_model import default_model_folder, generation_settings
+
+    if (default_model_folder() / "model_index.json").is_file():  # the trained default model, at its settings
+        g = generation_settings(default_model_folder())
+        assert frames.shape == (g["num_frames"], g["height"], g["width"], 3)
+        assert any("embedded default model" in r.getMessage() for r in caplog.records)
+    else:  # the random tiny fallback
+        assert frames.shape == (9, 32, 32, 3)
+        assert any("tiny random" in r.getMessage() for r in caplog.records)
+    assert frames.dtype == np.uint8
     summary = [r.getMessage() for r in caplog.records if r.name == "jaxvid.cli.generate" and "wrote" in r.getMessage()]
     assert summary and "compile" in summary[0] and "s/step" in summary[0] and "total" in summary[0]
 

@@ -57,7 +57,7 @@ def test_render_draws_the_shape_where_it_should_be():
     blue = np.all(video == np.array([0, 0, 255], np.uint8), axis=-1)
     for f in range(world.FRAMES):
         ys, xs = np.nonzero(blue[f])
-        assert len(xs) == world.SHAPE_SIZE ** 2  # a 14 x 14 square at integer centre: 196 pixels
+        assert len(xs) == world.SHAPE_SIZE ** 2  # a SHAPE_SIZE-pixel square at integer centre
         assert xs.mean() + 0.5 == pytest.approx(12.0 + world.SPEED * f)
         assert ys.mean() + 0.5 == pytest.approx(20.0)
 
@@ -127,27 +127,73 @@ def test_export_round_trips_through_the_real_loader(tmp_path):
             np.testing.assert_array_equal(loaded[key], original[key], err_msg=f"{name}: {key}")
 
 
-def _fake_tokenizer(captions):
-    class Tokens:
-        input_ids = np.asarray([[len(c), 1] + [0] * 224 for c in captions], np.int32)
-    return Tokens()
+def _tokenizer(tmp_path):
+    from jaxvid.synthetic.train import _tokenizer
+
+    return _tokenizer(tmp_path / "tokenizer")
 
 
-def test_training_batches_do_not_depend_on_the_worker_count():
-    pytest.importorskip("optax")
-    from jaxvid.synthetic.train import Batches
+def test_device_render_matches_the_numpy_world():
+    """The on-device renderer (training batches) draws exactly what world.render_batch draws."""
+    import jax.numpy as jnp
 
-    runs = []
-    for workers in (1, 3):
-        batches = Batches(5, 4, _fake_tokenizer, dropout=0.5, two_shape_prob=0.5, workers=workers)
-        runs.append([next(batches) for _ in range(4)])
-        batches.close()
-    for a, b in zip(*runs):
-        for x, y in zip(a, b):
-            np.testing.assert_array_equal(x, y)
-    pixels, ids, masks = runs[0][0]
-    assert pixels.shape == (4, 3, world.FRAMES, world.SIZE, world.SIZE) and pixels.min() >= -1 and pixels.max() <= 1
-    assert masks.shape == (4, world.FRAMES, world.SIZE, world.SIZE) and ids.shape == (4, 226)
+    from jaxvid.synthetic.device_data import render, scene_arrays
+
+    rng = np.random.default_rng(3)
+    scenes = [world.sample_scene(rng, two_shape_prob=0.5, allow_held_out=True) for _ in range(24)]
+    got = np.asarray(render(**{k: jnp.asarray(v) for k, v in scene_arrays(scenes).items()}))
+    np.testing.assert_array_equal(got, world.render_batch(scenes).astype(np.float32))
+
+
+def test_caption_table_rows_are_the_tokenized_world_captions(tmp_path):
+    from jaxvid.synthetic.device_data import CaptionTable, caption_index
+
+    tokenize = _tokenizer(tmp_path)
+    table = CaptionTable.build(tokenize)
+    rng = np.random.default_rng(4)
+    scenes = [world.sample_scene(rng, two_shape_prob=0.5, allow_held_out=True) for _ in range(40)]
+    for scene in scenes:
+        row = caption_index([(list(world.COLOURS).index(s.colour), world.SHAPES.index(s.shape),
+                              world.MOTIONS.index(s.motion)) for s in scene.shapes],
+                            list(world.BACKGROUNDS).index(scene.background))
+        assert CaptionTable.text(row) == world.caption(scene)
+        np.testing.assert_array_equal(table.ids[row], tokenize([world.caption(scene)]).input_ids[0])
+    np.testing.assert_array_equal(table.ids[-1], tokenize([""]).input_ids[0])
+
+
+def test_device_batches_are_seeded_and_read_back_as_their_captions(tmp_path):
+    """Each sampled video, read by the detector, shows what its caption says; no held-out combination occurs."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvid.synthetic.device_data import CaptionTable, sample_batch
+
+    table = CaptionTable.build(_tokenizer(tmp_path))
+    rows = {tuple(r): i for i, r in enumerate(table.ids)}
+    ids = jnp.asarray(table.ids)
+    make = jax.jit(lambda key, dropout: sample_batch(key, 24, ids, dropout=dropout, two_shape_prob=0.5))
+    pixels, tokens, masks = (np.asarray(x) for x in make(jax.random.key(0), 0.0))
+    again = make(jax.random.key(0), 0.0)
+    np.testing.assert_array_equal(pixels, np.asarray(again[0]))
+    assert pixels.shape == (24, 3, world.FRAMES, world.SIZE, world.SIZE) and masks.shape == (24, world.FRAMES,
+                                                                                             world.SIZE, world.SIZE)
+    held = {f"a {c} {s} {'standing still' if m == 'still' else 'moving ' + m} on a {b} background"
+            for c, s, m, b in world.HELD_OUT}
+    two = 0
+    for b in range(24):
+        cap = CaptionTable.text(rows[tuple(tokens[b])])
+        video = np.round((pixels[b].transpose(1, 2, 3, 0) + 1.0) * 127.5).astype(np.uint8)
+        background, found = detect(video)
+        said = sorted(cap.split(" on a ")[0].split(" and "))
+        seen = sorted(f"a {d.colour} {d.shape} {'standing still' if d.motion == 'still' else 'moving ' + d.motion}"
+                      for d in found)
+        assert cap.endswith(f"on a {background} background") and said == seen, (cap, seen)
+        assert not any(h.split(" on a ")[0] in cap and cap.endswith(h.split(" on a ")[1]) for h in held), cap
+        two += len(found) == 2
+    assert 0 < two < 24
+    # dropout replaces captions by "" (the table's last row)
+    _, dropped, _ = make(jax.random.key(1), 0.999)
+    assert (np.asarray(dropped) == table.ids[-1]).all()
 
 
 def test_latent_mask_follows_the_causal_vae_frame_grouping():

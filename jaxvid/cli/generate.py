@@ -1,6 +1,6 @@
 """`jaxvid generate`: prompt (and image or video) -> video file, with CogVideoX or LongCat-Video.
 
-    jaxvid generate                                   # embedded tiny random pipeline, writes out.mp4
+    jaxvid generate --prompt "a green square moving up on a black background"   # the embedded default model
     jaxvid generate --model CogVideoX-5b --prompt "A panda playing guitar" --dtype bf16 --output panda.mp4
     jaxvid generate --model CogVideoX-5b-I2V --image first.png --prompt "..." --attention radial
     jaxvid generate --model LongCat-Video --mode t2v|i2v|continue|long|refine --prompt "..."
@@ -55,13 +55,15 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "generate",
         help="generate a video with CogVideoX or LongCat-Video",
         description="Generate a video with a CogVideoX pipeline folder (diffusers layout, or jaxvid-convert'ed) "
-        "or a LongCat-Video folder. Without --model, runs an embedded tiny random CogVideoX pipeline (no "
-        "download) and writes a video. Defaults that depend on the model are stated per model.",
+        "or a LongCat-Video folder. Without --model, runs the embedded default model (a tiny CogVideoX trained on "
+        "a synthetic world of shapes: 'a red circle moving right on a black background'; no download), or a tiny "
+        "random pipeline where that model is not installed. Defaults that depend on the model are stated per model.",
     )
     common = p.add_argument_group("common options")
     common.add_argument("--model", default=None,
                         help="CogVideoX pipeline or LongCat-Video folder, or a model id already in the local Hugging "
-                        "Face cache, e.g. THUDM/CogVideoX-5b (never downloaded; default: the embedded tiny CogVideoX)")
+                        "Face cache, e.g. THUDM/CogVideoX-5b (never downloaded; default: the embedded default model, "
+                        "jaxvid/assets/default_model, with its own frames, size, steps and guidance)")
     common.add_argument("--prompt", default=None, help="text prompt (required with --model)")
     common.add_argument("--negative-prompt", default=None,
                         help="negative prompt for classifier-free guidance (CogVideoX: ''; LongCat: upstream's)")
@@ -361,7 +363,10 @@ class OutputError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _cogvideox_settings(args: argparse.Namespace, tiny: bool, tcfg: Any, vcfg: Any) -> tuple[Any, Any, str]:
+def _cogvideox_settings(args: argparse.Namespace, tiny: bool, tcfg: Any, vcfg: Any,
+                        embedded: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
+    """(geometry, sampling, prompt) from the options over the model's defaults; `embedded`: the
+    embedded default model's generation settings (jaxvid.synthetic.default_model.generation_settings)."""
     from jaxvid.pipelines.cogvideox import DEFAULT_STEPS, default_geometry
     from jaxvid.pipelines.settings import Sampling, VideoGeometry
     from jaxvid.synthetic.cogvideox import TinyDefaults
@@ -370,10 +375,17 @@ def _cogvideox_settings(args: argparse.Namespace, tiny: bool, tcfg: Any, vcfg: A
     geo = default_geometry(tcfg, vcfg)
     steps = TinyDefaults().num_inference_steps if tiny else DEFAULT_STEPS
     prompt = args.prompt if args.prompt is not None or not tiny else TinyDefaults().prompt
+    guidance = 6.0
+    if embedded is not None:
+        from jaxvid.synthetic.default_model import DEFAULT_PROMPT
+
+        geo = VideoGeometry(num_frames=embedded["num_frames"], height=embedded["height"], width=embedded["width"])
+        steps, guidance = embedded["num_inference_steps"], embedded["guidance_scale"]
+        prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     geometry = VideoGeometry(num_frames=args.num_frames or geo.num_frames, height=args.height or geo.height,
                              width=args.width or geo.width)
     sampling = Sampling(num_inference_steps=args.steps or steps,
-                        guidance_scale=6.0 if args.guidance is None else args.guidance, seed=args.seed,
+                        guidance_scale=guidance if args.guidance is None else args.guidance, seed=args.seed,
                         max_sequence_length=args.max_sequence_length or COGVIDEOX_MAX_LENGTH)
     return geometry, sampling, prompt
 
@@ -488,12 +500,22 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
     _check_cogvideox_inputs(args)
     loras = parse_lora_specs(args.lora)
     mesh = device_mesh(args)
+    embedded = None
     with tempfile.TemporaryDirectory(prefix="jaxvid-tiny-") as tmp:
         if tiny:
-            from jaxvid.synthetic.cogvideox import write_tiny_pipeline
+            from jaxvid.synthetic.default_model import default_model_folder, generation_settings
 
-            model_dir = write_tiny_pipeline(Path(tmp) / "tiny-cogvideox", seed=0)
-            log.info("no --model: running the embedded tiny random CogVideoX pipeline (random weights, noise-like video)")
+            model_dir = default_model_folder()
+            if (model_dir / "model_index.json").is_file():
+                embedded = generation_settings(model_dir)
+                log.info("no --model: running the embedded default model %s (a tiny CogVideoX trained on a synthetic "
+                         "world of shapes; see its MODEL_CARD.md)", model_dir)
+            else:
+                from jaxvid.synthetic.cogvideox import write_tiny_pipeline
+
+                log.info("no --model and no embedded default model at %s: running a tiny random CogVideoX pipeline "
+                         "(random weights, noise-like video)", model_dir)
+                model_dir = write_tiny_pipeline(Path(tmp) / "tiny-cogvideox", seed=0)
         else:
             model_dir = Path(args.model)
         tcfg, vcfg, i2v = read_pipeline_configs(model_dir)
@@ -508,7 +530,7 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
             if args.num_frames is None:
                 sources["num_frames"] = f"the input video, {len(source)} frames"
             args.num_frames = len(source)
-        geometry, sampling, prompt = _cogvideox_settings(args, tiny, tcfg, vcfg)
+        geometry, sampling, prompt = _cogvideox_settings(args, tiny, tcfg, vcfg, embedded)
         _check_cogvideox(model_dir, args, geometry, tcfg, vcfg, i2v)
         scene = None
         if args.scene_boundaries is not None:
@@ -522,7 +544,7 @@ def generate_cogvideox(args: argparse.Namespace) -> Path:
             from jaxvid.attention.plan import AttentionPlan
 
             plan = (plan or AttentionPlan.dense()).with_precision(args.attention_precision)
-        fps = args.fps or default_fps(tcfg)
+        fps = args.fps or (embedded["fps"] if embedded is not None else default_fps(tcfg))
         image = video.load_image(args.image) if args.image is not None else None
         log.info("%s", _cogvideox_summary(args, geometry, sampling, sources, loras, plan))
         pipe = CogVideoXPipeline.from_pretrained(model_dir, dtype=args.dtype or _default_dtype(tiny),

@@ -24,7 +24,7 @@ __all__ = ["Detection", "label_pixels", "detect", "detect_one", "matches", "PALE
 PALETTE: tuple[str, ...] = tuple(dict.fromkeys([*BACKGROUNDS, *COLOURS]))
 _RGB = np.asarray([BACKGROUNDS.get(n, COLOURS.get(n)) for n in PALETTE], np.float32)
 MAX_COLOUR_DISTANCE = 90.0
-_MIN_PIXELS = 12  # a shape covers ~98 (triangle) to ~196 (square) pixels in a 48 x 48 frame
+_MIN_PIXELS = 12  # a shape covers ~162 (triangle) to ~324 (square) pixels in a 48 x 48 frame
 _SQUARE_FILL = 0.89  # about midway between a circle (0.785) and a square (1)
 _TRIANGLE_FILL = 0.65  # about midway between a triangle (0.5) and a circle
 

@@ -34,9 +34,8 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,8 @@ from jaxvid.models.t5 import T5Config, T5Encoder
 from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
 from jaxvid.schedulers.cogvideox_ddim import CogVideoXSchedulerConfig, alphas_cumprod
 from jaxvid.synthetic import world
-from jaxvid.synthetic.default_model import DEFAULT_GENERATION
+from jaxvid.synthetic.default_model import DEFAULT_GENERATION, GENERATION_FILE
+from jaxvid.synthetic.device_data import CaptionTable, sample_batch
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TrainConfig:
 
     seed: int = 0
     vae_steps: int = 1500
-    vae_batch: int = 16
+    vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     dit_steps: int = 3000
@@ -90,9 +90,12 @@ class TrainConfig:
     train_text_encoder: bool = True
     vae_time_budget: float | None = None  # seconds of VAE training: caps vae_steps from the measured step time
     dit_time_budget: float | None = None  # likewise for the DiT stage
+    chunk: int = 50  # optimizer steps per jitted call (lax.scan); step counts are whole chunks
+    total_budget: float | None = None  # seconds for the whole run: the DiT budget shrinks to fit it
+    reserve: float = 130.0  # seconds kept (of total_budget) for the DiT's compile, evaluation, the GIF, writing
 
     def __post_init__(self) -> None:
-        for name in ("vae_batch", "dit_batch", "warmup"):
+        for name in ("vae_batch", "dit_batch", "warmup", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a positive int")
         for name in ("vae_steps", "dit_steps"):
@@ -103,15 +106,17 @@ class TrainConfig:
 
 
 def model_configs(scaling_factor: float = 1.0) -> tuple[CogVideoXConfig, CogVideoXVAEConfig, T5Config]:
-    """(transformer, VAE, text encoder) configs of the default model: 48 x 48 x 9 videos -> 8 x 3 x 12 x 12 latents."""
+    """(transformer, VAE, text encoder) configs of the default model: 48 x 48 x 9 videos -> 8 x 3 x 12 x 12
+    latents; the DiT's patches are single latent pixels (432 video tokens), so an 18 px shape spans
+    ~4.5 x 4.5 tokens instead of ~2 x 2 with CogVideoX's usual patch size 2."""
     vae = CogVideoXVAEConfig(
-        latent_channels=8, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        latent_channels=8, block_out_channels=(24, 48, 48), layers_per_block=1, norm_num_groups=8,
         sample_height=world.SIZE, sample_width=world.SIZE, scaling_factor=float(scaling_factor),
     )
     t5 = T5Config(vocab_size=200, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                   relative_attention_num_buckets=32, relative_attention_max_distance=64)
     transformer = CogVideoXConfig(
-        num_attention_heads=4, attention_head_dim=32, in_channels=vae.latent_channels,
+        num_attention_heads=4, attention_head_dim=32, in_channels=vae.latent_channels, patch_size=1,
         out_channels=vae.latent_channels, time_embed_dim=64, text_embed_dim=t5.d_model, num_layers=4,
         sample_width=world.SIZE // vae.spatial_compression, sample_height=world.SIZE // vae.spatial_compression,
         sample_frames=world.FRAMES, max_text_seq_length=MAX_TEXT_TOKENS, use_rotary_positional_embeddings=True,
@@ -132,17 +137,6 @@ def _tokenizer(folder: Path):
     return cogvideox_tokenizer(folder, max_length=MAX_TEXT_TOKENS)
 
 
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    """Grow a bool mask [..., H, W] by one pixel (3 x 3 neighbourhood)."""
-    padded = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)])
-    h, w = mask.shape[-2:]
-    out = np.zeros_like(mask)
-    for dy in range(3):
-        for dx in range(3):
-            out |= padded[..., dy:dy + h, dx:dx + w]
-    return out
-
-
 def latent_mask(masks: jax.Array, temporal: int, spatial: int) -> jax.Array:
     """Pixel masks [B, F, H, W] -> latent masks [B, F', H / s, W / s]: latent frame 0 covers frame 0,
     latent frame j >= 1 frames (j - 1) * temporal + 1 .. j * temporal (the causal VAE's grouping)."""
@@ -153,91 +147,15 @@ def latent_mask(masks: jax.Array, temporal: int, spatial: int) -> jax.Array:
     return m.reshape(b, m.shape[1], h // spatial, spatial, w // spatial, spatial).any(axis=(3, 5))
 
 
-class Batches:
-    """Seeded training batches, rendered ahead on worker threads (batch i depends only on (seed, i)).
-
-    Each batch: pixels float32 [B, 3, F, H, W] in [-1, 1], token ids int32 [B, 226] (the caption
-    replaced by "" with probability `dropout`) and the shapes' masks, bool [B, F, H, W] (dilated by a
-    pixel, so edges count as shape).
-    """
-
-    def __init__(self, seed: int, batch: int, tokenizer: Any, *, dropout: float, two_shape_prob: float,
-                 workers: int = 4, ahead: int = 8):
-        self.seed, self.batch, self.dropout, self.two_shape_prob = seed, batch, dropout, two_shape_prob
-        self._tokenize = tokenizer
-        self._ids: dict[str, np.ndarray] = {}
-        self._lock = threading.Lock()
-        self._next = 0
-        self._ready: dict[int, Any] = {}
-        self._cond = threading.Condition()
-        self._stop = False
-        self._threads = [threading.Thread(target=self._work, args=(w, workers), daemon=True) for w in range(workers)]
-        self._ahead = ahead
-        for t in self._threads:
-            t.start()
-
-    def _ids_of(self, captions: list[str]) -> np.ndarray:
-        with self._lock:
-            missing = sorted({c for c in captions if c not in self._ids})
-            if missing:
-                for c, ids in zip(missing, self._tokenize(missing).input_ids):
-                    self._ids[c] = np.asarray(ids, np.int32)
-            return np.stack([self._ids[c] for c in captions])
-
-    def make(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, index])
-        scenes = [world.sample_scene(rng, two_shape_prob=self.two_shape_prob) for _ in range(self.batch)]
-        captions = [world.caption(s) if rng.random() >= self.dropout else "" for s in scenes]
-        video = world.render_batch(scenes)
-        background = np.asarray([world.BACKGROUNDS[s.background] for s in scenes], np.uint8)
-        masks = _dilate(np.any(video != background[:, None, None, None, :], axis=-1))
-        pixels = video.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-        return np.ascontiguousarray(pixels.transpose(0, 4, 1, 2, 3)), self._ids_of(captions), masks
-
-    def _work(self, worker: int, workers: int) -> None:
-        index = worker
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._stop or index < self._next + self._ahead)
-                if self._stop:
-                    return
-            try:
-                item: Any = self.make(index)
-            except Exception as e:  # handed to the consumer, which re-raises it
-                item = e
-            with self._cond:
-                self._ready[index] = item
-                self._cond.notify_all()
-            index += workers
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        with self._cond:
-            self._cond.wait_for(lambda: self._next in self._ready)
-            item = self._ready.pop(self._next)
-            self._next += 1
-            self._cond.notify_all()
-        if isinstance(item, Exception):
-            raise RuntimeError(f"rendering training batch {self._next - 1} failed") from item
-        return item
-
-    def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-
-
 # ======================================================================================= training
 
 
-def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 5% of `peak` at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+def learning_rate(step: jax.Array, total: jax.Array, peak: float, warmup: int) -> jax.Array:
+    """Linear warm-up over `warmup` steps, then cosine decay to 5% of `peak` at `total` (traced)."""
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * (step + 1.0) / warmup
+    progress = jnp.clip((step - warmup) / jnp.maximum(1.0, jnp.asarray(total, jnp.float32) - warmup), 0.0, 1.0)
+    return jnp.where(step < warmup, warm, peak * (0.05 + 0.95 * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))))
 
 
 _TX = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
@@ -247,45 +165,58 @@ def _apply(params: Any, updates: Any, lr: jax.Array) -> Any:
     return jax.tree.map(lambda p, u: p - lr * u, params, updates)
 
 
-def _run_stage(name: str, step_fn, state: Any, batches: Iterator, steps: int, budget: float | None,
-               peak: float, warmup: int) -> tuple[Any, list[tuple[int, float]], int, float]:
-    """Run `state, loss = step_fn(state, batch, lr)`; returns (state, [(step, mean loss)], steps done, seconds).
+def _scan_steps(step_fn, chunk: int, consts: Any):
+    """(state, start, total) -> (state, losses [chunk]): `chunk` optimizer steps in one jitted call
+    (lax.scan; the state's buffers are donated), step_fn(state, consts, step index, total) -> (state, loss).
+    consts (the caption table, a frozen VAE) are jit arguments, not closed-over constants, which XLA
+    would embed in (and constant-fold through) the program."""
 
-    With a time budget the step count becomes min(steps, budget / measured step time), the budget
-    counting from the end of the first (compiling) step; it is fixed once steps 10..30 are timed
-    (inside the warm-up, so the schedule is unaffected).
+    def run(state, consts, start, total):
+        return jax.lax.scan(lambda st, i: step_fn(st, consts, start + i, total), state,
+                            jnp.arange(chunk, dtype=jnp.int32))
+
+    jitted = jax.jit(run, donate_argnums=0)
+    return lambda state, start, total: jitted(state, consts, start, total)
+
+
+def _run_stage(name: str, run, state: Any, steps: int, budget: float | None, chunk: int
+               ) -> tuple[Any, list[tuple[int, float]], int, float]:
+    """Call `run` (see _scan_steps) until `steps` (rounded up to whole chunks) are done; returns
+    (state, [(step, mean loss)], steps done, seconds).
+
+    With a time budget the step count becomes min(steps, budget / measured time per step), the
+    budget counting from the end of the first (compiling) call; it is fixed from the second call's
+    time, before the third call (so with warm-up >= 2 chunks the schedule is unaffected).
     """
-    total = steps
+    total = math.ceil(steps / chunk) * chunk
     curve: list[tuple[int, float]] = []
-    window: list[jax.Array] = []
+    pending: list[tuple[int, jax.Array]] = []
     t0 = time.perf_counter()
-    t_compiled = t_mark = t0
-    every = max(1, steps // 30)
-    step = 0
-    while step < total:
-        lr = jnp.float32(learning_rate(step, total, peak, warmup))
-        state, loss = step_fn(state, next(batches), lr)
-        window.append(loss)
-        if step == 0:
-            jax.block_until_ready(loss)
-            t_compiled = time.perf_counter()
-            log.info("%s: first step (compiling) took %.1f s", name, t_compiled - t0)
-        if step == 10:
-            jax.block_until_ready(loss)
-            t_mark = time.perf_counter()
-        if step == 30 and budget is not None:
-            jax.block_until_ready(loss)
-            per_step = (time.perf_counter() - t_mark) / 20
-            total = max(31, min(steps, int(budget / per_step)))
-            every = max(1, total // 30)
-            log.info("%s: %.1f ms/step -> %d steps in the %.0f s budget", name, per_step * 1e3, total, budget)
-        step += 1
-        if step % every == 0 or step == total:
-            mean = float(np.mean(np.asarray(jax.device_get(window))))
-            curve.append((step, mean))
-            window = []
-            log.info("%s step %d/%d loss %.5f lr %.2e (%.0f s)", name, step, total, mean, float(lr),
-                     time.perf_counter() - t0)
+    t_prev = t0
+    every = max(1, total // chunk // 30)
+    calls = start = 0
+    while start < total:
+        state, losses = run(state, jnp.int32(start), jnp.int32(total))
+        start += chunk
+        calls += 1
+        pending.append((start, jnp.mean(losses)))
+        if calls <= 2:
+            jax.block_until_ready(losses)
+            now = time.perf_counter()
+            if calls == 1:
+                log.info("%s: first call (compiling + %d steps) took %.1f s", name, chunk, now - t0)
+            elif budget is not None:
+                per_step = (now - t_prev) / chunk
+                total = max(3 * chunk, min(total, int(budget / (now - t_prev)) * chunk))
+                every = max(1, total // chunk // 30)
+                log.info("%s: %.2f ms/step -> %d steps in the %.0f s budget", name, per_step * 1e3, total, budget)
+            t_prev = now
+        if calls % every == 0 or start >= total:
+            mean = float(np.mean([float(v) for _, v in pending]))
+            curve.append((start, mean))
+            pending = []
+            log.info("%s step %d/%d loss %.5f (%.0f s)", name, start, total, mean, time.perf_counter() - t0)
+    jax.block_until_ready(state)
     return state, curve, total, time.perf_counter() - t0
 
 
@@ -301,22 +232,29 @@ def _vae_loss(params, graphdef, rest, pixels, masks, key, kl_weight, shape_weigh
     return rec + kl_weight * kl
 
 
-def train_vae(cfg: TrainConfig, vae: AutoencoderKLCogVideoX, batches: Iterator) -> tuple[AutoencoderKLCogVideoX, dict]:
+def _batch_fn(cfg: TrainConfig, seed: int, batch: int, dropout: float):
+    """(caption ids, step index) -> that step's batch (a pure function of (seed, step))."""
+    return lambda caption_ids, step: sample_batch(jax.random.fold_in(jax.random.key(seed), step), batch, caption_ids,
+                                                  dropout=dropout, two_shape_prob=cfg.two_shape_prob)
+
+
+def train_vae(cfg: TrainConfig, vae: AutoencoderKLCogVideoX, caption_ids: jax.Array
+              ) -> tuple[AutoencoderKLCogVideoX, dict]:
     graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
-    base_key = jax.random.key(cfg.seed + 1)
+    batch_at = _batch_fn(cfg, cfg.seed * 4 + 0, cfg.vae_batch, 0.0)
 
-    @jax.jit
-    def step(state, batch, lr):
-        params, opt, i = state
-        pixels, masks = jnp.asarray(batch[0]), jnp.asarray(batch[2])
-        loss, grads = jax.value_and_grad(_vae_loss)(params, graphdef, rest, pixels, masks,
-                                                    jax.random.fold_in(base_key, i), cfg.kl_weight, cfg.shape_weight)
+    def step(state, caption_ids, i, total):
+        params, opt = state
+        pixels, _, masks = batch_at(caption_ids, i)
+        noise_key = jax.random.fold_in(jax.random.key(cfg.seed * 4 + 1), i)
+        loss, grads = jax.value_and_grad(_vae_loss)(params, graphdef, rest, pixels, masks, noise_key,
+                                                    cfg.kl_weight, cfg.shape_weight)
         updates, opt = _TX.update(grads, opt, params)
-        return (_apply(params, updates, lr), opt, i + 1), loss
+        return (_apply(params, updates, learning_rate(i, total, cfg.vae_lr, cfg.warmup)), opt), loss
 
-    state = (params, _TX.init(params), jnp.int32(0))
-    state, curve, steps, seconds = _run_stage("vae", step, state, batches, cfg.vae_steps, cfg.vae_time_budget,
-                                              cfg.vae_lr, cfg.warmup)
+    state = (params, _TX.init(params))
+    state, curve, steps, seconds = _run_stage("vae", _scan_steps(step, cfg.chunk, caption_ids), state, cfg.vae_steps,
+                                              cfg.vae_time_budget, cfg.chunk)
     return nnx.merge(graphdef, state[0], rest), {"steps": steps, "seconds": seconds, "curve": curve}
 
 
@@ -325,21 +263,50 @@ def _latent_means(graphdef, state, pixels):
     return nnx.merge(graphdef, state).encode(pixels).mean
 
 
-def latent_std(vae: AutoencoderKLCogVideoX, batches: Iterator, n: int = 8) -> float:
-    """Standard deviation of the VAE's posterior means over n training batches."""
+@jax.jit
+def _reconstruct(graphdef, state, pixels):
+    vae = nnx.merge(graphdef, state)
+    return vae.decode(vae.encode(pixels).mean)
+
+
+def latent_std(cfg: TrainConfig, vae: AutoencoderKLCogVideoX, caption_ids: jax.Array, n: int = 8) -> float:
+    """Standard deviation of the VAE's posterior means over n batches of 16."""
     graphdef, state = nnx.split(vae)
-    means = [np.asarray(_latent_means(graphdef, state, jnp.asarray(next(batches)[0]))) for _ in range(n)]
+    batch_at = jax.jit(_batch_fn(cfg, cfg.seed * 4 + 3, 16, 0.0))
+    means = [np.asarray(_latent_means(graphdef, state, batch_at(caption_ids, i)[0])) for i in range(n)]
     return float(np.std(np.concatenate([m.ravel() for m in means])))
 
 
+def vae_check(vae: AutoencoderKLCogVideoX, seeds: Sequence[int] = (0, 1)) -> dict[str, Any]:
+    """Reconstruct every held-out combination (one video per seed) and read it back with the
+    detector: the DiT cannot draw a shape more precisely than the VAE decodes it."""
+    from jaxvid.synthetic.detect import detect_one
+
+    combos = [c for _ in seeds for c in world.HELD_OUT]
+    videos = np.concatenate([world.render_batch([world.scene_from_combo(c, np.random.default_rng(s))
+                                                 for c in world.HELD_OUT]) for s in seeds])
+    pixels = videos.astype(np.float32).transpose(0, 4, 1, 2, 3) / np.float32(127.5) - np.float32(1.0)
+    graphdef, state = nnx.split(vae)
+    recon = np.asarray(_reconstruct(graphdef, state, jnp.asarray(pixels)))
+    frames = np.clip(np.round((recon.transpose(0, 2, 3, 4, 1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    hits = {"colour": 0, "shape": 0, "motion": 0, "all": 0}
+    for combo, video in zip(combos, frames):
+        d = detect_one(video)
+        got = (d.colour, d.shape, d.motion) if d else (None, None, None)
+        for k, name in enumerate(("colour", "shape", "motion")):
+            hits[name] += got[k] == combo[k]
+        hits["all"] += got == combo[:3]
+    return {**{k: v / len(combos) for k, v in hits.items()}, "n": len(combos)}
+
+
 def train_dit(cfg: TrainConfig, transformer: CogVideoXTransformer3D, t5: T5Encoder, vae: AutoencoderKLCogVideoX,
-              batches: Iterator) -> tuple[CogVideoXTransformer3D, T5Encoder, dict]:
+              caption_ids: jax.Array) -> tuple[CogVideoXTransformer3D, T5Encoder, dict]:
     scale = vae.cfg.scaling_factor
     vae_def, vae_state = nnx.split(vae)
     dit_def, dit_params, dit_rest = nnx.split(transformer, nnx.Param, ...)
     t5_def, t5_params, t5_rest = nnx.split(t5, nnx.Param, ...)
     table = jnp.asarray(alphas_cumprod(CogVideoXSchedulerConfig.from_hf_config(SCHEDULER_CONFIG)), jnp.float32)
-    base_key = jax.random.key(cfg.seed + 2)
+    batch_at = _batch_fn(cfg, cfg.seed * 4 + 0 + 1_000_003, cfg.dit_batch, cfg.caption_dropout)
     n_train = table.shape[0]
 
     def encode(t5_p, ids):
@@ -357,12 +324,12 @@ def train_dit(cfg: TrainConfig, transformer: CogVideoXTransformer3D, t5: T5Encod
         pred = dit(noisy, text, t)
         return jnp.mean(weight * (pred - target) ** 2)
 
-    @jax.jit
-    def step(state, batch, lr):
-        trainable, ema, opt, i, frozen_t5 = state
-        pixels, ids = jnp.asarray(batch[0]), jnp.asarray(batch[1])
+    def step(state, consts, i, total):
+        trainable, ema, opt, frozen_t5 = state
+        caption_ids, vae_state = consts
+        pixels, ids, masks = batch_at(caption_ids, i)
         # latents the shapes touch weigh more: the background is most of the loss but the easy part
-        m = latent_mask(jnp.asarray(batch[2]), vae.cfg.temporal_compression_ratio, vae.cfg.spatial_compression)
+        m = latent_mask(masks, vae.cfg.temporal_compression_ratio, vae.cfg.spatial_compression)
         weight = 1.0 + cfg.shape_weight * m[:, :, None].astype(jnp.float32)  # [B, F', 1, h, w]
         weight = weight / jnp.mean(weight)
         mean = nnx.merge(vae_def, vae_state).encode(pixels).mean  # [B, C, F', h, w]
@@ -370,22 +337,24 @@ def train_dit(cfg: TrainConfig, transformer: CogVideoXTransformer3D, t5: T5Encod
         # a frozen T5 runs outside the gradient trace (its layer scan must see arrays of its own trace level)
         frozen_text = None if cfg.train_text_encoder else encode(frozen_t5, ids)
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen_text, latents, ids, weight,
-                                                  jax.random.fold_in(base_key, i))
+                                                  jax.random.fold_in(jax.random.key(cfg.seed * 4 + 2), i))
         updates, opt = _TX.update(grads, opt, trainable)
-        trainable = _apply(trainable, updates, lr)
+        trainable = _apply(trainable, updates, learning_rate(i, total, cfg.dit_lr, cfg.warmup))
         decay = jnp.minimum(cfg.ema_decay, (1.0 + i) / (10.0 + i))  # short warm-up of the average
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, trainable)
-        return (trainable, ema, opt, i + 1, frozen_t5), loss
+        return (trainable, ema, opt, frozen_t5), loss
 
     trainable = {"dit": dit_params, **({"t5": t5_params} if cfg.train_text_encoder else {})}
     # the frozen T5 travels as a jit argument: NNX modules must not close over arrays of another trace
     frozen = None if cfg.train_text_encoder else t5_params
-    state = (trainable, trainable, _TX.init(trainable), jnp.int32(0), frozen)
-    state, curve, steps, seconds = _run_stage("dit", step, state, batches, cfg.dit_steps, cfg.dit_time_budget,
-                                              cfg.dit_lr, cfg.warmup)
+    # the EMA starts as its own copy (the state's buffers are donated)
+    state = (trainable, jax.tree.map(jnp.copy, trainable), _TX.init(trainable), frozen)
+    state, curve, steps, seconds = _run_stage("dit", _scan_steps(step, cfg.chunk, (caption_ids, vae_state)), state,
+                                              cfg.dit_steps,
+                                              cfg.dit_time_budget, cfg.chunk)
     ema = state[1]
     transformer = nnx.merge(dit_def, ema["dit"], dit_rest)
-    t5 = nnx.merge(t5_def, ema["t5"] if cfg.train_text_encoder else t5_params, t5_rest)
+    t5 = nnx.merge(t5_def, ema["t5"] if cfg.train_text_encoder else state[3], t5_rest)
     return transformer, t5, {"steps": steps, "seconds": seconds, "curve": curve}
 
 
@@ -396,8 +365,14 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _half(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float16 copies: halves the shipped size; generation loads them as fp32 (`dtype="fp32"`)."""
+    return {k: v.astype(np.float16) for k, v in tensors.items()}
+
+
 def write_pipeline(folder: Path, transformer: CogVideoXTransformer3D, vae: AutoencoderKLCogVideoX, t5: T5Encoder) -> None:
-    """Write the three networks, tokenizer, scheduler and model_index.json in diffusers' layout."""
+    """Write the three networks (transformer and VAE as float16, T5 as float32), tokenizer, scheduler and
+    model_index.json in diffusers' layout."""
     from convert.keymaps.cogvideox import diffusers_shapes, transformer_rules
     from convert.keymaps.t5 import encoder_rules
     from convert.keymaps.vae_cogvideox import vae_rules
@@ -410,11 +385,11 @@ def write_pipeline(folder: Path, transformer: CogVideoXTransformer3D, vae: Autoe
         (folder / sub).mkdir(parents=True, exist_ok=True)
     tcfg, vcfg, t5cfg = transformer.cfg, vae.cfg, t5.cfg
     write_safetensors(folder / "transformer" / "diffusion_pytorch_model.safetensors",
-                      to_source(transformer, transformer_rules(tcfg), diffusers_shapes(tcfg)))
+                      _half(to_source(transformer, transformer_rules(tcfg), diffusers_shapes(tcfg))))
     _write_json(folder / "transformer" / "config.json", {**tcfg.to_hf_config(), "_diffusers_version": _DIFFUSERS_VERSION})
     rules = vae_rules(vcfg)
     write_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors",
-                      to_source(vae, rules, source_shapes(rules, model_specs(AutoencoderKLCogVideoX, vcfg))))
+                      _half(to_source(vae, rules, source_shapes(rules, model_specs(AutoencoderKLCogVideoX, vcfg)))))
     _write_json(folder / "vae" / "config.json", _vae_hf_config(vcfg))
     rules = encoder_rules(t5cfg)
     write_safetensors(folder / "text_encoder" / "model.safetensors",
@@ -444,43 +419,50 @@ def held_out_prompts() -> list[tuple[str, tuple[str, str, str]]]:
 
 
 def evaluate(folder: Path, prompts: list[tuple[str, tuple[str, str, str]]], *, seeds: Sequence[int] = (0,),
-             guidance_scale: float = GENERATION_DEFAULTS["guidance_scale"],
-             num_inference_steps: int = GENERATION_DEFAULTS["num_inference_steps"]) -> dict[str, Any]:
-    """Generate every prompt with the real pipeline and score it with the detector; returns accuracies."""
+             guidance_scales: Sequence[float] = (GENERATION_DEFAULTS["guidance_scale"],),
+             num_inference_steps: int = GENERATION_DEFAULTS["num_inference_steps"]) -> dict[float, dict[str, Any]]:
+    """Generate every prompt with the real pipeline (fp32) and score it with the detector;
+    returns {guidance scale: {"colour"/"shape"/"motion"/"all": fraction right, "n", "misses"}}."""
     from jaxvid.pipelines.cogvideox import CogVideoXPipeline
     from jaxvid.synthetic.detect import detect_one
 
-    pipe = CogVideoXPipeline.from_pretrained(folder)
-    hits = {"colour": 0, "shape": 0, "motion": 0, "all": 0}
-    n = 0
-    misses = []
-    for seed in seeds:
-        videos = pipe([p for p, _ in prompts], num_frames=world.FRAMES, height=world.SIZE, width=world.SIZE,
-                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, progress=False)
-        for (prompt, want), video in zip(prompts, videos):
-            d = detect_one(video)
-            got = (d.colour, d.shape, d.motion) if d else (None, None, None)
-            for k, name in enumerate(("colour", "shape", "motion")):
-                hits[name] += got[k] == want[k]
-            hits["all"] += got == want
-            n += 1
-            if got != want:
-                misses.append(f"{prompt!r} (seed {seed}): saw {got}")
-    return {**{k: v / n for k, v in hits.items()}, "n": n, "misses": misses}
+    pipe = CogVideoXPipeline.from_pretrained(folder, dtype="fp32")
+    results = {}
+    for scale in guidance_scales:
+        hits = {"colour": 0, "shape": 0, "motion": 0, "all": 0}
+        n = 0
+        misses = []
+        for seed in seeds:
+            videos = pipe([p for p, _ in prompts], num_frames=world.FRAMES, height=world.SIZE, width=world.SIZE,
+                          num_inference_steps=num_inference_steps, guidance_scale=scale, seed=seed,
+                          progress=False).frames  # uint8 [B, F, H, W, 3]
+            for (prompt, want), video in zip(prompts, videos):
+                d = detect_one(video)
+                got = (d.colour, d.shape, d.motion) if d else (None, None, None)
+                for k, name in enumerate(("colour", "shape", "motion")):
+                    hits[name] += got[k] == want[k]
+                hits["all"] += got == want
+                n += 1
+                if got != want:
+                    misses.append(f"{prompt!r} (seed {seed}): saw {got}")
+        results[float(scale)] = {**{k: v / n for k, v in hits.items()}, "n": n, "misses": misses}
+    return results
 
 
 def write_sample_gif(folder: str | os.PathLike, path: str | os.PathLike, prompt: str | None = None, seed: int = 0) -> Path:
     """Generate `prompt` (default: DEFAULT_PROMPT, a held-out caption) with the pipeline at `folder`
-    and save it as a GIF at `path`, upscaled 4x (nearest) so the 48 px frames are visible."""
+    and its generation settings, and save it as a GIF at `path`, upscaled 4x (nearest) so the 48 px
+    frames are visible."""
     from jaxvid.pipelines.cogvideox import CogVideoXPipeline
-    from jaxvid.synthetic.default_model import DEFAULT_PROMPT
+    from jaxvid.synthetic.default_model import DEFAULT_PROMPT, generation_settings
     from jaxvid.video import save
 
-    pipe = CogVideoXPipeline.from_pretrained(folder)
-    kw = {k: GENERATION_DEFAULTS[k] for k in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale")}
-    frames = pipe(prompt or DEFAULT_PROMPT, seed=seed, progress=False, **kw)
+    settings = generation_settings(folder)
+    pipe = CogVideoXPipeline.from_pretrained(folder, dtype="fp32")
+    kw = {k: settings[k] for k in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale")}
+    frames = pipe(prompt or DEFAULT_PROMPT, seed=seed, progress=False, **kw).frames[0]  # uint8 [F, H, W, 3]
     frames = frames.repeat(4, axis=1).repeat(4, axis=2)
-    return save(frames, Path(path).with_suffix(".gif"), fps=GENERATION_DEFAULTS["fps"])
+    return save(frames, Path(path).with_suffix(".gif"), fps=settings["fps"])
 
 
 # ======================================================================================== card
@@ -509,8 +491,9 @@ standing still, on a black, white or gray background, as {world.FRAMES} frames o
     a red circle moving right and a blue triangle standing still on a white background
 
 ## Data
-Rendered on the fly by `jaxvid/synthetic/world.py` (numpy, seeded): shapes of {world.SHAPE_SIZE} px moving
-{world.SPEED:g} px per frame, a caption from the template above; {cfg.two_shape_prob:.0%} of the videos hold two shapes.
+The world of `jaxvid/synthetic/world.py`, sampled and drawn on the device for each training step
+(`jaxvid/synthetic/device_data.py`, seeded): shapes of {world.SHAPE_SIZE} px moving {world.SPEED:g} px per frame, a
+caption from the template above; up to {cfg.two_shape_prob:.0%} of the videos hold two shapes.
 These {len(world.HELD_OUT)} one-shape combinations never appear in training, alone or inside a two-shape scene
 (each of their words, and each pair of them, does):
 
@@ -522,25 +505,33 @@ These {len(world.HELD_OUT)} one-shape combinations never appear in training, alo
   pixels under a shape (dilated by 1 px) weigh {1 + cfg.shape_weight:g} x the background's.
   Loss (step: mean loss since the previous entry): {curve(vae['curve'])}.
   scaling_factor = 1 / std of the posterior means = {stats['scaling_factor']:.4f}.
+  Its reconstructions of the held-out combinations (2 positions each), read by the detector, fraction
+  right: {', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in stats['vae_check'].items())}.
 - DiT{' + T5' if cfg.train_text_encoder else ' (T5 frozen at its random init)'}: {dit['steps']} steps of batch {cfg.dit_batch}, lr {cfg.dit_lr:g},
   v-prediction MSE (latents a shape touches weigh {1 + cfg.shape_weight:g} x), caption dropout {cfg.caption_dropout:g},
   EMA {cfg.ema_decay:g}, {dit['seconds']:.0f} s.
   Loss: {curve(dit['curve'])}.
 
 ## Evaluation
-Held-out captions, generated with `CogVideoXPipeline.from_pretrained` ({GENERATION_DEFAULTS['num_inference_steps']} DDIM steps,
-guidance {GENERATION_DEFAULTS['guidance_scale']}) and read back by `jaxvid/synthetic/detect.py` (colour masks, centroid
-track, bounding-box fill ratio); fraction right:
+The held-out captions, each with {len(stats.get('eval_seeds', ()))} noise seeds, generated with
+`CogVideoXPipeline.from_pretrained` (fp32, {GENERATION_DEFAULTS['num_inference_steps']} DDIM steps) and read back by
+`jaxvid/synthetic/detect.py` (colour masks, centroid track, bounding-box fill ratio); fraction right
+by guidance scale:
 
-{ev_lines}
+{ev_lines or '(not evaluated)'}
+
+Shipped generation settings (`jaxvid_generation.json`; the best guidance above):
+{json.dumps(stats.get('generation', GENERATION_DEFAULTS))}
 
 ## Size
-{json.dumps(params)} parameters; files: {json.dumps(sizes)} bytes.
+{json.dumps(params)} parameters; transformer and VAE stored as float16, T5 as float32; files:
+{json.dumps(sizes)} bytes.
 
 ## Retrain
 
     python -m jaxvid.synthetic.train --out DIR --seed {cfg.seed} --vae-steps {vae['steps']} --steps {dit['steps']} \\
-        --vae-batch {cfg.vae_batch} --dit-batch {cfg.dit_batch}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
+        --vae-batch {cfg.vae_batch} --dit-batch {cfg.dit_batch} --chunk {cfg.chunk} \\
+        --vae-lr {cfg.vae_lr:g} --dit-lr {cfg.dit_lr:g} --warmup {cfg.warmup}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
 
 ({stats.get('device', 'unknown device')}: about {vae['seconds'] + dit['seconds']:.0f} s of training; set
 XLA_FLAGS=--xla_gpu_deterministic_ops=true for bitwise-identical weights).
@@ -560,6 +551,7 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
     """Train both stages (or load the VAE from `vae_from`, a pipeline's vae/ folder) and write `out`."""
     from jaxvid.models.loading import load_model
 
+    t_start = time.perf_counter()
     out = Path(out)
     if out.exists():
         raise ValueError(f"out={str(out)!r} exists; expected a new folder (nothing is overwritten)")
@@ -571,42 +563,60 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
         keys = np.random.SeedSequence(cfg.seed).generate_state(3)
         stats: dict[str, Any] = {"device": jax.devices()[0].device_kind}
 
-        vae_batches = Batches(cfg.seed * 2 + 0, cfg.vae_batch, tokenizer, dropout=0.0,
-                              two_shape_prob=cfg.two_shape_prob)
+        caption_ids = jnp.asarray(CaptionTable.build(tokenizer).ids)
         if vae_from is None:
             vae = AutoencoderKLCogVideoX(vcfg, rngs=nnx.Rngs(int(keys[0])))
-            vae, stats["vae"] = train_vae(cfg, vae, vae_batches)
+            vae, stats["vae"] = train_vae(cfg, vae, caption_ids)
         else:
-            vae = load_model(vae_from, expect=("AutoencoderKLCogVideoX",))
+            vae = load_model(vae_from, dtype="fp32", expect=("AutoencoderKLCogVideoX",))  # stored as float16
             card = json.loads((Path(vae_from).parent / "train_stats.json").read_text())
             stats["vae"] = card["vae"]
-        std = latent_std(vae, vae_batches)
-        vae_batches.close()
+        stats["vae_check"] = vae_check(vae)
+        log.info("VAE reconstructions of the held-out combinations, fraction right: %s", stats["vae_check"])
+        std = latent_std(cfg, vae, caption_ids)
         # only the top-level config's scaling_factor is read (by the pipeline and the writer)
         vae.cfg = dataclasses.replace(vae.cfg, scaling_factor=float(1.0 / std))
         stats["scaling_factor"] = 1.0 / std
 
         transformer = CogVideoXTransformer3D(tcfg, rngs=nnx.Rngs(int(keys[1])))
         t5 = T5Encoder(t5cfg, rngs=nnx.Rngs(int(keys[2])))
-        dit_batches = Batches(cfg.seed * 2 + 1, cfg.dit_batch, tokenizer, dropout=cfg.caption_dropout,
-                              two_shape_prob=cfg.two_shape_prob)
+        if cfg.total_budget is not None:
+            left = cfg.total_budget - (time.perf_counter() - t_start) - cfg.reserve
+            budget = max(10.0, min(left, cfg.dit_time_budget or math.inf))
+            log.info("dit: %.0f s of training left in the %.0f s total budget", budget, cfg.total_budget)
+            cfg = dataclasses.replace(cfg, dit_time_budget=budget)
         if cfg.dit_steps:
-            transformer, t5, stats["dit"] = train_dit(cfg, transformer, t5, vae, dit_batches)
+            transformer, t5, stats["dit"] = train_dit(cfg, transformer, t5, vae, caption_ids)
         else:
             stats["dit"] = {"steps": 0, "seconds": 0.0, "curve": []}
-        dit_batches.close()
 
         write_pipeline(tmp, transformer, vae, t5)
         (tmp / "train_stats.json").write_text(json.dumps({k: v for k, v in stats.items()}, indent=1) + "\n")
+        generation = dict(GENERATION_DEFAULTS)
+        stats["eval_seeds"] = list(eval_seeds)
         if cfg.dit_steps and eval_seeds:
-            for scale in eval_guidance:
-                result = evaluate(tmp, held_out_prompts(), seeds=eval_seeds, guidance_scale=scale)
-                log.info("held-out accuracy at guidance %g: %s", scale, {k: v for k, v in result.items() if k != "misses"})
+            t_eval = time.perf_counter()
+            try:
+                results = evaluate(tmp, held_out_prompts(), seeds=eval_seeds, guidance_scales=eval_guidance)
+            except Exception:  # the trained weights are worth keeping even so; the card says it was not measured
+                log.exception("held-out evaluation failed; writing the model unevaluated")
+                results = {}
+            for scale, result in results.items():
                 for m in result["misses"]:
-                    log.info("miss: %s", m)
+                    log.info("miss at guidance %g: %s", scale, m)
+            for scale, result in results.items():
+                log.info("HELD-OUT ACCURACY guidance %g: all %.3f (colour %.3f shape %.3f motion %.3f, n=%d)", scale,
+                         result["all"], result["colour"], result["shape"], result["motion"], result["n"])
                 stats.setdefault("eval_by_guidance", {})[str(scale)] = {k: v for k, v in result.items() if k != "misses"}
-                if scale == GENERATION_DEFAULTS["guidance_scale"]:
-                    stats["eval"] = result
+            if results:  # ship the best scale (the first of equals, in the order given)
+                best = max(results, key=lambda g: results[g]["all"])
+                generation["guidance_scale"] = best
+                stats["eval"] = {"guidance_scale": best, **results[best]}
+                log.info("HELD-OUT ACCURACY shipped guidance %g: %.3f (%d prompts x %d seeds)", best,
+                         results[best]["all"], len(world.HELD_OUT), len(eval_seeds))
+            stats["eval_seconds"] = time.perf_counter() - t_eval
+        stats["generation"] = generation
+        (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*.safetensors"))}
         params = {"transformer": _count(transformer), "vae": _count(vae), "text_encoder": _count(t5)}
         (tmp / "MODEL_CARD.md").write_text(_card(cfg, stats, sizes, params))
@@ -635,7 +645,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seeds", type=int, default=2, help="held-out evaluation: seeds per prompt (0 = none)")
     p.add_argument("--gif", default=None, help="also write a GIF of the default prompt to this path")
     p.add_argument("--eval-guidance", default=str(GENERATION_DEFAULTS["guidance_scale"]),
-                   help="comma-separated guidance scales to evaluate at")
+                   help="comma-separated guidance scales to evaluate at; the best is shipped (generation file, card)")
+    p.add_argument("--chunk", type=int, default=d.chunk, help="optimizer steps per jitted call (lax.scan)")
+    p.add_argument("--vae-lr", type=float, default=d.vae_lr)
+    p.add_argument("--dit-lr", type=float, default=d.dit_lr)
+    p.add_argument("--total-budget", type=float, default=None,
+                   help="seconds for the whole run (from the start of training): the DiT's budget shrinks so that "
+                   "--reserve seconds are left for its compile, the evaluation and the GIF")
+    p.add_argument("--reserve", type=float, default=d.reserve)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps (keep >= 2 chunks with a time budget)")
     return p
 
 
@@ -644,7 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = TrainConfig(seed=args.seed, dit_steps=args.steps, vae_steps=args.vae_steps, dit_batch=args.dit_batch,
                       vae_batch=args.vae_batch, train_text_encoder=not args.frozen_text_encoder,
-                      dit_time_budget=args.time_budget, vae_time_budget=args.vae_time_budget)
+                      dit_time_budget=args.time_budget, vae_time_budget=args.vae_time_budget, chunk=args.chunk,
+                      vae_lr=args.vae_lr, dit_lr=args.dit_lr, warmup=args.warmup, total_budget=args.total_budget,
+                      reserve=args.reserve)
     guidance = tuple(float(g) for g in args.eval_guidance.split(","))
     train(args.out, cfg, vae_from=args.vae_from, eval_seeds=tuple(range(args.eval_seeds)), eval_guidance=guidance)
     if args.gif:

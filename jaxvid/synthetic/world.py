@@ -42,7 +42,7 @@ _DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), 
 
 FRAMES = 9  # 1 + 4k frames, as the CogVideoX VAE needs
 SIZE = 48  # frames are SIZE x SIZE pixels
-SHAPE_SIZE = 14  # side of a shape's bounding box, pixels
+SHAPE_SIZE = 18  # side of a shape's bounding box, pixels (~4.5 latent pixels at the VAE's 4x compression)
 SPEED = 2.0  # pixels per frame
 _MARGIN = 1  # pixels a shape keeps from the frame's edge
 
