@@ -47,37 +47,11 @@ COLUMNS = ("load", "compile", "steps", "decode", "write", "total", "peak_gib")
 # ------------------------------------------------------------------------------ the folder
 
 
-def _pool_values():
-    """values(key, shape): random-looking N(0, 0.02^2) bf16 (a fixed pool, read at moving offsets), norm scales 1."""
-    import ml_dtypes
-    import numpy as np
-
-    pool = (np.random.default_rng(0).standard_normal(POOL_SIZE, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-    offset = [0]
-
-    def values(key: str, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape, dtype=np.int64))
-        if "norm" in key and key.endswith(".weight"):
-            return np.ones(shape, ml_dtypes.bfloat16)
-        start = offset[0]
-        offset[0] = (start + 104729) % POOL_SIZE
-        head = pool[start:start + n]
-        return np.concatenate([head, np.resize(pool, n - head.size)]).reshape(shape)
-
-    return values
-
-
 def write_folder(folder: Path, model: str, smoke: bool) -> Path:
     """A diffusers CogVideoX pipeline folder at real size (the tiny one with `smoke`), random bf16 weights."""
-    import ml_dtypes
-
-    from convert.keymaps.t5 import encoder_rules
-    from convert.keymaps.vae_cogvideox import vae_rules
-    from convert.safetensors_io import write_safetensors_streaming
     from jaxvid.models.cogvideox import CogVideoXConfig
-    from jaxvid.models.loading import model_specs
-    from jaxvid.models.t5 import T5Config, T5Encoder
-    from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+    from jaxvid.models.t5 import T5Config
+    from jaxvid.models.vae_cogvideox import CogVideoXVAEConfig
     from jaxvid.synthetic import cogvideox as synth
 
     if (folder / "model_index.json").is_file():
@@ -86,35 +60,12 @@ def write_folder(folder: Path, model: str, smoke: bool) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     if smoke:
         synth.write_tiny_pipeline(tmp)
+        synth.write_tokenizer_json(tmp / "tokenizer")  # transformers 5 reads tokenizer.json as it is
     else:
-        bf16 = ml_dtypes.bfloat16
         tcfg = CogVideoXConfig.cogvideox_5b() if model == "5b" else CogVideoXConfig.cogvideox_2b()
         vcfg = CogVideoXVAEConfig.cogvideox_5b() if model == "5b" else CogVideoXVAEConfig.cogvideox_2b()
-        t5cfg = T5Config.t5_v1_1_xxl()
-        values = _pool_values()
-        synth.write_random_cogvideox(tmp / "transformer", tcfg, dtype=bf16, max_shard_bytes=5 * 10**9, values=values)
-        for sub, rules, model_cls, cfg, name, hf in (
-            ("vae", vae_rules(vcfg), AutoencoderKLCogVideoX, vcfg, "diffusion_pytorch_model.safetensors",
-             synth._vae_hf_config(vcfg)),
-            ("text_encoder", encoder_rules(t5cfg), T5Encoder, t5cfg, "model.safetensors", synth._t5_hf_config(t5cfg)),
-        ):
-            (tmp / sub).mkdir(parents=True, exist_ok=True)
-            shapes = synth.source_shapes(rules, model_specs(model_cls, cfg))
-            write_safetensors_streaming(tmp / sub / name, {k: (s, bf16) for k, s in shapes.items()},
-                                        lambda k, shapes=shapes: values(k, shapes[k]), metadata={"format": "pt"})
-            (tmp / sub / "config.json").write_text(json.dumps(hf, indent=2))
-        (tmp / "tokenizer").mkdir()
-        (tmp / "tokenizer" / "spiece.model").write_bytes(synth.tiny_spiece_model())
-        (tmp / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(synth._tokenizer_config()))
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(synth._RANDOM_SCHEDULER_CONFIG))
-        (tmp / "model_index.json").write_text(json.dumps({
-            "_class_name": "CogVideoXPipeline", "_diffusers_version": "0.42.1",
-            "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
-            "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
-            "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
-    # transformers 5 loads tokenizer.json as it is (converting the tiny spiece.model fails in 5.17)
-    synth.write_tokenizer_json(tmp / "tokenizer")
+        synth.write_random_full_pipeline(tmp, tcfg, vcfg, T5Config.t5_v1_1_xxl(), max_shard_bytes=5 * 10**9,
+                                         values=synth.pooled_random_values(POOL_SIZE))
     tmp.rename(folder)
     return folder
 

@@ -46,16 +46,9 @@ def write_folder(folder: Path, layers: int, t5_layers: int, tiny: bool) -> Path:
     """A diffusers CogVideoX folder: 5b widths with `layers` DiT and `t5_layers` T5 layers, bf16."""
     import shutil
 
-    import ml_dtypes
-    import numpy as np
-
-    from convert.keymaps.t5 import encoder_rules
-    from convert.keymaps.vae_cogvideox import vae_rules
-    from convert.safetensors_io import write_safetensors_streaming
     from jaxvid.models.cogvideox import CogVideoXConfig
-    from jaxvid.models.loading import model_specs
-    from jaxvid.models.t5 import T5Config, T5Encoder
-    from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+    from jaxvid.models.t5 import T5Config
+    from jaxvid.models.vae_cogvideox import CogVideoXVAEConfig
     from jaxvid.synthetic import cogvideox as synth
 
     if (folder / "model_index.json").is_file():
@@ -66,40 +59,9 @@ def write_folder(folder: Path, layers: int, t5_layers: int, tiny: bool) -> Path:
         synth.write_tiny_pipeline(tmp)
         tmp.rename(folder)
         return folder
-    bf16 = ml_dtypes.bfloat16
-    pool = (np.random.default_rng(0).standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(bf16)
-    offset = [0]
-
-    def values(key: str, shape: tuple[int, ...]) -> np.ndarray:
-        if "norm" in key and key.endswith(".weight"):
-            return np.ones(shape, bf16)
-        n = int(np.prod(shape, dtype=np.int64))
-        offset[0] = (offset[0] + 7919) % pool.size
-        return np.resize(np.roll(pool, -offset[0]), n).reshape(shape)
-
-    tcfg = CogVideoXConfig.cogvideox_5b(num_layers=layers)
-    vcfg = CogVideoXVAEConfig.cogvideox_5b()
-    t5cfg = T5Config.t5_v1_1_xxl(num_layers=t5_layers)
-    synth.write_random_cogvideox(tmp / "transformer", tcfg, dtype=bf16, values=values)
-    for sub, rules, model_cls, cfg, name, hf in (
-        ("vae", vae_rules(vcfg), AutoencoderKLCogVideoX, vcfg, "diffusion_pytorch_model.safetensors",
-         synth._vae_hf_config(vcfg)),
-        ("text_encoder", encoder_rules(t5cfg), T5Encoder, t5cfg, "model.safetensors", synth._t5_hf_config(t5cfg)),
-    ):
-        (tmp / sub).mkdir(parents=True)
-        shapes = synth.source_shapes(rules, model_specs(model_cls, cfg))
-        write_safetensors_streaming(tmp / sub / name, {k: (s, bf16) for k, s in shapes.items()},
-                                    lambda k, shapes=shapes: values(k, shapes[k]), metadata={"format": "pt"})
-        (tmp / sub / "config.json").write_text(json.dumps(hf, indent=2))
-    (tmp / "tokenizer").mkdir()
-    (tmp / "tokenizer" / "spiece.model").write_bytes(synth.tiny_spiece_model())
-    (tmp / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(synth._tokenizer_config()))
-    (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(synth._RANDOM_SCHEDULER_CONFIG))
-    (tmp / "model_index.json").write_text(json.dumps({
-        "_class_name": "CogVideoXPipeline", "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
-        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
-        "transformer": ["diffusers", "CogVideoXTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    synth.write_random_full_pipeline(tmp, CogVideoXConfig.cogvideox_5b(num_layers=layers),
+                                     CogVideoXVAEConfig.cogvideox_5b(), T5Config.t5_v1_1_xxl(num_layers=t5_layers),
+                                     values=synth.pooled_random_values(1 << 22))
     tmp.rename(folder)
     return folder
 

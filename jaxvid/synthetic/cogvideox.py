@@ -341,6 +341,78 @@ def write_random_pipeline(folder: str | os.PathLike, cfg: CogVideoXConfig, *, se
     return folder
 
 
+def pooled_random_values(pool_size: int = 1 << 24, seed: int = 0) -> Callable[[str, tuple[int, ...]], np.ndarray]:
+    """values(key, shape) for the writers' `values=`: random-looking N(0, 0.02^2) bf16 read from one
+    fixed pool at moving offsets (norm scales 1), so writing 20 GB of weights takes seconds."""
+    import ml_dtypes
+
+    pool = (np.random.default_rng(seed).standard_normal(pool_size, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    offset = [0]
+
+    def values(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64))
+        if "norm" in key and key.endswith(".weight"):
+            return np.ones(shape, ml_dtypes.bfloat16)
+        start = offset[0]
+        offset[0] = (start + 104729) % pool_size
+        head = pool[start:start + n]
+        return np.concatenate([head, np.resize(pool, n - head.size)]).reshape(shape)
+
+    return values
+
+
+def write_random_full_pipeline(
+    folder: str | os.PathLike,
+    transformer: CogVideoXConfig,
+    vae: CogVideoXVAEConfig,
+    text_encoder: T5Config,
+    *,
+    values: Callable[[str, tuple[int, ...]], np.ndarray],
+    dtype: Any = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """A whole diffusers CogVideoX pipeline folder of any size (transformer/, vae/, text_encoder/,
+    the tiny tokenizer (spiece.model and tokenizer.json), DDIM scheduler/, model_index.json) with
+    weights from `values(key, shape)` in `dtype` (default bf16), written one tensor at a time; what
+    the benchmarks load with both libraries. Returns the folder."""
+    import ml_dtypes
+
+    from convert.keymaps.t5 import encoder_rules
+    from convert.keymaps.vae_cogvideox import vae_rules
+    from jaxvid.models.loading import model_specs
+    from jaxvid.models.t5 import T5Encoder
+    from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX
+
+    folder = Path(folder)
+    dtype = np.dtype(dtype if dtype is not None else ml_dtypes.bfloat16)
+    write_random_cogvideox(folder / "transformer", transformer, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                           values=values)
+    for sub, rules, model_cls, cfg, name, hf in (
+        ("vae", vae_rules(vae), AutoencoderKLCogVideoX, vae, "diffusion_pytorch_model.safetensors",
+         _vae_hf_config(vae)),
+        ("text_encoder", encoder_rules(text_encoder), T5Encoder, text_encoder, "model.safetensors",
+         _t5_hf_config(text_encoder)),
+    ):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        shapes = source_shapes(rules, model_specs(model_cls, cfg))
+        write_safetensors_streaming(folder / sub / name, {k: (s, dtype) for k, s in shapes.items()},
+                                    lambda k, shapes=shapes: values(k, shapes[k]).astype(dtype, copy=False),
+                                    metadata={"format": "pt"})
+        (folder / sub / "config.json").write_text(json.dumps(hf, indent=2))
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer" / "spiece.model").write_bytes(tiny_spiece_model())
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config()))
+    write_tokenizer_json(folder / "tokenizer")  # transformers 5 reads tokenizer.json as it is
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_RANDOM_SCHEDULER_CONFIG))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "CogVideoXPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    return folder
+
+
 def write_tokenizer_json(tokenizer_dir: str | os.PathLike) -> Path:
     """Write `tokenizer.json` (the `tokenizers` library's format) beside a tiny folder's spiece.model.
 
