@@ -53,15 +53,25 @@ class Row:
     note: str = ""
 
 
-def median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
+def median_ms(fn, *args, repeats: int, sync=jax.block_until_ready) -> float:
+    """Median wall-clock ms of `sync(fn(*args))` over `repeats` calls after two warm-up calls (the
+    first compiles). `sync` waits for the result: JAX's by default; a torch caller passes one that
+    calls torch.cuda.synchronize(), so both frameworks are timed the same way."""
+    sync(fn(*args))  # compile + warm-up
+    sync(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        sync(fn(*args))
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def cudnn_dense_ms(q, k, v, *, repeats: int) -> float:
+    """Median ms of cuDNN's dense attention (`jax.nn.dot_product_attention(implementation="cudnn")`)
+    on q, k, v [B, S, H, D]: the rate every kernel row is compared with."""
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    return median_ms(dense, q, k, v, repeats=repeats)
 
 
 def make_qkv(spec: AttentionSpec, seed: int = 0):
@@ -128,8 +138,7 @@ def bench_case(spec: AttentionSpec, *, impl: str, repeats: int, cudnn_cache: dic
     q, k, v = make_qkv(spec)
     key = (spec.batch, spec.padded_seq, spec.heads, spec.head_dim)
     if key not in cudnn_cache:
-        dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-        cudnn_cache[key] = median_ms(dense, q, k, v, repeats=repeats)
+        cudnn_cache[key] = cudnn_dense_ms(q, k, v, repeats=repeats)
     cudnn_ms = cudnn_cache[key]
     cudnn_rate = flops(spec, 1.0) / cudnn_ms / 1e9
     rows = [Row(spec.name, "cudnn-dense", cudnn_ms, 1.0, cudnn_rate, 1.0)]
