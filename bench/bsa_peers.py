@@ -381,7 +381,8 @@ def write_json(path: Path, payload: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", nargs="*", type=int, default=[64, 128], choices=sorted(CHUNKS))
-    parser.add_argument("--sparsities", nargs="*", type=float, default=[0.9375, 0.875])
+    parser.add_argument("--sparsities", nargs="*", type=float, default=None,
+                        help="default 0.9375 0.875 (--smoke: 0.75 0.5, which keep >= 1 block of its 4 or 8)")
     parser.add_argument("--precisions", nargs="*", default=list(OUR_PRECISIONS), choices=OUR_PRECISIONS,
                         help="our 8-bit rows beside the bf16 kernel")
     parser.add_argument("--repeats", type=int, default=7)
@@ -396,14 +397,15 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.ref_blocks < 1:
         parser.error(f"--repeats={args.repeats}, --ref-blocks={args.ref_blocks}; expected >= 1")
     kv_splits = args.kv_splits if args.kv_splits == "auto" else int(args.kv_splits)
-    for s in args.sparsities:
+    sparsities = args.sparsities or ([0.75, 0.5] if args.smoke else [0.9375, 0.875])
+    for s in sparsities:
         if not 0.0 <= s < 1.0:
             parser.error(f"--sparsities: {s}; expected values in [0, 1)")
-    if args.smoke:  # 512 tokens: 8 blocks of 64, 4 of 128; sparsities that keep >= 1 block of each
-        specs = [peer_spec(b, s, latent=(4, 8, 16), heads=2) for b in args.blocks for s in (0.75, 0.5)]
+    if args.smoke:  # 512 tokens: 8 blocks of 64, 4 of 128
+        specs = [peer_spec(b, s, latent=(4, 8, 16), heads=2) for b in args.blocks for s in sparsities]
         repeats = 1
     else:
-        specs = [peer_spec(b, s) for b in args.blocks for s in args.sparsities]
+        specs = [peer_spec(b, s) for b in args.blocks for s in sparsities]
         repeats = args.repeats
     device = jax.devices()[0].device_kind
     rows = run(specs, precisions=tuple(args.precisions), repeats=repeats, ref_blocks=args.ref_blocks,
