@@ -135,7 +135,7 @@ def to_cudnn_tables(kv_indices: np.ndarray, kv_counts: np.ndarray, *, batch: int
         raise ValueError("kv_indices: the listed key blocks of a row must be strictly ascending")
     if rows.min() < 0:
         raise ValueError(f"kv_indices: negative key block id {rows.min()}")
-    idx = np.ascontiguousarray(np.broadcast_to(rows, (batch, heads, *rows.shape[2:])))
+    idx = np.broadcast_to(rows, (batch, heads, *rows.shape[2:])).copy()  # contiguous, writable
     return CudnnTables(idx=idx, k_per_row=k)
 
 
@@ -250,14 +250,39 @@ def cudnn_rows(spec, q, k, v, tables: CudnnTables, ref, plan, *, repeats, dense_
     return out_rows
 
 
+def _to_torch_bhsd(x):
+    """A JAX bf16 [B, S, H, D] array as a contiguous torch CUDA tensor [B, H, S, D] (same values):
+    through DLPack, or through host memory should this jax/torch pair not exchange DLPack."""
+    import torch
+
+    jax.block_until_ready(x)
+    try:
+        t = torch.from_dlpack(x)
+    except Exception as exc:  # noqa: BLE001  (any failure: take the slow, sure path)
+        log.warning("DLPack jax -> torch failed (%s); copying through host memory", exc)
+        t = torch.from_numpy(np.asarray(x).view(np.uint16).copy()).view(torch.bfloat16).cuda()
+    return t.permute(0, 2, 1, 3).contiguous()
+
+
+def peer_versions() -> str:
+    """cuDNN frontend / CUTLASS DSL / torch versions, or why they do not import."""
+    try:
+        import cudnn
+        import cutlass
+        import torch
+
+        return f"cudnn-frontend {cudnn.__version__}, cutlass-dsl {cutlass.__version__}, torch {torch.__version__}"
+    except Exception as exc:  # noqa: BLE001
+        return f"cuDNN frontend not importable: {type(exc).__name__}: {exc}"
+
+
 def _cudnn_rows(spec, q, k, v, tables, ref, plan, *, repeats, dense_rate, kv_splits) -> list[Row]:
     import torch
     from cudnn import BSA
 
     _, rows, heads = plan
     density = tables.k_per_row / (spec.padded_seq // spec.block)
-    jax.block_until_ready((q, k, v))
-    q_t, k_t, v_t = (torch.from_dlpack(x).permute(0, 2, 1, 3).contiguous() for x in (q, k, v))  # BSHD -> BHSD
+    q_t, k_t, v_t = (_to_torch_bhsd(x) for x in (q, k, v))
     idx_t = torch.from_numpy(tables.idx).to(q_t.device)
     calls = {
         "cudnn-bsa-bf16": lambda: BSA.block_sparse_attention_forward(
@@ -408,6 +433,8 @@ def main(argv=None) -> int:
         specs = [peer_spec(b, s) for b in args.blocks for s in sparsities]
         repeats = args.repeats
     device = jax.devices()[0].device_kind
+    if not args.smoke:
+        device += f"; {peer_versions()}"
     rows = run(specs, precisions=tuple(args.precisions), repeats=repeats, ref_blocks=args.ref_blocks,
                with_cudnn=not args.smoke, kv_splits=kv_splits, seed=args.seed)
     print(format_table(rows, device))

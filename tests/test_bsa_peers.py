@@ -7,8 +7,6 @@ by that definition, with our own block mask and fp32 reference (pallas_kernels.r
 """
 from __future__ import annotations
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,11 +86,66 @@ def test_check_cudnn_args_names_the_wrong_argument():
         bsa_peers.check_cudnn_args((1, 2, 250, 128), tables, 64, sage=False)
 
 
-def test_smoke_mode_runs_on_cpu(tmp_path):
-    out = tmp_path / "peers.json"
-    argv = ["--smoke", "--blocks", "128", "--sparsities", "0.5", "--precisions", "--ref-blocks", "2", "--json", str(out)]
-    assert bsa_peers.main(argv) == 0
-    rows = json.loads(out.read_text())["rows"]
-    ours = [r for r in rows if r["impl"] == "jaxvid-bf16"]
-    assert len(ours) == 1 and ours[0]["rel_l2_fp32"] < 1e-2  # bf16 inputs vs fp32 maths
-    assert [r["impl"] for r in rows].count("cudnn-args") == 1
+def test_smoke_row_checks_cudnn_arguments_and_semantics():
+    spec = bsa_peers.peer_spec(64, 0.5, latent=(4, 4, 16), heads=2)  # 4 blocks of 64, 2 per row
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 256, 2, 128)), jnp.bfloat16) for _ in range(3))
+    indices, counts, tables = bsa_peers.case_tables(spec, seed=0)
+    row = bsa_peers._smoke_cudnn_row(spec, q, k, v, tables, indices, counts)
+    assert "same block mask" in row.note
+    wrong = bsa_peers.CudnnTables(idx=(tables.idx + 1) % 4, k_per_row=tables.k_per_row)  # other key blocks
+    with pytest.raises(AssertionError, match="differ"):
+        bsa_peers._smoke_cudnn_row(spec, q, k, v, wrong, indices, counts)
+
+
+def _fake_cudnn_module(calls: list):
+    """A stand-in for `cudnn` whose BSA checks its arguments as cuDNN frontend 1.32's wrappers
+    document them and computes attention by that definition in fp32 (CPU torch tensors)."""
+    import types
+
+    import torch
+
+    def attention(q, k, v, idx, k_per_row, block):
+        assert q.dtype == torch.bfloat16 and q.is_contiguous() and q.shape == k.shape == v.shape  # BHSD
+        b, h, s, _ = q.shape
+        assert idx.dtype == torch.int32 and tuple(idx.shape[:3]) == (b, h, s // block)
+        assert 1 <= k_per_row <= idx.shape[-1]
+        qf, kf, vf = (x.float() for x in (q, k, v))
+        out = torch.zeros_like(qf)
+        for bi, hi, i in np.ndindex(b, h, s // block):
+            keys = torch.cat([torch.arange(j * block, (j + 1) * block) for j in idx[bi, hi, i, :k_per_row].tolist()])
+            p = torch.softmax(qf[bi, hi, i * block:(i + 1) * block] @ kf[bi, hi, keys].T / q.shape[-1] ** 0.5, -1)
+            out[bi, hi, i * block:(i + 1) * block] = p @ vf[bi, hi, keys]
+        return out.to(torch.bfloat16)
+
+    def forward(q, k, v, idx, block_sparse_num, *, sparse_block_size, kv_splits=1):
+        calls.append(("bf16", sparse_block_size, kv_splits))
+        return {"o_tensor": attention(q, k, v, idx, block_sparse_num, sparse_block_size)}
+
+    def fp8_forward(q, k, v, idx, block_sparse_num, *, sparse_block_size):
+        calls.append(("fp8", sparse_block_size, None))
+        return {"o_tensor": attention(q, k, v, idx, block_sparse_num, sparse_block_size)}
+
+    module = types.ModuleType("cudnn")
+    module.BSA = types.SimpleNamespace(block_sparse_attention_forward=forward,
+                                       block_sparse_attention_fp8_forward=fp8_forward)
+    return module
+
+
+def test_cudnn_rows_pass_the_tables_and_read_the_output_in_cudnn_layout(monkeypatch):
+    torch = pytest.importorskip("torch")
+    calls: list = []
+    monkeypatch.setitem(__import__("sys").modules, "cudnn", _fake_cudnn_module(calls))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a, **k: None)
+    spec = bsa_peers.peer_spec(64, 0.5, latent=(4, 4, 16), heads=2)  # 4 blocks of 64, 2 per row
+    q, k, v = bsa_peers.make_qkv(spec, 0)
+    indices, counts, tables = bsa_peers.case_tables(spec, seed=0)
+    plan = bsa_peers.slice_plan(spec, 2)
+    ref = bsa_peers.fp32_reference_slice(q, k, v, indices, counts, spec, *plan)  # ours, on our tables
+    rows = bsa_peers.cudnn_rows(spec, q, k, v, tables, ref, plan, repeats=1, dense_rate=None, kv_splits=1)
+    by_impl = {r.impl: r for r in rows}
+    assert calls[0] == ("bf16", 64, 1) and calls[-1] == ("fp8", 64, None)
+    for impl in ("cudnn-bsa-bf16", "cudnn-bsa-sage-fp8"):
+        assert not by_impl[impl].note.startswith("FAILED"), by_impl[impl].note
+        assert by_impl[impl].rel_l2_fp32 < 1e-2, (impl, by_impl[impl].rel_l2_fp32)  # bf16 output vs fp32
