@@ -8,6 +8,7 @@ Rows per case (LongCat 720p: B1, S 84480, H32, D128; 64-token blocks = 4x4x4 chu
   cudnn-dense         jax.nn.dot_product_attention(implementation="cudnn"), timed once per run
   jaxvid-bf16         pallas_kernels.api.block_sparse_attention (the Mosaic GPU kernel)
   jaxvid-fp8 / -int8-fp8   the same entry point with precision= (Sage-style, quantization included)
+  jaxvid-*/pv-bf16    with --pv-bf16: the 8-bit kernels with a bf16 P.V (block_sparse_mgpu_fp8, pv="bf16")
   cudnn-bsa-bf16      cudnn.BSA.block_sparse_attention_forward (CuTe DSL, SM90 path)
   cudnn-bsa-sage-fp8  cudnn.BSA.block_sparse_attention_fp8_forward (its quantization included)
 Columns: median ms (wall clock, after two warm-up calls; bench.attention.median_ms for both
@@ -217,17 +218,26 @@ def _slice_bshd(out, rows, heads) -> np.ndarray:
     return np.asarray(jnp.take(jnp.take(out, jnp.asarray(rows), axis=1), jnp.asarray(heads), axis=2), np.float32)
 
 
-def our_rows(spec, q, k, v, indices, counts, ref, plan, *, precisions, repeats, dense_rate) -> list[Row]:
-    """jaxvid's kernel at bf16 and each 8-bit precision on the tables; time and error vs `ref`."""
+def our_rows(spec, q, k, v, indices, counts, ref, plan, *, precisions, repeats, dense_rate,
+             pv_bf16: bool = False) -> list[Row]:
+    """jaxvid's kernel at bf16 and each 8-bit precision on the tables; time and error vs `ref`.
+    pv_bf16 adds each 8-bit precision with the bf16 P.V (the Mosaic fp8 kernel's fallback; GPU only)."""
     from pallas_kernels.api import block_sparse_attention
 
     density = float(np.mean(counts)) / (spec.padded_seq // spec.block)
     blocks, rows, heads = plan
+    variants = [("bf16", None), *((p, None) for p in precisions), *((p, "bf16") for p in precisions if pv_bf16)]
     out_rows = []
-    for precision in ("bf16", *precisions):
-        impl = f"jaxvid-{precision}"
-        fn = jax.jit(lambda q, k, v, i, c, p=precision: block_sparse_attention(
-            q, k, v, i, c, block_q=spec.block, block_kv=spec.block, precision=p))
+    for precision, pv in variants:
+        impl = f"jaxvid-{precision}" + ("" if pv is None else "/pv-bf16")
+        if pv is None:
+            fn = jax.jit(lambda q, k, v, i, c, p=precision: block_sparse_attention(
+                q, k, v, i, c, block_q=spec.block, block_kv=spec.block, precision=p))
+        else:
+            from pallas_kernels.block_sparse_mgpu_fp8 import block_sparse_attention_mgpu_fp8
+
+            fn = jax.jit(lambda q, k, v, i, c, p=precision, pv=pv: block_sparse_attention_mgpu_fp8(
+                q, k, v, i, c, block_q=spec.block, block_kv=spec.block, precision=p, pv=pv))
         i_j, c_j = jnp.asarray(indices), jnp.asarray(counts)
         try:
             ms = median_ms(fn, q, k, v, i_j, c_j, repeats=repeats)
@@ -334,7 +344,7 @@ def case_tables(spec: AttentionSpec, seed: int):
     return indices, counts, to_cudnn_tables(indices, counts, batch=spec.batch, heads=spec.heads)
 
 
-def run(specs, *, precisions, repeats, ref_blocks, with_cudnn, kv_splits, seed=0) -> list[Row]:
+def run(specs, *, precisions, repeats, ref_blocks, with_cudnn, kv_splits, seed=0, pv_bf16=False) -> list[Row]:
     """Every row of every spec; cuDNN dense is timed once (all specs share B, S, H, D)."""
     rows: list[Row] = []
     dense_rate = None
@@ -354,7 +364,7 @@ def run(specs, *, precisions, repeats, ref_blocks, with_cudnn, kv_splits, seed=0
         plan = slice_plan(spec, ref_blocks)
         ref = fp32_reference_slice(q, k, v, indices, counts, spec, *plan)
         rows += our_rows(spec, q, k, v, indices, counts, ref, plan, precisions=precisions, repeats=repeats,
-                         dense_rate=dense_rate)
+                         dense_rate=dense_rate, pv_bf16=pv_bf16)
         if with_cudnn:
             rows += cudnn_rows(spec, q, k, v, tables, ref, plan, repeats=repeats, dense_rate=dense_rate,
                                kv_splits=kv_splits)
@@ -410,6 +420,8 @@ def main(argv=None) -> int:
                         help="default 0.9375 0.875 (--smoke: 0.75 0.5, which keep >= 1 block of its 4 or 8)")
     parser.add_argument("--precisions", nargs="*", default=list(OUR_PRECISIONS), choices=OUR_PRECISIONS,
                         help="our 8-bit rows beside the bf16 kernel")
+    parser.add_argument("--pv-bf16", action="store_true",
+                        help="also our 8-bit kernels with a bf16 P.V (GPU only; ignored by --smoke)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--ref-blocks", type=int, default=16, help="query blocks (x 2 heads) of the fp32 reference")
     parser.add_argument("--kv-splits", default="1", help="cuDNN bf16 SM90 kv_splits: an int or 'auto' (default 1)")
@@ -436,7 +448,7 @@ def main(argv=None) -> int:
     if not args.smoke:
         device += f"; {peer_versions()}"
     rows = run(specs, precisions=tuple(args.precisions), repeats=repeats, ref_blocks=args.ref_blocks,
-               with_cudnn=not args.smoke, kv_splits=kv_splits, seed=args.seed)
+               with_cudnn=not args.smoke, kv_splits=kv_splits, seed=args.seed, pv_bf16=args.pv_bf16 and not args.smoke)
     print(format_table(rows, device))
     if args.json:
         write_json(args.json, {"device": device, "jax": jax.__version__, "smoke": args.smoke,
