@@ -39,8 +39,6 @@ import sys
 import time
 from pathlib import Path
 
-# JAX and torch share the GPU: JAX must not take 75% of it up front.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
@@ -430,6 +428,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check: tiny shapes, our kernel + reference, cuDNN arguments validated, not called")
     args = parser.parse_args(argv)
+    # JAX and torch share the GPU: JAX must not take 75% of it up front (read when JAX's backend starts).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.repeats < 1 or args.ref_blocks < 1:
         parser.error(f"--repeats={args.repeats}, --ref-blocks={args.ref_blocks}; expected >= 1")
