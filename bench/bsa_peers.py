@@ -284,20 +284,28 @@ def peer_versions() -> str:
         return f"cuDNN frontend not importable: {type(exc).__name__}: {exc}"
 
 
+CUDNN_IMPLS = ("cudnn-bsa-bf16", "cudnn-bsa-sage-fp8")
+
+
 def _cudnn_rows(spec, q, k, v, tables, ref, plan, *, repeats, dense_rate, kv_splits) -> list[Row]:
     import torch
-    from cudnn import BSA
 
+    try:  # a missing or broken cuDNN frontend fails its rows, not the run
+        from cudnn import BSA
+
+        q_t, k_t, v_t = (_to_torch_bhsd(x) for x in (q, k, v))
+        idx_t = torch.from_numpy(tables.idx).to(q_t.device)
+    except Exception as exc:
+        log.exception("%s: cuDNN BSA unavailable", spec.name)
+        return [_failed_row(spec, impl, exc) for impl in CUDNN_IMPLS]
     _, rows, heads = plan
     density = tables.k_per_row / (spec.padded_seq // spec.block)
-    q_t, k_t, v_t = (_to_torch_bhsd(x) for x in (q, k, v))
-    idx_t = torch.from_numpy(tables.idx).to(q_t.device)
-    calls = {
-        "cudnn-bsa-bf16": lambda: BSA.block_sparse_attention_forward(
+    calls = dict(zip(CUDNN_IMPLS, (
+        lambda: BSA.block_sparse_attention_forward(
             q_t, k_t, v_t, idx_t, tables.k_per_row, sparse_block_size=spec.block, kv_splits=kv_splits)["o_tensor"],
-        "cudnn-bsa-sage-fp8": lambda: BSA.block_sparse_attention_fp8_forward(
+        lambda: BSA.block_sparse_attention_fp8_forward(
             q_t, k_t, v_t, idx_t, tables.k_per_row, sparse_block_size=spec.block)["o_tensor"],
-    }
+    )))
     out_rows = []
     for impl, call in calls.items():
         try:

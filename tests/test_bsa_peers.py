@@ -149,3 +149,13 @@ def test_cudnn_rows_pass_the_tables_and_read_the_output_in_cudnn_layout(monkeypa
     for impl in ("cudnn-bsa-bf16", "cudnn-bsa-sage-fp8"):
         assert not by_impl[impl].note.startswith("FAILED"), by_impl[impl].note
         assert by_impl[impl].rel_l2_fp32 < 1e-2, (impl, by_impl[impl].rel_l2_fp32)  # bf16 output vs fp32
+
+
+def test_missing_cudnn_fails_its_rows_not_the_run(monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setitem(__import__("sys").modules, "cudnn", None)  # `from cudnn import BSA` raises ImportError
+    spec = bsa_peers.peer_spec(64, 0.5, latent=(4, 4, 16), heads=2)
+    tables = bsa_peers.case_tables(spec, seed=0)[2]
+    rows = bsa_peers.cudnn_rows(spec, None, None, None, tables, None, None, repeats=1, dense_rate=None, kv_splits=1)
+    assert [r.impl for r in rows] == list(bsa_peers.CUDNN_IMPLS)
+    assert all(r.note.startswith("FAILED ModuleNotFoundError") and "cudnn" in r.note for r in rows)
