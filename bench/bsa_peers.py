@@ -240,7 +240,9 @@ def our_rows(spec, q, k, v, indices, counts, ref, plan, *, precisions, repeats, 
         try:
             ms = median_ms(fn, q, k, v, i_j, c_j, repeats=repeats)
             err = rel_l2(_slice_bshd(fn(q, k, v, i_j, c_j), rows, heads), ref)
-            out_rows.append(_timed_row(spec, impl, ms, density, dense_rate, err))
+            n = spec.padded_seq // spec.block
+            note = f"{int(np.max(counts))} of {n} key blocks per row" if precision == "bf16" else ""
+            out_rows.append(_timed_row(spec, impl, ms, density, dense_rate, err, note))
         except Exception as exc:  # report and go on: the table must print
             log.exception("%s %s failed", spec.name, impl)
             out_rows.append(_failed_row(spec, impl, exc))
