@@ -62,8 +62,8 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     common = p.add_argument_group("common options")
     common.add_argument("--model", default=None,
                         help="CogVideoX pipeline or LongCat-Video folder, or a model id already in the local Hugging "
-                        "Face cache, e.g. THUDM/CogVideoX-5b (never downloaded; default: the embedded default model, "
-                        "jaxvid/assets/default_model, with its own frames, size, steps and guidance)")
+                        "Face cache, e.g. THUDM/CogVideoX-5b (never downloaded; default: the model embedded in jaxvid/assets, "
+                        "at its own frames, size, steps and guidance, or a random tiny one while it holds no weights)")
     common.add_argument("--prompt", default=None, help="text prompt (required with --model)")
     common.add_argument("--negative-prompt", default=None,
                         help="negative prompt for classifier-free guidance (CogVideoX: ''; LongCat: upstream's)")
