@@ -589,6 +589,18 @@ def load_model(
     return model
 
 
+def open_text_encoder(path: str | os.PathLike, dtype: Any, expect: Iterable[str], offload: Any
+                      ) -> nnx.Module | OnDemandModel:
+    """A pipeline's text encoder as `offload` (models.offload.Offload) wants it: checked and not
+    read (an OnDemandModel) where the policy reads it on demand, else loaded (and parked if the
+    policy parks it)."""
+    if offload.on_demand("text_encoder"):
+        return check_model(path, dtype=dtype, expect=expect)
+    model = load_model(path, dtype=dtype, expect=expect, host=offload.host_paths("text_encoder"))
+    offload.park_module("text_encoder", model)
+    return model
+
+
 class _WithoutInt8Pairs:
     """A tensor source minus the int8 weights and their scales (they must not pick the model dtype)."""
 

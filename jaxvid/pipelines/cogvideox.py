@@ -36,7 +36,7 @@ from flax import nnx
 
 from jaxvid.attention.plan import AttentionPlan
 from jaxvid.models.dtypes import DTYPES, resolve_dtype
-from jaxvid.models.loading import load_model, parse_config
+from jaxvid.models.loading import OnDemandModel, load_model, open_text_encoder, parse_config
 from jaxvid.models.lora_cogvideox import CogVideoXLoraLoaderMixin
 from jaxvid.models.offload import Offload
 from jaxvid.parallel import mesh_context, on_mesh, place_module, place_replicated, shard_spatial
@@ -381,7 +381,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         *,
         transformer: nnx.Module,
         vae: nnx.Module,
-        text_encoder: nnx.Module,
+        text_encoder: nnx.Module | OnDemandModel,
         tokenizer_dir: str | os.PathLike,
         scheduler_config: CogVideoXSchedulerConfig,
         scheduler: str = "ddim",
@@ -435,6 +435,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         component's stored dtype. scheduler: "ddim" / "dpm" to override the folder's scheduler.
         offload: "none" / "text" (default) / "model" / "blocks" (jaxvid.models.offload); each
         component is parked as soon as it has loaded, so loading never holds two parked ones on the device.
+        Except under "none", the T5 encoder's checkpoint is only checked here. Each `encode_prompt`
+        reads its weights to the device and drops them after encoding (`Offload.on_demand`).
         """
         path = Path(path)
         _, _, image_to_video = read_pipeline_configs(path)  # checks the layout before any weight is read
@@ -455,9 +457,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         parking.park_module("transformer", transformer)  # a no-op unless fp8 quantizing loaded it to the device
         vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",), host=parking.host_paths("vae"))
         parking.park_module("vae", vae)
-        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",),
-                                  host=parking.host_paths("text_encoder"))
-        parking.park_module("text_encoder", text_encoder)
+        text_encoder = open_text_encoder(path / "text_encoder", dtype, ("T5EncoderModel",), parking)
         pipe = cls(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer_dir=path / "tokenizer",
             scheduler_config=parse_config(CogVideoXSchedulerConfig, sched_dict, sched_file), scheduler=scheduler,
