@@ -4,6 +4,8 @@ but "none", and the video equals the one with every component resident (the refe
 offload="none", one loop call without a progress bar)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,36 +237,43 @@ def test_text_encoder_is_read_on_demand_and_leaves_nothing(folder, resident_pipe
         assert all(not a.is_deleted() for a in before.values())
         np.testing.assert_array_equal(np.asarray(embeds), np.asarray(want))
     assert caplog.text.count("text_encoder: read 0.00 GB from") == 2
+    assert pipe._encode_text.num_compiled == 1  # each read's state fits the one executable (same graphdef)
     assert memory_kinds(resident_pipe.text_encoder.state) == {"device"}
 
 
-def test_bad_text_encoder_checkpoint_fails_at_from_pretrained(folder, tmp_path):
-    """The on-demand text encoder's checkpoint is checked when the pipeline loads: a missing tensor
-    or one of the wrong shape fails in from_pretrained, naming it (load_model's check, before any
-    weight is read); a file changed after loading fails at the next encode with a clear message."""
+def test_bad_text_encoder_checkpoint_fails_at_from_pretrained(folder, tmp_path, monkeypatch):
+    """The on-demand text encoder's checkpoint is checked when the pipeline loads, before anything
+    else is read: a missing tensor or one of the wrong shape fails in from_pretrained, naming it
+    (load_model's check); a file changed after the check fails at the next read, clearly."""
     import os
     import shutil
 
+    import jaxvid.models.loading as loading
     from convert.safetensors_io import SafetensorsReader, write_safetensors
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a weight was read before the text encoder was checked")
 
     good = dict(SafetensorsReader(folder / "text_encoder").items())
     missing, wrong = "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.1.layer.1.DenseReluDense.wo.weight"
+    monkeypatch.setattr(loading, "load_arrays", no_reads)
     for case, tensors in (("missing", {k: v for k, v in good.items() if k != missing}),
                           ("wrong shape", {**good, wrong: good[wrong][:, :-1]})):
         bad = tmp_path / case
-        shutil.copytree(folder, bad)
-        for f in (bad / "text_encoder").glob("*.safetensors*"):
-            f.unlink()
+        # the folder without T5's weight files, then the bad one written in their place
+        shutil.copytree(folder, bad, ignore=lambda d, names: [n for n in names if Path(d).name == "text_encoder"
+                                                               and ".safetensors" in n])
         write_safetensors(bad / "text_encoder" / "model.safetensors", {k: np.ascontiguousarray(v) for k, v in tensors.items()})
         with pytest.raises(ValueError, match=missing if case == "missing" else wrong):
             CogVideoXPipeline.from_pretrained(bad)  # offload="text": checked, not read
+    monkeypatch.undo()
     changed = tmp_path / "changed"
-    shutil.copytree(folder, changed)
-    pipe = CogVideoXPipeline.from_pretrained(changed)
-    weights = next((changed / "text_encoder").glob("*.safetensors"))
+    shutil.copytree(folder / "text_encoder", changed)
+    checked = loading.check_model(changed)
+    weights = next(changed.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    with pytest.raises(ValueError, match="text_encoder: its files changed after the pipeline checked them"):
-        pipe.encode_prompt(["a prompt"])
+    with pytest.raises(ValueError, match="changed: its files changed after the pipeline checked them"):
+        checked.load()
 
 
 def test_step_end_callback_keeps_its_latents(resident_pipe, resident):

@@ -450,6 +450,9 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         dtype = resolve_dtype(dtype)
         t0 = time.perf_counter()
         parking = Offload(offload)
+        # first: read on demand (every policy but "none"), T5 is only checked here, so a bad file
+        # fails before gigabytes of transformer are read
+        text_encoder = open_text_encoder(path / "text_encoder", dtype, ("T5EncoderModel",), parking)
         # weights="fp8": the transformer's attention/MLP linears in e4m3 (jaxvid.models.fp8)
         # parked weights load straight into pinned host memory (host_paths), never through the device
         transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS, weights=weights,
@@ -457,7 +460,6 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         parking.park_module("transformer", transformer)  # a no-op unless fp8 quantizing loaded it to the device
         vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",), host=parking.host_paths("vae"))
         parking.park_module("vae", vae)
-        text_encoder = open_text_encoder(path / "text_encoder", dtype, ("T5EncoderModel",), parking)
         pipe = cls(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer_dir=path / "tokenizer",
             scheduler_config=parse_config(CogVideoXSchedulerConfig, sched_dict, sched_file), scheduler=scheduler,

@@ -478,13 +478,15 @@ class LongCatPipeline:
             raise ValueError(f"{path}: missing component folders {missing}; a LongCat-Video checkpoint has "
                              f"{list(COMPONENTS)} and lora/")
         parking = Offload(offload)
+        # first: read on demand (every policy but "none"), umT5 is only checked here, so a bad file
+        # fails before the DiT's gigabytes are read
+        text_encoder = open_text_encoder(path / "text_encoder", dtype, ["UMT5EncoderModel", "T5EncoderModel"], parking)
         # weights="fp8": the DiT's attention/MLP linears in e4m3 (jaxvid.models.fp8)
         # parked weights load straight into pinned host memory (host_paths): the 27 GB DiT under
         # "model" / "blocks" never passes through the device
         dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"], weights=weights,
                          host=parking.host_paths("dit"))
         parking.park_module("dit", dit)  # a no-op unless fp8 quantizing loaded it to the device
-        text_encoder = open_text_encoder(path / "text_encoder", dtype, ["UMT5EncoderModel", "T5EncoderModel"], parking)
         vae = load_model(path / "vae", dtype=dtype, expect=["AutoencoderKLWan"], host=parking.host_paths("vae"))
         parking.park_module("vae", vae)
         sched_file = path / "scheduler" / "scheduler_config.json"
