@@ -400,10 +400,10 @@ class OnDemandModel:
     is held in device or host memory: file maps and restored checkpoint groups are released after
     each read. The pipelines use it for the text encoder (see models.offload.Offload.on_demand).
 
-    `files`: the checkpoint folder, watched for changes. `graphdef` is the graph definition of `nnx.split(load())` (equal and hash-equal, so jitted stages
-    keyed on it compile once). `cfg`, `nbytes` (the loaded size) and `specs` describe the weights
-    without reading them. A checkpoint whose files change size or modification time after the
-    check raises ValueError at `load()`: reload the pipeline.
+    `graphdef` is the graph definition of `nnx.split(load())`. It is equal and hash-equal, so
+    jitted stages keyed on it compile once. `cfg`, `nbytes` (the loaded size) and `specs` describe
+    the weights without reading them. `files` is the checkpoint folder. If its files change size
+    or modification time after the check, `load()` raises ValueError: load the pipeline again.
     """
 
     def __init__(self, model_cls: Callable[..., nnx.Module], cfg: Any, rules: Iterable[Rule], source: Any, *,

@@ -107,8 +107,9 @@ class Component:
         self.graphdef, self._state = nnx.split(self._module)
 
     def load_module(self) -> nnx.Module:
-        """The module with its weights: the kept one, or for an on-demand component a new copy read
-        from its checkpoint to the device (the caller owns it; nothing else refers to it)."""
+        """The module with its weights: the kept module itself, or for an on-demand component a new
+        copy read from its checkpoint to the device, which the caller owns (nothing else refers to
+        it; it is freed when the caller drops it)."""
         if self.on_demand is None:
             return self.module
         return self._read_on_demand()
@@ -117,7 +118,7 @@ class Component:
         t0 = time.perf_counter()
         module = self.on_demand.load(desc=f"reading {self.name or 'weights'}", progress=self.progress)
         jax.block_until_ready(nnx.state(module))
-        log.info("%s: read %.2f GB from %s to the device in %.2f s (on demand, dropped after use)",
+        log.info("%s: read %.2f GB from %s to the device in %.2f s (on demand)",
                  self.name or "component", self.on_demand.nbytes / 1e9, self.on_demand.what,
                  time.perf_counter() - t0)
         return module
