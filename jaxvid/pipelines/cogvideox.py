@@ -390,7 +390,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
     ):
         if scheduler not in ("ddim", "dpm"):
             raise ValueError(f"scheduler={scheduler!r}; expected 'ddim' or 'dpm'")
-        # where weights wait between uses (jaxvid.models.offload; default: the text encoder on the host)
+        # where weights wait between uses (jaxvid.models.offload; default: the text encoder read on demand)
         self.offload = offload if isinstance(offload, Offload) else Offload(offload)
         self.transformer = Component(transformer, "transformer", self.offload)
         self.vae = Component(vae, "vae", self.offload)

@@ -428,7 +428,7 @@ class LongCatPipeline:
         from jaxvid.models.lora import LoRALibrary
 
         self.tokenizer_dir = Path(tokenizer_dir)
-        # where weights wait between uses (jaxvid.models.offload; default: the umT5 encoder on the host)
+        # where weights wait between uses (jaxvid.models.offload; default: the umT5 encoder read on demand)
         self.offload = offload if isinstance(offload, Offload) else Offload(offload)
         self.components = {name: Component(module, name, self.offload, progress=progress)
                            for name, module in (("dit", dit), ("text_encoder", text_encoder), ("vae", vae))}
