@@ -94,6 +94,19 @@ class Component:
             raise self._not_kept("state")
         return self._state
 
+    @module.setter
+    def module(self, module: nnx.Module) -> None:
+        if self.on_demand is not None:
+            raise self._not_kept("module")
+        self._module = module
+
+    @state.setter
+    def state(self, state: nnx.State) -> None:
+        """Replace the kept state (LoRA fusing sets it and the module together, see lora_cogvideox)."""
+        if self.on_demand is not None:
+            raise self._not_kept("state")
+        self._state = state
+
     @property
     def cfg(self) -> Any:
         return self.on_demand.cfg if self.on_demand is not None else self.module.cfg
