@@ -118,6 +118,8 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path, monkeypatc
     dit = pipe.components["dit"].state
     assert memory_kinds(dit["blocks"]) == {"pinned_host"} and memory_kinds(dit) == {"pinned_host", "device"}
     assert pipe.components["text_encoder"].on_demand is not None
+    with pytest.raises(ValueError, match=r"text_encoder.module: its weights are not kept.*load_module\(\)"):
+        pipe.text_encoder  # noqa: B018 (LongCat's property: a clear error, not a module without weights)
     # the caller's latents (float32, as the loop runs) go in; the loop donates only its own copy
     noise = jax.random.normal(jax.random.key(3), shape, jnp.float32)
     want = resident.generate_t2v("a cat", "blurry", latents=noise, **kw).latents
