@@ -303,6 +303,11 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path / 'params' / group}: cannot be read ({first}); "
                                   f"run `jaxvid-convert --verify {self.path}`") from None
 
+    def release(self) -> None:
+        """Drop the restored group `read` keeps for the next key (host memory of up to a group's
+        size); the next read restores it again."""
+        self._group, self._group_name = {}, None
+
     def read(self, key: str) -> np.ndarray:
         meta = self._tensors[key]
         if meta["group"] != self._group_name:

@@ -110,6 +110,12 @@ class Int8WeightOnlySource:
         paired = {m + sfx for m in self._pairs.values() for sfx in (INT8_SUFFIX, SCALE_SUFFIX)}
         self._keys = [k for k in keys if k not in paired] + list(self._pairs)
 
+    def release(self) -> None:
+        """The wrapped source's `release` (file maps / restored groups), if it has one."""
+        release = getattr(self._source, "release", None)
+        if release is not None:
+            release()
+
     def _read_skip_patterns(self) -> tuple[str, ...]:
         file = self._where / QUANTIZATION_CONFIG
         if not file.is_file():

@@ -206,6 +206,12 @@ class SafetensorsReader:
                 maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(maps[info.file], dtype=info.dtype, count=count, offset=info.start).reshape(info.shape)
 
+    def release(self) -> None:
+        """Forget the file maps `read_mapped` opened (each closes once no view of it is left); the
+        next read maps the file again. A reader kept for later reads (an on-demand model) calls
+        this after each load, so no map of a file outlives the load that used it."""
+        self.__dict__.pop("_maps", None)
+
     def nbytes(self, key: str) -> int:
         """Stored size of one tensor in bytes."""
         info = self.info(key)

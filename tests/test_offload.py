@@ -1,12 +1,16 @@
 """Offload policies (issue 15): parked components live in pinned host memory (jax's CPU backend has
-that memory kind too) and the video equals the one with every component resident (the reference:
+that memory kind too), the text encoder is read from its checkpoint on demand under every policy
+but "none", and the video equals the one with every component resident (the reference:
 offload="none", one loop call without a progress bar)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxvid.models.offload import Offload, check_policy, memory_kinds
 from jaxvid.pipelines.cogvideox import CogVideoXPipeline
@@ -32,18 +36,19 @@ def resident(resident_pipe):
 
 
 # "text" is the default, so every other pipeline test runs it (against diffusers); "blocks" only
-# changes the denoiser, so its check stops at the latents (no second VAE compile).
+# changes the denoiser, so its check stops at the latents (no second VAE compile). Under both the
+# T5 encoder is read on demand, so the videos also check its on-demand weights.
 @pytest.mark.parametrize("policy", ["model", "blocks"])
 def test_offloaded_video_equals_resident(folder, resident, policy):
     pipe = CogVideoXPipeline.from_pretrained(folder, offload=policy)
-    parked = {"text": {"text_encoder"}, "model": {"text_encoder", "transformer", "vae"},
-              "blocks": {"text_encoder", "vae"}}[policy]
+    assert pipe.text_encoder.on_demand is not None  # read from its checkpoint at each encode
+    parked = {"model": {"transformer", "vae"}, "blocks": {"vae"}}[policy]
 
     def where():
-        return {name: memory_kinds(getattr(pipe, name).state) for name in ("text_encoder", "transformer", "vae")}
+        return {name: memory_kinds(getattr(pipe, name).state) for name in ("transformer", "vae")}
 
     before = where()
-    for name in ("text_encoder", "transformer", "vae"):
+    for name in ("transformer", "vae"):
         if name in parked:
             assert before[name] == {"pinned_host"}, name
         elif not (policy == "blocks" and name == "transformer"):
@@ -81,8 +86,9 @@ def test_device_without_pinned_host_keeps_everything_resident(caplog):
 
 def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path, monkeypatch):
     """LongCat's DiT under offload="blocks": its blocks load straight into pinned host memory (the
-    device loader never sees them, nor the umT5 encoder's weights) and stream into the layer scan;
-    the denoised latents equal those of a resident pipeline bit for bit."""
+    device loader never sees them; the umT5 encoder is not read at all) and stream into the layer
+    scan; the denoised latents equal those of a resident pipeline bit for bit. umT5 is read from
+    its checkpoint once per encode_prompt (both CFG halves) and leaves nothing behind."""
     from flax import nnx
 
     import jaxvid.models.loading as loading
@@ -111,21 +117,22 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path, monkeypatc
     assert to_device and set(to_device) <= dit_paths and not any(p.startswith("blocks.") for p in to_device)
     dit = pipe.components["dit"].state
     assert memory_kinds(dit["blocks"]) == {"pinned_host"} and memory_kinds(dit) == {"pinned_host", "device"}
-    assert memory_kinds(pipe.components["text_encoder"].state) == {"pinned_host"}
+    assert pipe.components["text_encoder"].on_demand is not None
+    with pytest.raises(ValueError, match=r"text_encoder.module: its weights are not kept.*load_module\(\)"):
+        pipe.text_encoder  # noqa: B018 (LongCat's property: a clear error, not a module without weights)
     # the caller's latents (float32, as the loop runs) go in; the loop donates only its own copy
     noise = jax.random.normal(jax.random.key(3), shape, jnp.float32)
     want = resident.generate_t2v("a cat", "blurry", latents=noise, **kw).latents
     got = pipe.generate_t2v("a cat", "blurry", latents=noise, **kw).latents
     assert not noise.is_deleted()
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # umT5 goes to the device once for both CFG halves, and no copy of it stays there
-    trips: list[str] = []
-    resident_of = pipe.offload.resident
-    monkeypatch.setattr(pipe.offload, "resident", lambda name, state: trips.append(name) or resident_of(name, state))
-    before = _device_arrays()
+    # umT5 is read to the device once for both CFG halves, and no copy of it stays anywhere
+    reads: list[int] = []
+    monkeypatch.setattr(loading, "load_arrays", lambda rules, *a, **k: reads.append(1) or device_loader(rules, *a, **k))
+    before = _live_arrays()
     embeds, mask = pipe.encode_prompt("a cat", "blurry", max_sequence_length=16)
-    assert trips == ["text_encoder"]
-    assert {i for i in _device_arrays() if i not in before} == {id(embeds), id(mask)}
+    assert len(reads) == 1
+    assert {i for i in _live_arrays() if i not in before} == {id(embeds), id(mask)}
     want_embeds, want_mask = resident.encode_prompt("a cat", "blurry", max_sequence_length=16)
     np.testing.assert_array_equal(np.asarray(embeds), np.asarray(want_embeds))
     np.testing.assert_array_equal(np.asarray(mask), np.asarray(want_mask))
@@ -192,25 +199,83 @@ def test_host_loader_casts_per_tensor_like_numpy(folder):
                                       stored.T.astype(ml_dtypes.bfloat16))
 
 
-def _device_arrays() -> dict[int, jax.Array]:
-    return {id(a): a for a in jax.live_arrays() if a.sharding.memory_kind == "device"}
+def _live_arrays() -> dict[int, jax.Array]:
+    """Every live array, device and pinned host alike (references held, so no id is reused)."""
+    return {id(a): a for a in jax.live_arrays()}
 
 
-def test_text_encoder_leaves_no_device_copy_after_encoding(folder):
-    """Under the default policy the T5 encoder is on the device only while it encodes: afterwards
-    the device holds exactly what it held before plus the embeddings (no weight copy survives),
-    while offload="none" keeps the encoder's weights on the device by contract."""
+def test_text_encoder_is_read_on_demand_and_leaves_nothing(folder, resident_pipe, monkeypatch, caplog):
+    """Under the default policy from_pretrained reads no T5 weight; each encode_prompt reads them
+    from the checkpoint to the device once (one call of the device loader), and afterwards the
+    process holds exactly the arrays it held before plus the embeddings: no weight survives on
+    the device or in pinned host memory. The embeddings equal offload="none"'s bit for bit, whose
+    encoder stays on the device by contract."""
+    import jaxvid.models.loading as loading
+
+    reads: list[set[str]] = []
+    device_loader = loading.load_arrays
+
+    def spy(rules, *args, **kwargs):
+        reads.append({r.target_path for r in rules})
+        return device_loader(rules, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_arrays", spy)
     pipe = CogVideoXPipeline.from_pretrained(folder)  # offload="text"
-    t5_bytes = sum(a.nbytes for a in jax.tree.leaves(pipe.text_encoder.state))
-    assert memory_kinds(pipe.text_encoder.state) == {"pinned_host"}
-    before = _device_arrays()
-    embeds = pipe.encode_prompt(["", "a prompt"])
-    new = [a for i, a in _device_arrays().items() if i not in before]
-    assert [id(a) for a in new] == [id(embeds)], [(a.shape, a.dtype) for a in new]
-    assert all(not a.is_deleted() for a in before.values())
-    resident = CogVideoXPipeline.from_pretrained(folder, offload="none")
-    assert memory_kinds(resident.text_encoder.state) == {"device"}
-    assert sum(a.nbytes for a in jax.tree.leaves(resident.text_encoder.state)) == t5_bytes
+    t5_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(resident_pipe.text_encoder.module,
+                                                                               nnx.Param))}
+    assert len(reads) == 2 and t5_paths not in reads  # the transformer and the VAE only
+    with pytest.raises(ValueError, match="text_encoder.state: its weights are not kept.*offload='none'"):
+        pipe.text_encoder.state
+    reads.clear()
+    prompts = ["", "a prompt"]
+    want = resident_pipe.encode_prompt(prompts)
+    for n in (1, 2):  # once per encode, every time
+        before = _live_arrays()
+        with caplog.at_level("INFO", logger="jaxvid.pipelines.loop"):
+            embeds = pipe.encode_prompt(prompts)
+        assert reads == [t5_paths] * n
+        new = [a for i, a in _live_arrays().items() if i not in before]
+        assert [id(a) for a in new] == [id(embeds)], [(a.shape, a.dtype, a.sharding.memory_kind) for a in new]
+        assert all(not a.is_deleted() for a in before.values())
+        np.testing.assert_array_equal(np.asarray(embeds), np.asarray(want))
+    assert caplog.text.count("text_encoder: read 0.00 GB from") == 2
+    assert pipe._encode_text.num_compiled == 1  # each read's state fits the one executable (same graphdef)
+    assert memory_kinds(resident_pipe.text_encoder.state) == {"device"}
+
+
+def test_bad_text_encoder_checkpoint_fails_at_from_pretrained(folder, tmp_path, monkeypatch):
+    """The on-demand text encoder's checkpoint is checked when the pipeline loads, before anything
+    else is read: a missing tensor or one of the wrong shape fails in from_pretrained, naming it
+    (load_model's check); a file changed after the check fails at the next read, clearly."""
+    import os
+    import shutil
+
+    import jaxvid.models.loading as loading
+    from convert.safetensors_io import SafetensorsReader, write_safetensors
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a weight was read before the text encoder was checked")
+
+    good = dict(SafetensorsReader(folder / "text_encoder").items())
+    missing, wrong = "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.1.layer.1.DenseReluDense.wo.weight"
+    monkeypatch.setattr(loading, "load_arrays", no_reads)
+    for case, tensors in (("missing", {k: v for k, v in good.items() if k != missing}),
+                          ("wrong shape", {**good, wrong: good[wrong][:, :-1]})):
+        bad = tmp_path / case
+        # the folder without T5's weight files, then the bad one written in their place
+        shutil.copytree(folder, bad, ignore=lambda d, names: [n for n in names if Path(d).name == "text_encoder"
+                                                               and ".safetensors" in n])
+        write_safetensors(bad / "text_encoder" / "model.safetensors", {k: np.ascontiguousarray(v) for k, v in tensors.items()})
+        with pytest.raises(ValueError, match=missing if case == "missing" else wrong):
+            CogVideoXPipeline.from_pretrained(bad)  # offload="text": checked, not read
+    monkeypatch.undo()
+    changed = tmp_path / "changed"
+    shutil.copytree(folder / "text_encoder", changed)
+    checked = loading.check_model(changed)
+    weights = next(changed.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="changed: its files changed after the pipeline checked them"):
+        checked.load()
 
 
 def test_step_end_callback_keeps_its_latents(resident_pipe, resident):

@@ -91,7 +91,8 @@ class Reference:
     def __init__(self, pipe: LongCatPipeline, folder):
         self.p, self.folder = pipe, folder
         self.dtype = pipe.dit.cfg.dtype
-        self.t5 = _component(pipe._encode_text, pipe.text_encoder)
+        # the pipeline reads umT5 on demand (offload="text"): the reference holds its own device copy
+        self.t5 = _component(pipe._encode_text, pipe.components["text_encoder"].load_module())
         self.vae_encode = _component(pipe._vae_encode, pipe.vae)
         # the pipeline's decode wrapper also denormalises and post-processes (pipeline logic): not shared
         self.vae_decode = nnx.jit(lambda vae, z: vae.decode(z))
@@ -681,9 +682,9 @@ def test_converted_folder_loads_the_same_pipeline(pipe, folder, tmp_path):
     converted = convert_path(folder, tmp_path / "converted", dtype="fp32", show_progress=False)
     assert is_longcat_folder(converted)
     other = LongCatPipeline.from_pretrained(converted, progress=False)
-    for name in ("dit", "text_encoder", "vae"):
-        a = jax.tree.leaves(nnx.state(getattr(pipe, name), nnx.Param))
-        b = jax.tree.leaves(nnx.state(getattr(other, name), nnx.Param))
+    for name in ("dit", "text_encoder", "vae"):  # umT5 read on demand, from the converted checkpoint too
+        a = jax.tree.leaves(nnx.state(pipe.components[name].load_module(), nnx.Param))
+        b = jax.tree.leaves(nnx.state(other.components[name].load_module(), nnx.Param))
         assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)), name
     assert other.scheduler == pipe.scheduler
     other.enable_loras(["cfg_step_lora", "refinement_lora"])  # lora/ copied along

@@ -100,9 +100,10 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "refine: the stage-1 video")
     # memory and compilation (issue 15): jaxvid.models.offload, jaxvid.compile_cache
     common.add_argument("--offload", choices=OFFLOAD_CHOICES, default=None,
-                        help="where weights wait between uses: text = the text encoder in pinned host memory "
-                        "(default), model = every component, on the GPU only while it runs, blocks = as model and "
-                        "the DiT streams its layers from host memory inside each step, none = all on the GPU")
+                        help="where weights wait between uses: text (default) = the text encoder is read from its "
+                        "files onto the GPU for each encode and dropped after, model = as text and every other "
+                        "component waits in pinned host memory, on the GPU only while it runs, blocks = as model "
+                        "and the DiT streams its layers from host memory inside each step, none = all on the GPU")
     common.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent compilation cache folder (default: $JAXVID_COMPILE_CACHE, else "
                         "~/.cache/jaxvid/jax-compile): a second run of the same shapes compiles nothing")

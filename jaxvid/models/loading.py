@@ -383,6 +383,83 @@ def _memories(device: Any) -> list[Any]:
         return []
 
 
+def _build(model_cls: Callable[..., nnx.Module], cfg: Any, fp8: bool) -> nnx.Module:
+    model = model_cls(cfg, rngs=nnx.Rngs(0))
+    return quantize_model_fp8(model) if fp8 else model
+
+
+class OnDemandModel:
+    """A model checkpoint that has been checked but not read. It is read to the device only when
+    `load()` is called.
+
+    `check_model` builds one: the config is parsed and every key, shape and dtype of the checkpoint
+    is checked against the abstract model (`check_rules`), so a bad file fails there with the
+    errors `load_model` gives. No weight is read. `load()` reads every weight from the memory-mapped
+    safetensors (or the converted checkpoint) straight to the device (`load_arrays`) and returns a
+    new filled module each call. The caller drops it when done. Between calls nothing of the model
+    is held in device or host memory: file maps and restored checkpoint groups are released after
+    each read. The pipelines use it for the text encoder (see models.offload.Offload.on_demand).
+
+    `graphdef` is the graph definition of `nnx.split(load())`. It is equal and hash-equal, so
+    jitted stages keyed on it compile once. `cfg`, `nbytes` (the loaded size) and `specs` describe
+    the weights without reading them. `files` is the checkpoint folder. If its files change size
+    or modification time after the check, `load()` raises ValueError: load the pipeline again.
+    """
+
+    def __init__(self, model_cls: Callable[..., nnx.Module], cfg: Any, rules: Iterable[Rule], source: Any, *,
+                 ignore: Iterable[str] = (), what: str = "checkpoint", fp8: bool = False,
+                 files: str | os.PathLike | None = None, class_name: str = ""):
+        self.model_cls, self.cfg, self.source, self.what, self.fp8 = model_cls, cfg, source, what, fp8
+        self.class_name = class_name or getattr(model_cls, "__name__", "model")
+        abstract = nnx.eval_shape(lambda: _build(model_cls, cfg, fp8))
+        self.graphdef = nnx.split(abstract)[0]
+        self._param_graphdef, self.specs, self._flat, self._rest = abstract_params(abstract)
+        self.rules = check_rules(rules, source, self.specs, ignore=ignore, what=what)
+        self._files = Path(files) if files is not None else None
+        self._fingerprint = _fingerprint(self._files) if self._files is not None else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the loaded weights (in the model's dtypes)."""
+        return int(sum(np.prod(tuple(s.shape), dtype=np.int64) * np.dtype(s.dtype).itemsize
+                       for s in self.specs.values()))
+
+    def load(self, *, host: Callable[[str], bool] | None = None, progress: bool = True,
+             desc: str | None = None) -> nnx.Module:
+        """The module with every Param read from the checkpoint: on the device, or for the paths
+        `host` selects straight into pinned host memory (`load_arrays_to_host`)."""
+        if self._fingerprint is not None and _fingerprint(self._files) != self._fingerprint:
+            raise ValueError(f"{self._files}: its files changed after the pipeline checked them; "
+                             "load the pipeline again")
+        desc = desc or f"loading {Path(self.what).name or self.what}"
+        to_host = [r for r in self.rules if host is not None and host(r.target_path)]
+        to_device = [r for r in self.rules if host is None or not host(r.target_path)]
+        try:
+            arrays = load_arrays(to_device, self.source, self.specs, progress=progress, desc=desc) if to_device else {}
+            if to_host:
+                arrays.update(load_arrays_to_host(to_host, self.source, self.specs, progress=progress,
+                                                  desc=desc + " to host memory"))
+        finally:
+            release = getattr(self.source, "release", None)
+            if release is not None:
+                release()  # no file map or restored group outlives the read
+        filled = []
+        for path, v in self._flat:
+            key = ".".join(str(p) for p in path)
+            filled.append((path, v.replace(arrays.pop(key))))
+        return nnx.merge(self._param_graphdef, nnx.from_flat_state(filled), self._rest)
+
+
+def _fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """(relative path, size, mtime_ns) of every file under `folder`, sorted: a cheap 'unchanged' check."""
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            st = os.stat(os.path.join(root, name))
+            out.append((os.path.relpath(os.path.join(root, name), folder), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(out))
+
+
 def fill_model(
     model_cls: Callable[..., nnx.Module],
     cfg: Any,
@@ -405,24 +482,8 @@ def fill_model(
     host memory holds no copy of any weight, and device memory holds the model plus the few
     tensors in flight.
     """
-    def build() -> nnx.Module:
-        model = model_cls(cfg, rngs=nnx.Rngs(0))
-        return quantize_model_fp8(model) if fp8 else model
-
-    abstract = nnx.eval_shape(build)
-    graphdef, specs, flat, rest = abstract_params(abstract)
-    rules = check_rules(rules, source, specs, ignore=ignore, what=what)
-    desc = f"loading {Path(what).name or what}"
-    to_host = [r for r in rules if host is not None and host(r.target_path)]
-    to_device = [r for r in rules if host is None or not host(r.target_path)]
-    arrays = load_arrays(to_device, source, specs, progress=progress, desc=desc) if to_device else {}
-    if to_host:
-        arrays.update(load_arrays_to_host(to_host, source, specs, progress=progress, desc=desc + " to host memory"))
-    filled = []
-    for path, v in flat:
-        key = ".".join(str(p) for p in path)
-        filled.append((path, v.replace(arrays.pop(key))))
-    return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
+    checked = OnDemandModel(model_cls, cfg, rules, source, ignore=ignore, what=what, fp8=fp8)
+    return checked.load(host=host, progress=progress)
 
 
 def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None,
@@ -436,37 +497,19 @@ def config_for(entry: ModelEntry, hf_config: dict[str, Any], dtype: Any | None,
     return cfg
 
 
-def load_model(
+def check_model(
     path: str | os.PathLike,
     *,
     dtype: Any | None = None,
     expect: Iterable[str] | None = None,
     config_overrides: dict[str, Any] | None = None,
-    weights: str | None = None,
-    host: Callable[[str], bool] | None = None,
-) -> nnx.Module:
-    """Load a model from a jaxvid checkpoint or a diffusers/transformers folder (config.json + safetensors).
-
-    `dtype` ("bf16" / "fp32" / "fp16", their long names, or a jnp dtype) sets both parameter and compute
-    dtype; None uses the dtype that
-    holds most of the stored weights (a bf16 checkpoint loads as bf16, an fp32 one as fp32).
-    `expect` restricts the accepted model classes (clear error otherwise).
-    `config_overrides` replaces config.json entries before the config is built (same keys and
-    value formats as config.json, e.g. {"enable_bsa": True, "bsa_params": {...}} for LongCat);
-    only run-time switches make sense here, since the weights must still fit the model.
-    `weights="fp8"` quantizes the DiT's linear layers to e4m3 with per-channel scales after loading
-    (jaxvid.models.fp8; CogVideoX and LongCat transformers); a checkpoint converted with
-    `jaxvid-convert --weights fp8` loads as fp8 whatever `weights` says.
-    A folder in LongCat-Video's INT8 weight-only layout (`<linear>.weight_int8` + `.weight_scale`,
-    upstream's `base_model_int8/`) loads dequantized to `dtype` (convert.int8_weights).
-    `host(path)`: True for the Params ('.'-joined paths, e.g. "transformer_blocks.ff.proj_in.kernel")
-    that load straight into pinned host memory (an offload policy's parked weights: see
-    models.offload.Offload.host_paths); None loads everything to the device. Quantizing to fp8
-    after loading runs on the device, so with `weights="fp8"` on an unquantized checkpoint every
-    Param loads to the device first (the caller parks them after).
+) -> OnDemandModel:
+    """The model in `path` (a jaxvid checkpoint or a diffusers/transformers folder), checked and not
+    read: its config parsed and every stored key, shape and dtype checked against the model (the
+    errors `load_model` gives for a bad file come from here). `.load()` reads the weights.
+    `dtype`, `expect` and `config_overrides` as in `load_model`.
     """
     path = Path(path)
-    weights = resolve_weights(weights)
     dtype = resolve_dtype(dtype)  # "bf16", "bfloat16", jnp.bfloat16, ...: the spellings load_pipeline takes
     hf_config = read_config(path)
     if config_overrides:
@@ -501,13 +544,60 @@ def load_model(
         ignore: tuple[str, ...] = ()
     else:
         rules, ignore = rules_for(entry, cfg, source), entry.ignore
-    if weights == "fp8" and not stored_fp8:
-        host = None  # quantized on the device below
-    model = fill_model(resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path), fp8=stored_fp8,
-                       host=host)
-    if weights == "fp8" and not stored_fp8:
+    checked = OnDemandModel(resolve(entry.model), cfg, rules, source, ignore=ignore, what=str(path),
+                            fp8=stored_fp8, files=path, class_name=class_name)
+    return checked
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: Any | None = None,
+    expect: Iterable[str] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    weights: str | None = None,
+    host: Callable[[str], bool] | None = None,
+) -> nnx.Module:
+    """Load a model from a jaxvid checkpoint or a diffusers/transformers folder (config.json + safetensors).
+
+    `dtype` ("bf16" / "fp32" / "fp16", their long names, or a jnp dtype) sets both parameter and compute
+    dtype; None uses the dtype that
+    holds most of the stored weights (a bf16 checkpoint loads as bf16, an fp32 one as fp32).
+    `expect` restricts the accepted model classes (clear error otherwise).
+    `config_overrides` replaces config.json entries before the config is built (same keys and
+    value formats as config.json, e.g. {"enable_bsa": True, "bsa_params": {...}} for LongCat);
+    only run-time switches make sense here, since the weights must still fit the model.
+    `weights="fp8"` quantizes the DiT's linear layers to e4m3 with per-channel scales after loading
+    (jaxvid.models.fp8; CogVideoX and LongCat transformers); a checkpoint converted with
+    `jaxvid-convert --weights fp8` loads as fp8 whatever `weights` says.
+    A folder in LongCat-Video's INT8 weight-only layout (`<linear>.weight_int8` + `.weight_scale`,
+    upstream's `base_model_int8/`) loads dequantized to `dtype` (convert.int8_weights).
+    `host(path)`: True for the Params ('.'-joined paths, e.g. "transformer_blocks.ff.proj_in.kernel")
+    that load straight into pinned host memory (an offload policy's parked weights: see
+    models.offload.Offload.host_paths); None loads everything to the device. Quantizing to fp8
+    after loading runs on the device, so with `weights="fp8"` on an unquantized checkpoint every
+    Param loads to the device first (the caller parks them after).
+    `check_model` does the checks without reading the weights (the pipelines' on-demand text encoder).
+    """
+    weights = resolve_weights(weights)
+    checked = check_model(path, dtype=dtype, expect=expect, config_overrides=config_overrides)
+    quantize = weights == "fp8" and not checked.fp8
+    model = checked.load(host=None if quantize else host)  # quantized on the device below
+    if quantize:
         quantize_model_fp8(model)
-    log.info("loaded %s from %s%s", class_name, path, " (fp8 linears)" if stored_fp8 or weights == "fp8" else "")
+    log.info("loaded %s from %s%s", checked.class_name, path, " (fp8 linears)" if checked.fp8 or quantize else "")
+    return model
+
+
+def open_text_encoder(path: str | os.PathLike, dtype: Any, expect: Iterable[str], offload: Any
+                      ) -> nnx.Module | OnDemandModel:
+    """A pipeline's text encoder as `offload` (models.offload.Offload) wants it: checked and not
+    read (an OnDemandModel) where the policy reads it on demand, else loaded (and parked if the
+    policy parks it)."""
+    if offload.on_demand("text_encoder"):
+        return check_model(path, dtype=dtype, expect=expect)
+    model = load_model(path, dtype=dtype, expect=expect, host=offload.host_paths("text_encoder"))
+    offload.park_module("text_encoder", model)
     return model
 
 

@@ -3,15 +3,24 @@
 Policies (`offload=` of a pipeline, `--offload` of the CLI):
 
 - "none": every component stays on the device (fastest, most memory).
-- "text" (the default): the text encoder waits in pinned host memory and is on the device only
-  while it encodes (CogVideoX's T5-XXL is ~9.5 GB in bf16, LongCat's umT5 ~11 GB; the copy in from
-  pinned memory takes well under a second per prompt batch).
-- "model": every component (text encoder, denoiser, VAE) waits in pinned host memory and is on the
-  device only while it runs, as diffusers' `enable_model_cpu_offload()`.
+- "text" (the default): the text encoder is read on demand. A pipeline's `from_pretrained` checks
+  its checkpoint (keys, shapes, dtypes, config) but reads no weight. Each encode reads the weights
+  from the memory-mapped checkpoint straight to the device, encodes, and deletes them
+  (`Offload.on_demand`, `loading.OnDemandModel`, `pipelines.loop.Component`). CogVideoX's T5-XXL is
+  ~9.5 GB in bf16 and LongCat's umT5 ~11 GB. On an H200 (session 5,
+  bench/results/session5_h200/1_load_speed.txt) T5-XXL read from a warm page cache to the device
+  in 0.50 s (1.24 s the first time in a process, which compiles the layout programs). Filling
+  pinned host memory with it at load time had cost ~8 s.
+- "model": the text encoder as under "text"; the denoiser and the VAE wait in pinned host memory
+  and are on the device only while they run, as diffusers' `enable_model_cpu_offload()`.
 - "blocks": as "model" for the text encoder and the VAE; the denoiser's stacked blocks stay in
   pinned host memory for good and each layer's weights are copied in inside the jitted layer scan
   (`stream_in`, called by the models' scan bodies), so the device holds a layer or two at a time
   and XLA can overlap the next layer's copy with the current layer's compute.
+
+A text encoder passed to a pipeline as a loaded module (not through `from_pretrained`) has no
+checkpoint to read again. Under "text" / "model" / "blocks" it is parked in pinned host memory
+instead.
 
 Loading puts parked weights straight into pinned host memory (`host_paths` tells the loader which;
 a 27 GB LongCat DiT under "model"/"blocks" never touches the device while loading). Parking a
@@ -33,7 +42,8 @@ from typing import Any
 import jax
 from jax.sharding import SingleDeviceSharding
 
-__all__ = ["OFFLOAD_POLICIES", "DEFAULT_POLICY", "Offload", "check_policy", "memory_kinds", "stream_in"]
+__all__ = ["OFFLOAD_POLICIES", "DEFAULT_POLICY", "Offload", "check_policy", "delete_arrays", "memory_kinds",
+           "stream_in"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +83,7 @@ def _device_memory_kinds(device: Any) -> set[str]:
         return set()
 
 
-def _delete(tree: Any) -> None:
+def delete_arrays(tree: Any) -> None:
     """Free the buffers of every array in a pytree now (any other reference to them becomes invalid)."""
     for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
@@ -93,12 +103,19 @@ class Offload:
         self.policy = self.requested
         self.device = device if device is not None else jax.devices()[0]
         if self.policy != "none" and HOST_KIND not in _device_memory_kinds(self.device):
-            log.warning("offload=%r: device %s has no %s memory (jax %s), so every component stays on the device",
+            log.warning("offload=%r: device %s has no %s memory (jax %s), so no component waits in host memory "
+                        "(the text encoder is still read from its checkpoint on demand)",
                         self.policy, self.device, HOST_KIND, jax.__version__)
             self.policy = "none"
         if self.policy != "none":
             self._host = SingleDeviceSharding(self.device, memory_kind=HOST_KIND)
             self._dev = SingleDeviceSharding(self.device, memory_kind="device")
+
+    def on_demand(self, name: str) -> bool:
+        """Whether component `name` is checked at load time and read from its checkpoint each time it
+        runs, kept nowhere in between: the text encoder under every policy but "none". This needs no
+        pinned host memory, so it follows the requested policy even where parking fell back to "none"."""
+        return self.requested != "none" and name in TEXT_ENCODERS
 
     def parks(self, name: str) -> bool:
         """Whether the whole component `name` waits in host memory between uses."""
@@ -125,7 +142,7 @@ class Offload:
         if memory_kinds(tree) <= {HOST_KIND}:
             return tree  # already parked
         host = jax.block_until_ready(jax.device_put(tree, self._host))
-        _delete(tree)
+        delete_arrays(tree)
         return host
 
     def park(self, name: str, state: Any) -> Any:
@@ -169,7 +186,7 @@ class Offload:
             yield on_device
         finally:
             jax.block_until_ready(on_device)
-            _delete(on_device)
+            delete_arrays(on_device)
 
 
 def stream_in(tree: Any) -> Any:

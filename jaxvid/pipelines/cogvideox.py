@@ -36,7 +36,7 @@ from flax import nnx
 
 from jaxvid.attention.plan import AttentionPlan
 from jaxvid.models.dtypes import DTYPES, resolve_dtype
-from jaxvid.models.loading import load_model, parse_config
+from jaxvid.models.loading import OnDemandModel, load_model, open_text_encoder, parse_config
 from jaxvid.models.lora_cogvideox import CogVideoXLoraLoaderMixin
 from jaxvid.models.offload import Offload
 from jaxvid.parallel import mesh_context, on_mesh, place_module, place_replicated, shard_spatial
@@ -381,7 +381,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         *,
         transformer: nnx.Module,
         vae: nnx.Module,
-        text_encoder: nnx.Module,
+        text_encoder: nnx.Module | OnDemandModel,
         tokenizer_dir: str | os.PathLike,
         scheduler_config: CogVideoXSchedulerConfig,
         scheduler: str = "ddim",
@@ -390,7 +390,7 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
     ):
         if scheduler not in ("ddim", "dpm"):
             raise ValueError(f"scheduler={scheduler!r}; expected 'ddim' or 'dpm'")
-        # where weights wait between uses (jaxvid.models.offload; default: the text encoder on the host)
+        # where weights wait between uses (jaxvid.models.offload; default: the text encoder read on demand)
         self.offload = offload if isinstance(offload, Offload) else Offload(offload)
         self.transformer = Component(transformer, "transformer", self.offload)
         self.vae = Component(vae, "vae", self.offload)
@@ -435,6 +435,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         component's stored dtype. scheduler: "ddim" / "dpm" to override the folder's scheduler.
         offload: "none" / "text" (default) / "model" / "blocks" (jaxvid.models.offload); each
         component is parked as soon as it has loaded, so loading never holds two parked ones on the device.
+        Except under "none", the T5 encoder's checkpoint is only checked here. Each `encode_prompt`
+        reads its weights to the device and drops them after encoding (`Offload.on_demand`).
         """
         path = Path(path)
         _, _, image_to_video = read_pipeline_configs(path)  # checks the layout before any weight is read
@@ -448,6 +450,9 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         dtype = resolve_dtype(dtype)
         t0 = time.perf_counter()
         parking = Offload(offload)
+        # first: read on demand (every policy but "none"), T5 is only checked here, so a bad file
+        # fails before gigabytes of transformer are read
+        text_encoder = open_text_encoder(path / "text_encoder", dtype, ("T5EncoderModel",), parking)
         # weights="fp8": the transformer's attention/MLP linears in e4m3 (jaxvid.models.fp8)
         # parked weights load straight into pinned host memory (host_paths), never through the device
         transformer = load_model(path / "transformer", dtype=dtype, expect=_TRANSFORMERS, weights=weights,
@@ -455,9 +460,6 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         parking.park_module("transformer", transformer)  # a no-op unless fp8 quantizing loaded it to the device
         vae = load_model(path / "vae", dtype=dtype, expect=("AutoencoderKLCogVideoX",), host=parking.host_paths("vae"))
         parking.park_module("vae", vae)
-        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=("T5EncoderModel",),
-                                  host=parking.host_paths("text_encoder"))
-        parking.park_module("text_encoder", text_encoder)
         pipe = cls(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer_dir=path / "tokenizer",
             scheduler_config=parse_config(CogVideoXSchedulerConfig, sched_dict, sched_file), scheduler=scheduler,

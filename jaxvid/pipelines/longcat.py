@@ -59,6 +59,7 @@ from flax import nnx
 
 from jaxvid.attention.plan import BSA, AttentionPlan
 from jaxvid.attention.presets import BSAChoice, resolve_bsa
+from jaxvid.models.loading import OnDemandModel
 from jaxvid.models.offload import Offload
 from jaxvid.parallel import mesh_context, on_mesh, place_module, place_replicated, shard_spatial
 from jaxvid.pipelines.longcat_buckets import bucket_size
@@ -421,15 +422,15 @@ class LongCatPipeline:
     attention=plan)`; the plan is a static argument of the one jitted loop, so the DiT is split once.
     """
 
-    def __init__(self, *, tokenizer_dir: str | os.PathLike, text_encoder: nnx.Module, vae: nnx.Module,
+    def __init__(self, *, tokenizer_dir: str | os.PathLike, text_encoder: nnx.Module | OnDemandModel, vae: nnx.Module,
                  dit: nnx.Module, scheduler: flow_match.FlowMatchConfig, lora_dir: str | os.PathLike | None = None,
                  progress: bool = True, offload: str | Offload | None = None):
         from jaxvid.models.lora import LoRALibrary
 
         self.tokenizer_dir = Path(tokenizer_dir)
-        # where weights wait between uses (jaxvid.models.offload; default: the umT5 encoder on the host)
+        # where weights wait between uses (jaxvid.models.offload; default: the umT5 encoder read on demand)
         self.offload = offload if isinstance(offload, Offload) else Offload(offload)
-        self.components = {name: Component(module, name, self.offload)
+        self.components = {name: Component(module, name, self.offload, progress=progress)
                            for name, module in (("dit", dit), ("text_encoder", text_encoder), ("vae", vae))}
         self.scheduler = scheduler
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
@@ -463,8 +464,11 @@ class LongCatPipeline:
         checkpoint. `dtype` (e.g. jnp.bfloat16, upstream's choice) sets every model's parameter and
         compute dtype; None keeps the stored dtypes. `offload`: "none" / "text" (default) / "model" /
         "blocks" (jaxvid.models.offload); each component is parked as soon as it has loaded.
+        Except under "none", the umT5 encoder's checkpoint is only checked here. Each
+        `encode_prompt` reads its weights to the device and drops them after encoding
+        (`Offload.on_demand`).
         """
-        from jaxvid.models.loading import load_model, parse_config, read_json_file
+        from jaxvid.models.loading import load_model, open_text_encoder, parse_config, read_json_file
 
         path = Path(path)
         if not path.is_dir():
@@ -474,15 +478,15 @@ class LongCatPipeline:
             raise ValueError(f"{path}: missing component folders {missing}; a LongCat-Video checkpoint has "
                              f"{list(COMPONENTS)} and lora/")
         parking = Offload(offload)
+        # first: read on demand (every policy but "none"), umT5 is only checked here, so a bad file
+        # fails before the DiT's gigabytes are read
+        text_encoder = open_text_encoder(path / "text_encoder", dtype, ["UMT5EncoderModel", "T5EncoderModel"], parking)
         # weights="fp8": the DiT's attention/MLP linears in e4m3 (jaxvid.models.fp8)
         # parked weights load straight into pinned host memory (host_paths): the 27 GB DiT under
         # "model" / "blocks" never passes through the device
         dit = load_model(path / "dit", dtype=dtype, expect=["LongCatVideoTransformer3DModel"], weights=weights,
                          host=parking.host_paths("dit"))
         parking.park_module("dit", dit)  # a no-op unless fp8 quantizing loaded it to the device
-        text_encoder = load_model(path / "text_encoder", dtype=dtype, expect=["UMT5EncoderModel", "T5EncoderModel"],
-                                  host=parking.host_paths("text_encoder"))
-        parking.park_module("text_encoder", text_encoder)
         vae = load_model(path / "vae", dtype=dtype, expect=["AutoencoderKLWan"], host=parking.host_paths("vae"))
         parking.park_module("vae", vae)
         sched_file = path / "scheduler" / "scheduler_config.json"
@@ -501,6 +505,8 @@ class LongCatPipeline:
 
     @property
     def text_encoder(self) -> nnx.Module:
+        """The loaded umT5 module; a ValueError naming the alternatives when it is read on demand (every
+        offload policy but "none"): `components["text_encoder"].load_module()` reads a device copy."""
         return self.components["text_encoder"].module
 
     @property

@@ -1,6 +1,7 @@
 """The one denoising loop both pipelines share, and everything around it that is not model-specific.
 
-    Component(module)                   a loaded NNX module split once: graphdef (static) + state (jit argument)
+    Component(module)                   a loaded NNX module split once: graphdef (static) + state (jit argument),
+                                        or a checkpoint read to the device each time it runs (on demand)
     CompiledFunction(fn, static_argnums)  jit with an explicit executable cache: compile time reported apart
     StepProgress                        the tqdm bar a jitted loop ticks through jax.debug.callback
     guided_prediction(predict, x, ...)  classifier-free guidance by batch doubling [uncond; cond], any rule
@@ -22,7 +23,6 @@ executable and the same numbers either way, and the bar ticks on the host.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -35,7 +35,8 @@ from jax import lax
 
 from jaxvid.attention.plan import AttentionPlan
 from jaxvid.compile_cache import CompileCounter, compiler_options, describe
-from jaxvid.models.offload import Offload
+from jaxvid.models.loading import OnDemandModel
+from jaxvid.models.offload import Offload, delete_arrays
 from jaxvid.schedulers.guidance import split_cfg_batch
 
 __all__ = ["Component", "CompiledFunction", "StepProgress", "StepRange", "denoise_loop", "guided_prediction",
@@ -45,40 +46,109 @@ Carry = TypeVar("Carry")
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(eq=False)
 class Component:
     """A loaded NNX module split once into its graphdef (static) and state (the jit argument).
 
-    Jitted stages take `(component.graphdef, component.state, ...)`: the weights are arguments, never
-    constants. A pipeline keeps its networks as Components; placement lives here, on `state`: with
-    an `offload` (jaxvid.models.offload.Offload) the state waits in pinned host memory as the policy
-    says for `name`, and stages use `with component.resident() as state:` to have it on the device
-    while they run. Call `refresh()` after changing the module.
+    Jitted stages take `(component.graphdef, state, ...)` with `with component.resident() as
+    state:`. The weights are arguments, never constants. A pipeline keeps its networks as
+    Components, and placement lives here. With an `offload` (jaxvid.models.offload.Offload), the
+    state waits in pinned host memory as the policy says for `name`, and `resident()` puts it on
+    the device while a stage runs. Call `refresh()` after changing the module.
+
+    `module` may instead be a `jaxvid.models.loading.OnDemandModel`: a checkpoint that was checked
+    and not read (the pipelines' text encoder under every offload policy except "none"). Then
+    nothing is kept: each `resident()` reads the weights from the checkpoint straight to the
+    device and deletes them when the block ends. `graphdef` and `cfg` still work. `state` and
+    `module` raise a ValueError saying so; `load_module()` gives a device copy the caller owns.
     """
 
-    module: nnx.Module
-    name: str = ""
-    offload: Offload | None = None
-    graphdef: nnx.GraphDef = dataclasses.field(init=False)
-    state: nnx.State = dataclasses.field(init=False)
+    def __init__(self, module: nnx.Module | OnDemandModel, name: str = "", offload: Offload | None = None,
+                 progress: bool = True):
+        self.name, self.offload, self.progress = name, offload, progress  # progress: the on-demand read's bar
+        self.on_demand: OnDemandModel | None = module if isinstance(module, OnDemandModel) else None
+        self._module: nnx.Module | None = None if self.on_demand is not None else module
+        self._state: nnx.State | None = None
+        if self.on_demand is not None:
+            self.graphdef: nnx.GraphDef = self.on_demand.graphdef
+        else:
+            self.refresh()
 
-    def __post_init__(self) -> None:
-        self.refresh()
+    def _not_kept(self, what: str) -> ValueError:
+        return ValueError(
+            f"{self.name or 'this component'}.{what}: its weights are not kept in memory; they are read "
+            f"from {self.on_demand.what} each time it runs (offload={getattr(self.offload, 'requested', None)!r}). "
+            "Use `with component.resident() as state:` or `component.load_module()` (a device copy you own), "
+            "or load the pipeline with offload='none' to keep them resident")
 
-    def refresh(self) -> None:
-        """Split the module again (its structure or weights changed), parking its state per the offload policy."""
-        if self.offload is not None:
-            self.offload.park_module(self.name, self.module)  # the module holds the parked arrays too
-        self.graphdef, self.state = nnx.split(self.module)
+    @property
+    def module(self) -> nnx.Module:
+        """The loaded module (ValueError for an on-demand component: see `load_module`)."""
+        if self._module is None:
+            raise self._not_kept("module")
+        return self._module
+
+    @property
+    def state(self) -> nnx.State:
+        """The module's state where the policy keeps it (ValueError for an on-demand component)."""
+        if self._state is None:
+            raise self._not_kept("state")
+        return self._state
+
+    @module.setter
+    def module(self, module: nnx.Module) -> None:
+        if self.on_demand is not None:
+            raise self._not_kept("module")
+        self._module = module
+
+    @state.setter
+    def state(self, state: nnx.State) -> None:
+        """Replace the kept state (LoRA fusing sets it and the module together, see lora_cogvideox)."""
+        if self.on_demand is not None:
+            raise self._not_kept("state")
+        self._state = state
 
     @property
     def cfg(self) -> Any:
-        return self.module.cfg
+        return self.on_demand.cfg if self.on_demand is not None else self.module.cfg
+
+    def refresh(self) -> None:
+        """Split the module again (its structure or weights changed), parking its state per the offload policy."""
+        if self.on_demand is not None:
+            raise self._not_kept("refresh()")
+        if self.offload is not None:
+            self.offload.park_module(self.name, self._module)  # the module holds the parked arrays too
+        self.graphdef, self._state = nnx.split(self._module)
+
+    def load_module(self) -> nnx.Module:
+        """The module with its weights: the kept module itself, or for an on-demand component a new
+        copy read from its checkpoint to the device, which the caller owns (nothing else refers to
+        it; it is freed when the caller drops it)."""
+        if self.on_demand is None:
+            return self.module
+        return self._read_on_demand()
+
+    def _read_on_demand(self) -> nnx.Module:
+        t0 = time.perf_counter()
+        module = self.on_demand.load(desc=f"reading {self.name or 'weights'}", progress=self.progress)
+        jax.block_until_ready(nnx.state(module))
+        log.info("%s: read %.2f GB from %s to the device in %.2f s (on demand)",
+                 self.name or "component", self.on_demand.nbytes / 1e9, self.on_demand.what,
+                 time.perf_counter() - t0)
+        return module
 
     @contextlib.contextmanager
     def resident(self) -> Iterator[nnx.State]:
-        """The state with everything a stage needs on the device for the block's duration (a
-        temporary device copy when parked; streamed blocks stay on the host, the model copies them in)."""
+        """The state with everything a stage needs on the device for the block's duration: a
+        temporary device copy when parked, or the weights just read from the checkpoint when on
+        demand (deleted when the block ends). Streamed blocks stay on the host; the model copies them in."""
+        if self.on_demand is not None:
+            state = nnx.state(self._read_on_demand())
+            try:
+                yield state
+            finally:
+                jax.block_until_ready(state)  # computations dispatched in the block still need them
+                delete_arrays(state)
+            return
         if self.offload is None:
             yield self.state
             return
