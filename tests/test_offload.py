@@ -18,6 +18,34 @@ from jaxvid.pipelines.cogvideox import CogVideoXPipeline
 KW = dict(num_frames=9, height=32, width=32, num_inference_steps=2, seed=1)
 
 
+class DeviceLoaderSpy:
+    """Stands in for jaxvid.models.loading.load_arrays (the device loader) while `on`: records the
+    target paths of each call in `calls`, then runs the real loader (`real`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        import jaxvid.models.loading as loading
+
+        self._patch, self._loading, self.real = monkeypatch, loading, loading.load_arrays
+        self.calls: list[set[str]] = []
+        self.on()
+
+    def __call__(self, rules, *args, **kwargs):
+        self.calls.append({r.target_path for r in rules})
+        return self.real(rules, *args, **kwargs)
+
+    @property
+    def paths(self) -> set[str]:
+        """Every path asked for so far."""
+        return set().union(*self.calls)
+
+    def on(self) -> None:
+        self._patch.setattr(self._loading, "load_arrays", self)
+
+    def off(self) -> None:
+        self._patch.setattr(self._loading, "load_arrays", self.real)
+
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     from jaxvid.synthetic.cogvideox import write_tiny_pipeline
@@ -91,7 +119,6 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path, monkeypatc
     its checkpoint once per encode_prompt (both CFG halves) and leaves nothing behind."""
     from flax import nnx
 
-    import jaxvid.models.loading as loading
     from jaxvid.pipelines.longcat import LongCatPipeline
     from jaxvid.synthetic.longcat import write_tiny_longcat
 
@@ -102,16 +129,10 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path, monkeypatc
     s = resident.vae_scale_factor_spatial
     shape = (1, resident.dit.cfg.in_channels, (kw["num_frames"] - 1) // resident.vae_scale_factor_temporal + 1,
              kw["height"] // s, kw["width"] // s)
-    to_device: list[str] = []
-    device_loader = loading.load_arrays
-
-    def spy(rules, *args, **kwargs):
-        to_device.extend(r.target_path for r in rules)
-        return device_loader(rules, *args, **kwargs)
-
-    monkeypatch.setattr(loading, "load_arrays", spy)
+    spy = DeviceLoaderSpy(monkeypatch)
     pipe = LongCatPipeline.from_pretrained(folder, progress=False, offload="blocks")
-    monkeypatch.setattr(loading, "load_arrays", device_loader)
+    spy.off()
+    to_device = spy.paths
     # what the device loader got: the DiT's non-block weights only (umT5 and VAE parked whole)
     dit_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(pipe.dit, nnx.Param))}
     assert to_device and set(to_device) <= dit_paths and not any(p.startswith("blocks.") for p in to_device)
@@ -127,11 +148,11 @@ def test_longcat_blocks_stream_from_host_and_match_resident(tmp_path, monkeypatc
     assert not noise.is_deleted()
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # umT5 is read to the device once for both CFG halves, and no copy of it stays anywhere
-    reads: list[int] = []
-    monkeypatch.setattr(loading, "load_arrays", lambda rules, *a, **k: reads.append(1) or device_loader(rules, *a, **k))
+    spy.calls.clear()
+    spy.on()
     before = _live_arrays()
     embeds, mask = pipe.encode_prompt("a cat", "blurry", max_sequence_length=16)
-    assert len(reads) == 1
+    assert len(spy.calls) == 1
     assert {i for i in _live_arrays() if i not in before} == {id(embeds), id(mask)}
     want_embeds, want_mask = resident.encode_prompt("a cat", "blurry", max_sequence_length=16)
     np.testing.assert_array_equal(np.asarray(embeds), np.asarray(want_embeds))
@@ -148,32 +169,26 @@ def test_parked_weights_load_straight_to_host(folder, monkeypatch, policy):
 
     import jaxvid.models.loading as loading
 
-    to_device: list[str] = []
-    device_loader = loading.load_arrays
-
-    def spy(rules, *args, **kwargs):
-        to_device.extend(r.target_path for r in rules)
-        return device_loader(rules, *args, **kwargs)
-
-    monkeypatch.setattr(loading, "load_arrays", spy)
+    spy = DeviceLoaderSpy(monkeypatch)
     off = Offload(policy)
     parked = {"text": {"text_encoder"}, "model": {"text_encoder", "transformer", "vae"},
               "blocks": {"text_encoder", "vae"}}[policy]
     for name in ("text_encoder", "transformer", "vae"):
-        to_device.clear()
+        spy.calls.clear()
         model = loading.load_model(folder / name, host=off.host_paths(name))
+        to_device = spy.paths
         state = nnx.state(model, nnx.Param)
         if name in parked:
-            assert to_device == [] and memory_kinds(state) == {"pinned_host"}, name
+            assert not to_device and memory_kinds(state) == {"pinned_host"}, name
         elif policy == "blocks" and name == "transformer":
             assert to_device and not any(p.startswith("transformer_blocks.") for p in to_device)
             assert memory_kinds(state["transformer_blocks"]) == {"pinned_host"}
             assert memory_kinds(state) == {"pinned_host", "device"}
         else:
             assert memory_kinds(state) == {"device"} and to_device, name
-        monkeypatch.setattr(loading, "load_arrays", device_loader)
+        spy.off()
         reference = nnx.state(loading.load_model(folder / name), nnx.Param)
-        monkeypatch.setattr(loading, "load_arrays", spy)
+        spy.on()
         for (path, want), (_, got) in zip(nnx.to_flat_state(reference), nnx.to_flat_state(state)):
             assert got.get_value().dtype == want.get_value().dtype, path
             np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(want.get_value()), err_msg=str(path))
@@ -210,16 +225,9 @@ def test_text_encoder_is_read_on_demand_and_leaves_nothing(folder, resident_pipe
     process holds exactly the arrays it held before plus the embeddings: no weight survives on
     the device or in pinned host memory. The embeddings equal offload="none"'s bit for bit, whose
     encoder stays on the device by contract."""
-    import jaxvid.models.loading as loading
 
-    reads: list[set[str]] = []
-    device_loader = loading.load_arrays
-
-    def spy(rules, *args, **kwargs):
-        reads.append({r.target_path for r in rules})
-        return device_loader(rules, *args, **kwargs)
-
-    monkeypatch.setattr(loading, "load_arrays", spy)
+    spy = DeviceLoaderSpy(monkeypatch)
+    reads = spy.calls
     pipe = CogVideoXPipeline.from_pretrained(folder)  # offload="text"
     t5_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(resident_pipe.text_encoder.module,
                                                                                nnx.Param))}
