@@ -87,14 +87,15 @@ def fixtures_dir() -> Path:
     return root
 
 
-# The heaviest test modules, heaviest first (per-module time from `--durations=0` on 2 cores, session 4).
+# The heaviest test modules, heaviest first (per-module time from `--durations=0` on 2 cores, session 5).
 # They are collected first, and with `-n N` each module runs on one worker (see pytest_xdist_make_scheduler),
 # so the long ones start at once instead of finishing last on one worker while the other idles.
 SLOW_MODULES_FIRST = (
-    "test_notebooks.py", "test_pipeline_longcat.py", "test_pipeline_cogvideox.py", "test_lora_cogvideox.py",
-    "test_convert_reliability.py", "test_generate_cli.py", "test_vae_cogvideox.py", "test_longcat_fastvideo.py",
-    "test_attention_reference.py", "test_cogvideox_parity.py", "test_vae_wan.py", "test_longcat_parity.py",
-    "test_bad_inputs_generate.py",
+    "test_notebooks.py", "test_pipeline_longcat.py", "test_vae_cogvideox.py", "test_convert_reliability.py",
+    "test_cogvideox_parity.py", "test_pipeline_cogvideox.py", "test_vae_wan.py", "test_compile_cache.py",
+    "test_synthetic_world.py", "test_parallel.py", "test_convert_cli.py", "test_attention_reference.py",
+    "test_fp8_weights.py", "test_longcat_model.py", "test_longcat_parity.py", "test_offload.py",
+    "test_bad_inputs_generate.py", "test_generate_cli_cogvideox.py", "test_pipeline_cogvideox_features.py",
 )
 
 
