@@ -9,7 +9,9 @@ transformer through torch.compile), `jaxvid-cold` (an empty persistent compilati
 `jaxvid-warm` (the cache the cold run filled). A suffix `:POLICY` sets jaxvid's offload policy
 (`jaxvid-warm:blocks`; none / text (default) / model / blocks) and `@N` makes only N GiB of the GPU
 usable (XLA_PYTHON_CLIENT_MEM_FRACTION, from BENCH_GPU_GIB = the GPU's size, default 139.8 for an
-H200): `jaxvid-warm:model@16`.
+H200): `jaxvid-warm:model@16`; `/radial` runs jaxvid with radial attention as `--attention radial --preset
+auto` does (`jaxvid-warm/radial`: its first run in a cache filled by dense runs compiles the radial
+denoiser, so list it twice for a warm row).
 
 The folder is CogVideoX-2b or -5b at real size (T5-XXL, VAE, transformer) with random
 N(0, 0.02) bf16 weights (norm scales 1; drawn from a fixed random pool, so writing 20 GB takes
@@ -102,18 +104,35 @@ def run_jaxvid(args: argparse.Namespace) -> dict:
     from jaxvid.compile_cache import CompileCounter, enable_compile_cache
     from jaxvid.pipelines.cogvideox import CogVideoXPipeline
 
+    events: dict[str, float] = {}
+
+    def on_duration(event: str, duration: float, **_: object) -> None:  # where compile time goes, by JAX event
+        events[event] = events.get(event, 0.0) + duration
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
     with CompileCounter() as counter:
         t0 = time.perf_counter()
+        jax.devices()  # CUDA start, reported apart from reading weights
+        device_init = time.perf_counter() - t0
         enable_compile_cache(args.cache_dir)
         dtype = "fp32" if args.smoke else "bf16"
-        offload = args.worker.split("@")[0].partition(":")[2] or None
+        offload = args.worker.split("@")[0].partition(":")[2].partition("/")[0] or None
         pipe = CogVideoXPipeline.from_pretrained(args.folder, dtype=dtype, offload=offload)
         jax.block_until_ready(pipe.transformer.state)
         load = time.perf_counter() - t0
         peak_load = _jax_peak_gib()
         pipe.enable_vae_tiling()
+        attention = None
+        if args.worker.split("@")[0].partition(":")[0].endswith("/radial"):
+            from jaxvid.attention.plan import AttentionPlan
+            from jaxvid.attention.presets import radial_preset
+
+            preset = radial_preset(args.frames)  # the CLI's --attention radial --preset auto
+            attention = AttentionPlan.radial_cogvideox(dense_layers=preset.dense_layers,
+                                                       dense_timesteps=preset.dense_timesteps)
         out = pipe(PROMPT, num_frames=args.frames, height=args.height, width=args.width,
-                   num_inference_steps=args.steps, guidance_scale=6.0, seed=0, progress=False)
+                   num_inference_steps=args.steps, guidance_scale=6.0, seed=0, progress=False,
+                   attention=attention)
         frames = out.frames[0]
         t = pipe.last_timings
         t1 = time.perf_counter()
@@ -123,7 +142,9 @@ def run_jaxvid(args: argparse.Namespace) -> dict:
             "write": write, "total": time.perf_counter() - t0, "peak_gib": _jax_peak_gib(),
             "peak_after_load_gib": peak_load, "per_step": t["per_step"],
             "decode_compile": pipe._decode.last_compile_seconds, "programs_compiled": counter.compiled,
-            "programs_from_cache": counter.cache_hits, "offload": pipe.offload.policy, "frames": list(frames.shape)}
+            "programs_from_cache": counter.cache_hits, "offload": pipe.offload.policy, "frames": list(frames.shape),
+            "device_init": device_init, "timings": dict(t),
+            "jax_event_seconds": {k: round(v, 3) for k, v in sorted(events.items(), key=lambda kv: -kv[1])[:25]}}
 
 
 def run_diffusers(args: argparse.Namespace, compiled: bool) -> dict:
@@ -181,9 +202,21 @@ def _worker(args: argparse.Namespace) -> None:
         res = run_diffusers(args, compiled=False)
     elif config == "diffusers-compile":
         res = run_diffusers(args, compiled=True)
+    elif args.profile:  # where the wall time of a jaxvid run goes, Python side (cProfile, to the log folder)
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        res = prof.runcall(run_jaxvid, args)
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("cumulative").print_stats(70)
+        stats.sort_stats("tottime").print_stats(40)
+        Path(args.profile).write_text(text.getvalue())
     else:
         res = run_jaxvid(args)
-    print("RESULT " + json.dumps(res), flush=True)
+    print("RESULT " + json.dumps(res, default=str), flush=True)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -193,9 +226,12 @@ _KNOWN = ("diffusers", "diffusers-compile", "jaxvid-cold", "jaxvid-warm")
 
 def _check_config(config: str) -> None:
     name, _, limit = config.partition("@")
+    name, _, attention = name.partition("/")
     base, _, policy = name.partition(":")
     if base not in _KNOWN:
-        raise SystemExit(f"--configs: {config!r}; expected one of {_KNOWN}, optionally with :POLICY and @GiB")
+        raise SystemExit(f"--configs: {config!r}; expected one of {_KNOWN}, optionally with :POLICY, /radial and @GiB")
+    if attention and (attention != "radial" or base.startswith("diffusers")):
+        raise SystemExit(f"--configs: {config!r}; /radial (the CLI's --attention radial --preset auto) is for jaxvid only")
     if policy and (base.startswith("diffusers") or policy not in ("none", "text", "model", "blocks")):
         raise SystemExit(f"--configs: {config!r}; :POLICY is none/text/model/blocks, for jaxvid only")
     if limit:
@@ -206,9 +242,13 @@ def _check_config(config: str) -> None:
             raise SystemExit(f"--configs: {config!r}; @N needs a positive number of GiB") from None
 
 
+def _file_stem(config: str) -> str:
+    return config.replace(":", "-").replace("@", "_").replace("/", "+")
+
+
 def _run_config(config: str, args: argparse.Namespace, folder: Path, workdir: Path, timeout: float) -> dict:
     name, _, limit = config.partition("@")
-    base = name.partition(":")[0]
+    base = name.partition("/")[0].partition(":")[0]
     env = dict(os.environ)
     cache = Path(args.cache_dir) if args.cache_dir else workdir / "jax-compile-cache"
     if base == "jaxvid-cold":
@@ -221,11 +261,13 @@ def _run_config(config: str, args: argparse.Namespace, folder: Path, workdir: Pa
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--folder", str(folder),
            "--cache-dir", str(cache), "--steps", str(args.steps), "--frames", str(args.frames),
            "--height", str(args.height), "--width", str(args.width),
-           "--out", str(workdir / f"{config.replace(':', '-')}.mp4")]
+           "--out", str(workdir / f"{_file_stem(config)}.mp4")]
     cmd += ["--smoke"] if args.smoke else []
     log_dir = Path(args.log_dir) if args.log_dir else workdir
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{config.replace(':', '-').replace('@', '_')}.log"
+    log_path = log_dir / f"{_file_stem(config)}.log"
+    if args.profile and base.startswith("jaxvid"):
+        cmd += ["--profile", str(log_dir / f"{_file_stem(config)}.prof.txt")]
     if args.log_dir:
         cmd += ["--verbose"]
         env["JAX_LOG_COMPILES"] = "1"
@@ -272,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-dir", default=None,
                     help="keep each worker's log here (CONFIG.log: INFO logging and every XLA compile with its "
                     "time); also kept for a run that times out")
+    ap.add_argument("--profile", nargs="?", const=True, default=None,
+                    help="profile each jaxvid run with cProfile (text next to its log; see --log-dir)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
