@@ -22,7 +22,10 @@ compiled in 27 s but stepped 6x slower. `JAXVID_GPU_AUTOTUNE_LEVEL=N` picks anot
 `--xla_gpu_autotune_level` in XLA_FLAGS is left alone.
 
 `CompileCounter` listens to JAX's monitoring events, so callers and tests can tell how many
-executables were really compiled and how many came from the cache.
+executables were really compiled and how many came from the cache. jaxvid's own programs also go
+through a second store in the same folder (jaxvid.pipelines.executable_cache: serialized
+executables keyed without tracing, so a warm process neither traces nor lowers them); its loads
+count as cache hits too.
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ _OFF = {"0", "off", "false", "no", "none", ""}
 # Events recorded by jax._src (same names in jax 0.10.2 and 0.11.2).
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # every XLA compile request, hit or miss
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # a top-level jit traced to a jaxpr (kwarg fun_name)
+# jaxvid.pipelines.executable_cache: an executable read from disk without tracing or lowering
+EXECUTABLE_LOAD_EVENT = "/jaxvid/executable_cache/load_duration"
 
 
 def default_cache_dir() -> Path:
@@ -124,29 +130,41 @@ def cache_dir_in_use() -> str | None:
 
 
 class CompileCounter:
-    """Counts XLA compile requests and persistent-cache hits while active (a context manager).
+    """Counts the programs asked for, how many came from a cache, and what was traced, while active.
 
         with CompileCounter() as c:
             f(x)
-        c.compiled  # executables built by XLA (requests that did not come from the cache)
-        c.cache_hits
+        c.compiled         # executables built by XLA (requests that no cache served)
+        c.cache_hits       # served by JAX's persistent cache or by jaxvid's executable store
+        c.executable_hits  # of those, read from jaxvid's executable store (no tracing, no lowering)
+        c.traced           # names of the top-level functions traced to a jaxpr (eager ops included)
 
-    Uses jax.monitoring listeners, registered on enter and removed on exit.
+    `requests` = XLA compile requests + executables read from jaxvid's store. Uses jax.monitoring
+    listeners, registered on enter and removed on exit.
     """
 
     def __init__(self) -> None:
         self.requests = 0
         self.cache_hits = 0
+        self.executable_hits = 0
         self.seconds = 0.0
+        self.traced: list[str] = []
 
     @property
     def compiled(self) -> int:
         return self.requests - self.cache_hits
 
-    def _on_duration(self, event: str, duration: float, **_: object) -> None:
+    def _on_duration(self, event: str, duration: float, **kwargs: object) -> None:
         if event == BACKEND_COMPILE_EVENT:
             self.requests += 1
             self.seconds += duration
+        elif event == EXECUTABLE_LOAD_EVENT:
+            self.requests += 1
+            self.cache_hits += 1
+            self.executable_hits += 1
+            self.seconds += duration
+        elif event == TRACE_EVENT:
+            self.traced.append(str(kwargs.get("fun_name", "?")))
 
     def _on_event(self, event: str, **_: object) -> None:
         if event == CACHE_HIT_EVENT:
@@ -167,6 +185,8 @@ def describe(counter: CompileCounter, what: str) -> str:
     """One line for the log: what was compiled, or that it came from the cache."""
     folder = cache_dir_in_use()
     if counter.requests and counter.compiled == 0:
-        return f"{what}: loaded from the compilation cache ({counter.cache_hits} programs, {counter.seconds:.1f} s)"
+        untraced = f", {counter.executable_hits} without tracing" if counter.executable_hits else ""
+        return (f"{what}: loaded from the compilation cache ({counter.cache_hits} programs{untraced}, "
+                f"{counter.seconds:.1f} s)")
     tail = f"cached in {folder} for next time" if folder else "compilation cache off: compiles again next run"
     return f"{what}: compiled {counter.compiled} programs in {counter.seconds:.1f} s ({tail})"

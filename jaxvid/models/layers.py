@@ -28,13 +28,27 @@ __all__ = [
     "timestep_embedding",
 ]
 
+def _mish(x: jax.Array) -> jax.Array:
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# Named module-level functions, not lambdas: modules keep them as static attributes, and the
+# executable cache (jaxvid.pipelines.executable_cache) describes a function by its importable name.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "relu": jax.nn.relu,
-    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu-approximate": lambda x: jax.nn.gelu(x, approximate=True),
+    "mish": _mish,
+    "gelu": _gelu,
+    "gelu-approximate": _gelu_tanh,
 }
 
 

@@ -2,7 +2,8 @@
 
     Component(module)                   a loaded NNX module split once: graphdef (static) + state (jit argument),
                                         or a checkpoint read to the device each time it runs (on demand)
-    CompiledFunction(fn, static_argnums)  jit with an explicit executable cache: compile time reported apart
+    CompiledFunction(fn, static_argnums)  jit with an explicit executable cache (in memory, and on disk
+                                        without tracing: executable_cache): compile time reported apart
     StepProgress                        the tqdm bar a jitted loop ticks through jax.debug.callback
     guided_prediction(predict, x, ...)  classifier-free guidance by batch doubling [uncond; cond], any rule
     with_plan_switch(plan, step, run)   the attention plan's dense timesteps: lax.cond on the traced step
@@ -37,6 +38,8 @@ from jaxvid.attention.plan import AttentionPlan
 from jaxvid.compile_cache import CompileCounter, compiler_options, describe
 from jaxvid.models.loading import OnDemandModel
 from jaxvid.models.offload import Offload, delete_arrays
+from jaxvid.pipelines.executable_cache import ExecutableStore, Uncacheable, executable_key
+from jaxvid.pipelines.executable_cache import store_in_use as executable_store_in_use
 from jaxvid.schedulers.guidance import split_cfg_batch
 
 __all__ = ["Component", "CompiledFunction", "StepProgress", "StepRange", "denoise_loop", "guided_prediction",
@@ -212,15 +215,23 @@ class CompiledFunction:
     can check that a second call with the same shapes did not compile again. `donate_argnums`: as
     jax.jit's; the denoising loops donate their carry, so the latents (and a step cache's kept
     attention outputs) are updated in place instead of held twice.
+
+    With the persistent compilation cache on, a miss first looks in jaxvid's executable store
+    (jaxvid.pipelines.executable_cache) under a key computed without tracing: a hit loads the
+    serialized executable and skips tracing, lowering and JAX's cache lookup (a warm process's
+    "compile" time); a compiled one is stored there for the next process. Arguments the store
+    cannot describe (see `describe_static`) take the plain path: trace, lower, JAX's cache.
     """
 
     def __init__(self, fn: Callable[..., Any], *, static_argnums: Sequence[int] = (),
                  donate_argnums: Sequence[int] = (), name: str | None = None):
         self.name = name or getattr(fn, "__name__", "function").strip("_")
+        self._fn = fn
         self._static = tuple(sorted(static_argnums))
+        self._donate = tuple(sorted(donate_argnums))
         # donated arguments (positions in fn's signature) are consumed by a call: XLA writes the
         # outputs into their buffers (a loop's carry), and the caller's arrays are deleted
-        self._jit = jax.jit(fn, static_argnums=self._static, donate_argnums=tuple(donate_argnums))
+        self._jit = jax.jit(fn, static_argnums=self._static, donate_argnums=self._donate)
         self._executables: dict[Hashable, Any] = {}
         self.last_compile_seconds = 0.0
 
@@ -228,24 +239,51 @@ class CompiledFunction:
     def num_compiled(self) -> int:
         return len(self._executables)
 
+    def _dynamic(self, args: tuple[Any, ...]) -> list[Any]:
+        return [a for i, a in enumerate(args) if i not in self._static]
+
     def _key(self, args: tuple[Any, ...]) -> Hashable:
         static = tuple(args[i] for i in self._static)
-        dynamic = [a for i, a in enumerate(args) if i not in self._static]
-        leaves, treedef = jax.tree.flatten(dynamic)
+        leaves, treedef = jax.tree.flatten(self._dynamic(args))
         # the device mesh set around the call (jaxvid.parallel.mesh_context) changes the executable
         return static, treedef, tuple(_abstract_key(x) for x in leaves), jax.sharding.get_mesh()
+
+    def _stored_key(self, args: tuple[Any, ...]) -> tuple[ExecutableStore | None, str | None]:
+        """The executable store in use and these arguments' key there; (store, None) when they have none."""
+        store = executable_store_in_use()
+        if store is None:
+            return None, None
+        try:
+            return store, executable_key(self._fn, [args[i] for i in self._static], self._dynamic(args),
+                                         self._donate, compiler_options())
+        except Uncacheable as e:
+            log.debug("%s: not using the executable cache (%s)", self.name, e)
+        except Exception as e:  # a bug in describing must not stop a run: take the plain path
+            log.info("%s: not using the executable cache (%s: %s)", self.name, type(e).__name__, e)
+        return store, None
+
+    def _load_stored(self, args: tuple[Any, ...]) -> tuple[Any, Callable[[Any], None]]:
+        """(the stored executable or None, a function that stores a compiled one for next time)."""
+        store, disk_key = self._stored_key(args)
+        if store is None or disk_key is None:
+            return None, lambda compiled: None
+        return (store.load(disk_key, self._dynamic(args), self.name),
+                lambda compiled: store.save(disk_key, compiled, self.name))
 
     def prepare(self, *args: Any) -> float:
         """Compile for these arguments unless cached; returns the seconds spent compiling (0.0 on a hit)."""
         key = self._key(args)
         self.last_compile_seconds = 0.0
         if key not in self._executables:
-            # Say what is compiling (a first run can take a while) and whether the persistent
-            # compilation cache served it.
-            log.info("compiling %s for these shapes...", self.name)
+            # Say what is compiling (a first run can take a while) and whether a cache served it.
             t0 = time.perf_counter()
             with CompileCounter() as counter:
-                self._executables[key] = self._jit.lower(*args).compile(compiler_options())
+                executable, keep = self._load_stored(args)
+                if executable is None:
+                    log.info("compiling %s for these shapes...", self.name)
+                    executable = self._jit.lower(*args).compile(compiler_options())
+                    keep(executable)
+                self._executables[key] = executable
             self.last_compile_seconds = time.perf_counter() - t0
             log.info("%s", describe(counter, self.name))
         return self.last_compile_seconds
@@ -265,14 +303,23 @@ class CompiledFunction:
         self.last_compile_seconds = 0.0
         if not todo:
             return 0.0
-        log.info("compiling %s for %d shapes...", self.name, len(todo))
         t0 = time.perf_counter()
         with CompileCounter() as counter:
-            lowered = {key: self._jit.lower(*args) for key, args in todo.items()}
-            options = compiler_options()
-            with ThreadPoolExecutor(max_workers=min(len(lowered), 4)) as pool:
-                compiled = dict(zip(lowered, pool.map(lambda low: low.compile(options), lowered.values())))
-        self._executables.update(compiled)
+            keepers = {}
+            for key, args in todo.items():
+                executable, keepers[key] = self._load_stored(args)
+                if executable is not None:
+                    self._executables[key] = executable
+            missing = {key: args for key, args in todo.items() if key not in self._executables}
+            if missing:
+                log.info("compiling %s for %d shapes...", self.name, len(missing))
+                lowered = {key: self._jit.lower(*args) for key, args in missing.items()}
+                options = compiler_options()
+                with ThreadPoolExecutor(max_workers=min(len(lowered), 4)) as pool:
+                    compiled = dict(zip(lowered, pool.map(lambda low: low.compile(options), lowered.values())))
+                for key, executable in compiled.items():
+                    keepers[key](executable)
+                self._executables.update(compiled)
         self.last_compile_seconds = time.perf_counter() - t0
         log.info("%s", describe(counter, self.name))
         return self.last_compile_seconds
@@ -280,7 +327,7 @@ class CompiledFunction:
     def __call__(self, *args: Any) -> Any:
         """Run (compiling first if needed; see `last_compile_seconds`)."""
         compile_seconds = self.prepare(*args)
-        out = self._executables[self._key(args)](*[a for i, a in enumerate(args) if i not in self._static])
+        out = self._executables[self._key(args)](*self._dynamic(args))
         self.last_compile_seconds = compile_seconds
         return out
 
