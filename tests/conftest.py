@@ -16,6 +16,9 @@ FIXTURES_ROOT = REPO_ROOT / "tests" / "fixtures"
 # The CLI turns JAX's persistent compilation cache on by default (~/.cache/jaxvid/jax-compile); tests
 # never write there: off unless a test (tests/test_compile_cache.py) names a folder of its own.
 os.environ.setdefault("JAXVID_COMPILE_CACHE", "off")
+# Nor does jaxvid's executable store (jaxvid.pipelines.executable_cache) keep the suite's programs next to the
+# run's shared XLA cache below: the tests of tests/test_compile_cache.py turn it on themselves.
+os.environ.setdefault("JAXVID_EXECUTABLE_CACHE", "off")
 # The suite's tiny programs spend most of their CPU time in XLA's optimisation passes, not running
 # (measured: LongCat t2v/i2v reference tests 27/20 s -> 7/10 s). Compile them unoptimised, here and
 # in every subprocess; set before jax starts. JAXVID_TEST_XLA_OPT=1 keeps XLA's default passes.

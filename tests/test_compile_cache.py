@@ -1,8 +1,11 @@
-"""The persistent compilation cache: a second process with the same shapes compiles nothing.
+"""The persistent compilation cache: a second process with the same shapes compiles nothing, and
+traces nothing (jaxvid's executable store).
 
 Each run is a fresh Python process (the cache only matters across processes); compiles are counted
 with JAX's monitoring events (jaxvid.compile_cache.CompileCounter), the reference being JAX's own
-count of XLA compile requests.
+count of XLA compile requests and its own tracing events. The executable store's hit / miss / damage
+cases run in this process with fresh CompiledFunctions (what a new process has), their outputs compared
+with a plain jax.jit.
 """
 from __future__ import annotations
 
@@ -12,9 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxvid import compile_cache
+from jaxvid.compile_cache import CompileCounter
+from jaxvid.pipelines import executable_cache
+from jaxvid.pipelines.loop import CompiledFunction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,12 +46,15 @@ from jaxvid.cli.main import main
 from jaxvid.compile_cache import CompileCounter
 with CompileCounter() as c:
     rc = main(["generate", "--output", sys.argv[1], "--compile-cache", sys.argv[2], "--steps", "2"])
-print(json.dumps({"rc": rc, "requests": c.requests, "hits": c.cache_hits, "compiled": c.compiled}))
+print(json.dumps({"rc": rc, "requests": c.requests, "hits": c.cache_hits, "compiled": c.compiled,
+                  "executable_hits": c.executable_hits, "traced": c.traced}))
 """
+# The tiny pipeline's jitted stages (CompiledFunction), by the names JAX's trace events give them.
+_STAGES = {"_encode_text", "_initial_noise", "_denoise", "_decode"}
 
 
 def _run(script: str, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", executable_cache.ENV_VAR: "on"}
     out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -56,7 +68,8 @@ def test_cache_off_reads_and_writes_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_pipeline_second_run_compiles_nothing(tmp_path):
-    """Text encoder, denoising loop (progress bar on), VAE decode: all from the cache the second time."""
+    """Text encoder, denoising loop (progress bar on), VAE decode: all from the cache the second time,
+    and the pipeline's stages not even traced (executables read from jaxvid's store)."""
     cache = str(tmp_path / "cache")
     first = _run(_CLI_SCRIPT, str(tmp_path / "a.mp4"), cache)
     second = _run(_CLI_SCRIPT, str(tmp_path / "b.mp4"), cache)
@@ -64,6 +77,9 @@ def test_tiny_pipeline_second_run_compiles_nothing(tmp_path):
     assert first["compiled"] >= 3
     assert second["compiled"] == 0, second
     assert second["hits"] == first["requests"]
+    assert _STAGES <= set(first["traced"]), first["traced"]
+    assert first["executable_hits"] == 0 and second["executable_hits"] == len(_STAGES), second
+    assert not _STAGES & set(second["traced"]), second["traced"]
     assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
 
 
@@ -100,3 +116,84 @@ def test_gpu_compiler_options(monkeypatch):
         compile_cache.compiler_options("gpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")  # the user's own choice stands
     assert compile_cache.compiler_options("gpu") == {}
+
+
+def _affine(x, scale):
+    return jnp.sin(x) * scale + 1.0
+
+
+class _Opaque:
+    """A static argument with no description by value (identity-hashed): never stored."""
+
+    def method(self, v):
+        return v
+
+
+def _opaque(x, how):
+    return x * 2.0
+
+
+def test_executable_store_hit_miss_and_damage(tmp_path, monkeypatch):
+    """A fresh CompiledFunction (what a second process has) loads the stored executable without
+    tracing and gives the plain jit's bits; another static value / shape / dtype misses; a damaged
+    entry is compiled again and rewritten; an undescribable static argument stores nothing."""
+    monkeypatch.setattr(compile_cache, "cache_dir_in_use", lambda: str(tmp_path))
+    monkeypatch.setenv(executable_cache.ENV_VAR, "on")
+    folder = tmp_path / executable_cache.SUBFOLDER
+    reference = jax.jit(_affine, static_argnums=1)
+
+    def run(fn, *args, **kw):
+        with CompileCounter() as counter:
+            out = CompiledFunction(fn, **kw)(*args)
+        return out, counter
+
+    x = jnp.linspace(-2.0, 2.0, 16, dtype=jnp.float32)
+    out, first = run(_affine, x, 2.0, static_argnums=(1,))
+    assert first.requests == 1 and first.executable_hits == 0 and "_affine" in first.traced
+    np.testing.assert_array_equal(out, reference(x, 2.0))
+    (entry,) = folder.glob("*.jaxexe")
+
+    out, second = run(_affine, x, 2.0, static_argnums=(1,))
+    assert second.executable_hits == 1 and second.compiled == 0 and second.traced == [], second.traced
+    np.testing.assert_array_equal(out, reference(x, 2.0))
+
+    for args in [(x, 3.0), (x[:8], 2.0), (x.astype(jnp.bfloat16), 2.0)]:  # static value, shape, dtype
+        out, miss = run(_affine, *args, static_argnums=(1,))
+        assert miss.executable_hits == 0 and miss.requests == 1 and "_affine" in miss.traced  # XLA asked
+        np.testing.assert_array_equal(out, reference(*args))
+    assert len(list(folder.glob("*.jaxexe"))) == 4
+
+    blob = entry.read_bytes()
+    for damaged in (blob[: len(blob) // 2], blob[:-1] + bytes([blob[-1] ^ 1]), b"not an executable"):
+        entry.write_bytes(damaged)
+        out, again = run(_affine, x, 2.0, static_argnums=(1,))
+        assert again.executable_hits == 0  # the plain path (JAX's in-process caches may serve it)
+        np.testing.assert_array_equal(out, reference(x, 2.0))
+        assert entry.read_bytes() != damaged  # rewritten whole by the compile
+    assert run(_affine, x, 2.0, static_argnums=(1,))[1].executable_hits == 1
+
+    out, opaque = run(_opaque, x, _Opaque(), static_argnums=(1,))
+    assert opaque.executable_hits == 0 and len(list(folder.glob("*.jaxexe"))) == 4
+    np.testing.assert_array_equal(out, x * 2.0)
+
+    # donation survives the store: the donated argument is consumed, the result is the plain jit's
+    donated = jnp.arange(8.0)
+    run(_affine, donated, 1.5, static_argnums=(1,), donate_argnums=(0,))
+    donated = jnp.arange(8.0)
+    out, hit = run(_affine, donated, 1.5, static_argnums=(1,), donate_argnums=(0,))
+    assert hit.executable_hits == 1 and donated.is_deleted()
+    np.testing.assert_array_equal(out, reference(jnp.arange(8.0), 1.5))
+
+
+def test_static_descriptions_are_by_value():
+    """Equal configs describe alike, different ones differently; closures and plain objects cannot be described."""
+    from jaxvid.models.cogvideox import CogVideoXConfig
+
+    describe = executable_cache.describe_static
+    assert describe(CogVideoXConfig()) == describe(CogVideoXConfig())
+    assert describe(CogVideoXConfig()) != describe(CogVideoXConfig(num_layers=3))
+    assert describe((1, 2.0)) != describe((True, 2.0))
+    assert describe(jnp.bfloat16) != describe(jnp.float32)
+    for bad in (_Opaque(), lambda v: v, _Opaque().method):
+        with pytest.raises(executable_cache.Uncacheable):
+            describe(bad)

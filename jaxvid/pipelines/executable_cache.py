@@ -58,6 +58,7 @@ LOAD_EVENT = compile_cache.EXECUTABLE_LOAD_EVENT
 _MAGIC = b"jaxvid-executable 1\n"
 _FORMAT = 1
 _OFF = {"0", "off", "false", "no", "none"}
+_SWITCHES = {ENV_VAR, compile_cache.ENV_VAR}  # where the caches are, not what a program is
 _MAX_DEPTH = 400
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 # The packages whose source decides what our programs are (the pipelines, models, kernels).
@@ -233,16 +234,37 @@ def _environment() -> tuple:
     return (jax.__version__, jaxlib.__version__, flax.__version__, sys.version_info[:2],
             jax.default_backend(), tuple(sorted({(d.platform, d.device_kind) for d in devices})), len(devices),
             os.environ.get("XLA_FLAGS", ""),
-            tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("JAXVID_"))),
+            tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("JAXVID_") and k not in _SWITCHES)),
             trace_context, source_digest())
 
 
+class StaticDescriptions:
+    """`describe_static`, remembered by object identity: static arguments are immutable (jit hashes
+    them), and one GraphDef object serves many calls (the VAE's four tile programs)."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        self._memo: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, obj: Any) -> str:
+        hit = self._memo.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        text = describe_static(obj)
+        if len(self._memo) >= self.limit:
+            self._memo.clear()
+        self._memo[id(obj)] = (obj, text)  # the object is kept, so its id is not reused meanwhile
+        return text
+
+
 def executable_key(fn: Callable[..., Any], static_args: Sequence[Any], dynamic_args: Sequence[Any],
-                   donate_argnums: Sequence[int], options: Mapping[str, Any]) -> str:
+                   donate_argnums: Sequence[int], options: Mapping[str, Any],
+                   describe: Callable[[Any], str] = describe_static) -> str:
     """The hex key of the executable `jax.jit(fn)` builds for these arguments, computed without
-    tracing; raises Uncacheable when something in it has no process-independent description."""
+    tracing; raises Uncacheable when something in it has no process-independent description.
+    `describe` describes one static argument (a `StaticDescriptions` to remember them)."""
     leaves, tree = jax.tree.flatten(list(dynamic_args))
-    parts = (_FORMAT, _function_identity(fn), _canon(tuple(static_args)), ("treedef", _treedef(tree, 0)),
+    parts = (_FORMAT, _function_identity(fn), tuple(describe(a) for a in static_args), ("treedef", _treedef(tree, 0)),
              tuple(_leaf(x) for x in leaves), tuple(sorted(donate_argnums)), _canon(dict(options)),
              _canon(jax.sharding.get_mesh()), _environment())
     return hashlib.sha256(repr(parts).encode()).hexdigest()

@@ -38,7 +38,7 @@ from jaxvid.attention.plan import AttentionPlan
 from jaxvid.compile_cache import CompileCounter, compiler_options, describe
 from jaxvid.models.loading import OnDemandModel
 from jaxvid.models.offload import Offload, delete_arrays
-from jaxvid.pipelines.executable_cache import ExecutableStore, Uncacheable, executable_key
+from jaxvid.pipelines.executable_cache import ExecutableStore, StaticDescriptions, Uncacheable, executable_key
 from jaxvid.pipelines.executable_cache import store_in_use as executable_store_in_use
 from jaxvid.schedulers.guidance import split_cfg_batch
 
@@ -233,6 +233,7 @@ class CompiledFunction:
         # outputs into their buffers (a loop's carry), and the caller's arrays are deleted
         self._jit = jax.jit(fn, static_argnums=self._static, donate_argnums=self._donate)
         self._executables: dict[Hashable, Any] = {}
+        self._describe = StaticDescriptions()  # static arguments -> executable store key parts
         self.last_compile_seconds = 0.0
 
     @property
@@ -255,7 +256,7 @@ class CompiledFunction:
             return None, None
         try:
             return store, executable_key(self._fn, [args[i] for i in self._static], self._dynamic(args),
-                                         self._donate, compiler_options())
+                                         self._donate, compiler_options(), self._describe)
         except Uncacheable as e:
             log.debug("%s: not using the executable cache (%s)", self.name, e)
         except Exception as e:  # a bug in describing must not stop a run: take the plain path
