@@ -13,6 +13,8 @@ programs; the same at any video size). This store keys the serialized executable
     versions, the backend and device kinds, XLA_FLAGS and $JAXVID_* variables, and a digest of
     the source files of jaxvid and pallas_kernels (any code change misses).
 
+The key assumes what the docstring of every jitted stage already promises: the program depends on
+its arguments, its source and JAX's configuration, not on mutable module state read while tracing.
 `describe_static` gives a value's description from its contents only (never `repr`, which may hold
 a memory address): an object it cannot describe (a closure, a bound method, a class of its own)
 raises `Uncacheable`, and the caller compiles as before and stores nothing. A wrong hit is never
@@ -209,11 +211,13 @@ def _function_identity(fn: Callable[..., Any]) -> tuple:
     return (name, _file_digest(source))
 
 
-def _leaf(x: Any) -> tuple:
-    """What an executable depends on for one dynamic argument."""
+def _leaf(x: Any, shardings: dict[Any, Any]) -> tuple:
+    """What an executable depends on for one dynamic argument (`shardings`: descriptions so far)."""
     if isinstance(x, jax.Array):
+        if x.sharding not in shardings:  # a few distinct ones for hundreds of weights
+            shardings[x.sharding] = _canon(x.sharding)
         return ("array", tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)),
-                _canon(x.sharding), bool(getattr(x, "committed", True)))
+                shardings[x.sharding], bool(getattr(x, "committed", True)))
     if isinstance(x, (np.ndarray, np.generic)):
         return ("host array", tuple(x.shape), str(x.dtype))
     if type(x) in (bool, int, float, complex):
@@ -264,8 +268,9 @@ def executable_key(fn: Callable[..., Any], static_args: Sequence[Any], dynamic_a
     tracing; raises Uncacheable when something in it has no process-independent description.
     `describe` describes one static argument (a `StaticDescriptions` to remember them)."""
     leaves, tree = jax.tree.flatten(list(dynamic_args))
+    shardings: dict[Any, Any] = {}
     parts = (_FORMAT, _function_identity(fn), tuple(describe(a) for a in static_args), ("treedef", _treedef(tree, 0)),
-             tuple(_leaf(x) for x in leaves), tuple(sorted(donate_argnums)), _canon(dict(options)),
+             tuple(_leaf(x, shardings) for x in leaves), tuple(sorted(donate_argnums)), _canon(dict(options)),
              _canon(jax.sharding.get_mesh()), _environment())
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
