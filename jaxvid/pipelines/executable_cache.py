@@ -286,6 +286,8 @@ def _serializable(compiled: Any) -> str | None:
     for field in ("host_callbacks", "keepalive", "ordered_effects", "unordered_effects"):
         if getattr(unloaded, field, None):
             return f"it holds {field.replace('_', ' ')}"
+    if getattr(unloaded, "pgle_profiler", None) is not None:
+        return "it is profiled for PGLE (recompiled later)"
     mut = getattr(unloaded, "mut", None)
     if mut is not None and getattr(mut, "in_mut", None):
         return "it holds mutable array refs"
