@@ -258,7 +258,7 @@ class CompiledFunction:
             return store, executable_key(self._fn, [args[i] for i in self._static], self._dynamic(args),
                                          self._donate, compiler_options(), self._describe)
         except Uncacheable as e:
-            log.debug("%s: not using the executable cache (%s)", self.name, e)
+            log.info("%s: not using the executable cache (%s)", self.name, e)
         except Exception as e:  # a bug in describing must not stop a run: take the plain path
             log.info("%s: not using the executable cache (%s: %s)", self.name, type(e).__name__, e)
         return store, None
