@@ -24,7 +24,8 @@ encoding + denoising, compile excluded), decode (tiled VAE decode + to uint8, co
 write (mp4 through OpenCV for both when it is installed), total (wall from the start of loading to
 the written file; imports excluded), peak GiB (torch.cuda.max_memory_allocated / XLA's
 peak_bytes_in_use; 0 on a CPU). The JSON rows add per-step seconds, the peak right after loading
-and, for jaxvid, how many XLA programs were compiled and how many came from the cache.
+and, for jaxvid, how many XLA programs were compiled, how many came from the cache and, of those, how
+many were read from jaxvid's executable store without tracing.
 """
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def run_jaxvid(args: argparse.Namespace) -> dict:
             "write": write, "total": time.perf_counter() - t0, "peak_gib": _jax_peak_gib(),
             "peak_after_load_gib": peak_load, "per_step": t["per_step"],
             "decode_compile": pipe._decode.last_compile_seconds, "programs_compiled": counter.compiled,
-            "programs_from_cache": counter.cache_hits, "offload": pipe.offload.policy, "frames": list(frames.shape),
+            "programs_from_cache": counter.cache_hits, "programs_without_tracing": counter.executable_hits, "offload": pipe.offload.policy, "frames": list(frames.shape),
             "device_init": device_init, "timings": dict(t),
             "jax_event_seconds": {k: round(v, 3) for k, v in sorted(events.items(), key=lambda kv: -kv[1])[:25]}}
 

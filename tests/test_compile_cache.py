@@ -197,3 +197,14 @@ def test_static_descriptions_are_by_value():
     for bad in (_Opaque(), lambda v: v, _Opaque().method):
         with pytest.raises(executable_cache.Uncacheable):
             describe(bad)
+
+
+def test_executable_store_follows_the_cache_switches(tmp_path, monkeypatch):
+    """No compilation cache, no executable store; JAXVID_EXECUTABLE_CACHE=off turns the store off alone."""
+    monkeypatch.setenv(executable_cache.ENV_VAR, "on")
+    monkeypatch.setattr(compile_cache, "cache_dir_in_use", lambda: None)
+    assert executable_cache.store_in_use() is None
+    monkeypatch.setattr(compile_cache, "cache_dir_in_use", lambda: str(tmp_path))
+    assert executable_cache.store_in_use().folder == tmp_path / executable_cache.SUBFOLDER
+    monkeypatch.setenv(executable_cache.ENV_VAR, "off")
+    assert executable_cache.store_in_use() is None
