@@ -108,17 +108,27 @@ AUTOTUNE_ENV_VAR = "JAXVID_GPU_AUTOTUNE_LEVEL"
 DEFAULT_GPU_AUTOTUNE_LEVEL = 1
 
 
-def compiler_options(backend: str | None = None) -> dict[str, int]:
+STAGES = ("default", "vae")  # programs that may autotune at their own level
+
+
+def compiler_options(backend: str | None = None, stage: str = "default") -> dict[str, int]:
     """XLA options for the pipelines' own programs: on GPU, autotuning at level 1 (see the module
     docstring) unless $JAXVID_GPU_AUTOTUNE_LEVEL says otherwise or XLA_FLAGS sets the level itself;
-    nothing on other backends. Raises ValueError for a level outside 0..4."""
+    nothing on other backends. `stage="vae"` (the VAE programs, whose cold compile is mostly
+    convolution autotuning) reads $JAXVID_GPU_AUTOTUNE_LEVEL_VAE first. Raises ValueError for a
+    level outside 0..4 or an unknown stage."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}; expected one of {STAGES}")
     if (backend or jax.default_backend()) not in ("gpu", "cuda", "rocm"):
         return {}
     if "xla_gpu_autotune_level" in os.environ.get("XLA_FLAGS", ""):
         return {}
-    raw = os.environ.get(AUTOTUNE_ENV_VAR, str(DEFAULT_GPU_AUTOTUNE_LEVEL)).strip()
+    var = AUTOTUNE_ENV_VAR
+    if stage != "default" and f"{AUTOTUNE_ENV_VAR}_{stage.upper()}" in os.environ:
+        var = f"{AUTOTUNE_ENV_VAR}_{stage.upper()}"
+    raw = os.environ.get(var, str(DEFAULT_GPU_AUTOTUNE_LEVEL)).strip()
     if raw not in {"0", "1", "2", "3", "4"}:
-        raise ValueError(f"${AUTOTUNE_ENV_VAR}={raw!r}; expected an XLA autotune level 0..4 (4 = XLA's default)")
+        raise ValueError(f"${var}={raw!r}; expected an XLA autotune level 0..4 (4 = XLA's default)")
     return {"xla_gpu_autotune_level": int(raw)}
 
 

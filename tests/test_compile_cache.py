@@ -111,6 +111,18 @@ def test_gpu_compiler_options(monkeypatch):
     assert out.tolist() == [0.0, 2.0, 4.0]
     monkeypatch.setenv(compile_cache.AUTOTUNE_ENV_VAR, "4")
     assert compile_cache.compiler_options("gpu") == {"xla_gpu_autotune_level": 4}
+    # the VAE's programs follow the general level unless their own variable is set
+    monkeypatch.delenv(compile_cache.AUTOTUNE_ENV_VAR + "_VAE", raising=False)
+    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 4}
+    monkeypatch.setenv(compile_cache.AUTOTUNE_ENV_VAR + "_VAE", "0")
+    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 0}
+    assert compile_cache.compiler_options("gpu") == {"xla_gpu_autotune_level": 4}
+    with pytest.raises(ValueError, match="stage='dit'"):
+        compile_cache.compiler_options("gpu", stage="dit")
+    monkeypatch.setenv(compile_cache.AUTOTUNE_ENV_VAR + "_VAE", "x")
+    with pytest.raises(ValueError, match="JAXVID_GPU_AUTOTUNE_LEVEL_VAE"):
+        compile_cache.compiler_options("gpu", stage="vae")
+    monkeypatch.delenv(compile_cache.AUTOTUNE_ENV_VAR + "_VAE")
     monkeypatch.setenv(compile_cache.AUTOTUNE_ENV_VAR, "fast")
     with pytest.raises(ValueError, match="JAXVID_GPU_AUTOTUNE_LEVEL"):
         compile_cache.compiler_options("gpu")

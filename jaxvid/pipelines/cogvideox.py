@@ -416,12 +416,12 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
         self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), donate_argnums=(3,), name="denoising loop")
         self._initial_noise = CompiledFunction(_initial_noise, static_argnums=(1, 2), name="initial noise")
         self._encode_text = CompiledFunction(_encode_text, static_argnums=(0, 3), name="text encoder")
-        self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4), name="image encoder")
-        self._encode_video = CompiledFunction(_encode_video, static_argnums=(0, 4), name="video encoder")
+        self._encode_image = CompiledFunction(_encode_image, static_argnums=(0, 4), name="image encoder", stage="vae")
+        self._encode_video = CompiledFunction(_encode_video, static_argnums=(0, 4), name="video encoder", stage="vae")
         self.last_sources: dict[str, str] = {}
         self.step_cache: PyramidAttentionBroadcast | None = None  # see enable_pyramid_attention_broadcast
-        self._decode = CompiledFunction(_decode, static_argnums=(0, 3, 4), name="VAE decode")
-        self._decode_tile = CompiledFunction(_decode_tile, static_argnums=(0, 4, 5), name="VAE decode tile")
+        self._decode = CompiledFunction(_decode, static_argnums=(0, 3, 4), name="VAE decode", stage="vae")
+        self._decode_tile = CompiledFunction(_decode_tile, static_argnums=(0, 4, 5), name="VAE decode tile", stage="vae")
         self._stitch_tiles = CompiledFunction(_stitch_tiles, static_argnums=(0,), name="VAE tile stitching")
 
     # ---- loading ------------------------------------------------------------------------

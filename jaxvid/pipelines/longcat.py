@@ -444,8 +444,8 @@ class LongCatPipeline:
         self._bsa_by_size: dict[str, Any] | None = None  # enable_bsa_by_resolution's explicit values
         self.last_attention = "dense"  # what the latest denoise ran, for summary lines
         self._encode_text = CompiledFunction(_encode_text, static_argnums=(0,), name="umT5 text encoder")
-        self._vae_encode = CompiledFunction(_vae_encode, static_argnums=(0,), name="VAE encode")
-        self._vae_decode = CompiledFunction(_vae_decode, static_argnums=(0,), name="VAE decode")
+        self._vae_encode = CompiledFunction(_vae_encode, static_argnums=(0,), name="VAE encode", stage="vae")
+        self._vae_decode = CompiledFunction(_vae_decode, static_argnums=(0,), name="VAE decode", stage="vae")
         self._cache_kv = CompiledFunction(_cache_clean_latents, static_argnums=(0, 1), name="KV cache of clean frames")
         # the latents x are donated: each step updates them in place
         self._denoise = CompiledFunction(_denoise, static_argnums=(0, 1), donate_argnums=(4,), name="denoising loop")

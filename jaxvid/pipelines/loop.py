@@ -224,8 +224,10 @@ class CompiledFunction:
     """
 
     def __init__(self, fn: Callable[..., Any], *, static_argnums: Sequence[int] = (),
-                 donate_argnums: Sequence[int] = (), name: str | None = None):
+                 donate_argnums: Sequence[int] = (), name: str | None = None, stage: str = "default"):
         self.name = name or getattr(fn, "__name__", "function").strip("_")
+        compiler_options(stage=stage)  # an unknown stage fails here, not at the first call
+        self._stage = stage  # compile_cache.compiler_options: the VAE's programs may autotune apart
         self._fn = fn
         self._static = tuple(sorted(static_argnums))
         self._donate = tuple(sorted(donate_argnums))
@@ -256,7 +258,7 @@ class CompiledFunction:
             return None, None
         try:
             return store, executable_key(self._fn, [args[i] for i in self._static], self._dynamic(args),
-                                         self._donate, compiler_options(), self._describe)
+                                         self._donate, compiler_options(stage=self._stage), self._describe)
         except Uncacheable as e:
             log.info("%s: not using the executable cache (%s)", self.name, e)
         except Exception as e:  # a bug in describing must not stop a run: take the plain path
@@ -282,7 +284,7 @@ class CompiledFunction:
                 executable, keep = self._load_stored(args)
                 if executable is None:
                     log.info("compiling %s for these shapes...", self.name)
-                    executable = self._jit.lower(*args).compile(compiler_options())
+                    executable = self._jit.lower(*args).compile(compiler_options(stage=self._stage))
                     keep(executable)
                 self._executables[key] = executable
             self.last_compile_seconds = time.perf_counter() - t0
@@ -315,7 +317,7 @@ class CompiledFunction:
             if missing:
                 log.info("compiling %s for %d shapes...", self.name, len(missing))
                 lowered = {key: self._jit.lower(*args) for key, args in missing.items()}
-                options = compiler_options()
+                options = compiler_options(stage=self._stage)
                 with ThreadPoolExecutor(max_workers=min(len(lowered), 4)) as pool:
                     compiled = dict(zip(lowered, pool.map(lambda low: low.compile(options), lowered.values())))
                 for key, executable in compiled.items():
