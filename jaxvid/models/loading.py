@@ -1,7 +1,8 @@
 """Load any registered model from a converted jaxvid checkpoint or its original HF folder.
 
-Weights go into an abstract model (`nnx.eval_shape` -> `nnx.split` -> fill -> `nnx.merge`), so no
-random init of billions of parameters happens and no second copy is kept.
+Weights go into an abstract model (jaxvid.models.abstract: the parameter tree as shapes, built
+without tracing -> `nnx.split` -> fill -> `nnx.merge`), so no random init of billions of parameters
+happens and no second copy is kept.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from convert.int8_weights import SCALE_SUFFIX as INT8_SCALE_SUFFIX
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
 from convert.transforms import Transform
+from jaxvid.models.abstract import abstract_model
 from jaxvid.models.dtypes import resolve_dtype
 from jaxvid.models.fp8 import SCALE_SUFFIX, is_fp8_state, quantize_model_fp8, resolve_weights
 from jaxvid.models.registry import MODELS, ModelEntry, resolve
@@ -107,8 +109,7 @@ def abstract_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, jax.Shap
 
 def model_specs(model_cls: Callable[..., nnx.Module], cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat '.'-joined Param path -> ShapeDtypeStruct of `model_cls(cfg)`, built abstractly (no weights)."""
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
-    return abstract_params(abstract)[1]
+    return abstract_params(abstract_model(model_cls, cfg))[1]
 
 
 # ------------------------------------------------------------------ loading at storage speed
@@ -128,6 +129,10 @@ LOAD_THREADS = 8
 MAX_IN_FLIGHT = 32  # tensors submitted to the copy threads and not yet placed
 MAX_BYTES_IN_FLIGHT = 1 << 30  # their stored + loaded bytes (one larger tensor still goes alone)
 DEVICE_MIN_BYTES = 1 << 22  # tensors from 4 MB up change layout on the device; smaller ones on the host
+# Stacked targets up to this size are assembled on the host and copied once: slice by slice into a
+# device buffer would run a program per distinct shape (each a compile, or a compile-cache read,
+# ~10-20 ms), which for the many small stacked biases and norms costs more than their bytes.
+HOST_STACK_MAX_BYTES = 1 << 26
 
 
 def _device_steps(name: str) -> list[tuple[str, Any]] | None:
@@ -186,6 +191,18 @@ def _set_slice(buffer: jax.Array, value: jax.Array, index: jax.Array) -> jax.Arr
     return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), index, 0)
 
 
+def _nbytes(spec: Any) -> int:
+    return int(np.prod(tuple(spec.shape), dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+
+
+def _on_host(r: Rule, value: Any, dtype: Any) -> np.ndarray:
+    """The rule's tensor `value` in its target layout and `dtype`, on the host (numpy's casts; a
+    view of the mapped file when nothing changes)."""
+    if r.transform.name != "identity":
+        value = r.transform(np.asarray(value))
+    return np.asarray(value).astype(dtype, copy=False)
+
+
 def _stored_nbytes(source: Any, key: str) -> int:
     if hasattr(source, "nbytes"):
         return int(source.nbytes(key))
@@ -208,6 +225,7 @@ def load_arrays(
 
     Sources with `read_mapped` (safetensors) are copied from their memory map; others (jaxvid
     checkpoints) are read one tensor at a time on this thread. A tqdm bar counts stored bytes.
+    Stacked targets up to HOST_STACK_MAX_BYTES are assembled on the host and copied once.
     Exact: transposes and reshapes move bytes; casts round as numpy's astype does.
     Device memory beyond the loaded arrays: at most `max_in_flight` tensors and about
     `max_bytes_in_flight` bytes (stored + loaded size) at a time.
@@ -250,6 +268,22 @@ def load_arrays(
     stacked: dict[str, jax.Array] = {}
     in_flight: deque[tuple[Rule, Future, int]] = deque()
     bytes_in_flight = 0
+
+    # small stacked targets: each slice converted on the host into one buffer, copied once
+    on_host = [r for r in rules if r.target_index is not None and _nbytes(specs[r.target_path]) <= HOST_STACK_MAX_BYTES]
+    if on_host:
+        rules = [r for r in rules if r.target_index is None or _nbytes(specs[r.target_path]) > HOST_STACK_MAX_BYTES]
+        buffers: dict[str, np.ndarray] = {}
+        for r in on_host:
+            spec = specs[r.target_path]
+            if r.target_path not in buffers:
+                buffers[r.target_path] = np.zeros(tuple(spec.shape), np.dtype(spec.dtype))
+            buffers[r.target_path][r.target_index] = _on_host(r, read(r.source), np.dtype(spec.dtype))
+            bar.update(_stored_nbytes(source, r.source))
+        for path, buffer in buffers.items():
+            # may_alias=False: a CPU "device" array must not alias a buffer of ours
+            arrays[path] = jax.device_put(buffer, device_memory, may_alias=False)
+        del buffers
 
     def place_oldest() -> None:
         nonlocal bytes_in_flight
@@ -327,11 +361,7 @@ def load_arrays_to_host(
 
     def converted(r: Rule) -> np.ndarray:
         """The rule's tensor in its target layout and dtype (a view of the mapped file when nothing changes)."""
-        dtype = np.dtype(specs[r.target_path].dtype)
-        value = read(r.source)
-        if r.transform.name != "identity":
-            value = r.transform(np.asarray(value))
-        return value.astype(dtype, copy=False)
+        return _on_host(r, read(r.source), np.dtype(specs[r.target_path].dtype))
 
     via_device: list[str] = []  # set once a backend refused numpy -> pinned memory (then said once)
 
@@ -383,8 +413,9 @@ def _memories(device: Any) -> list[Any]:
         return []
 
 
-def _build(model_cls: Callable[..., nnx.Module], cfg: Any, fp8: bool) -> nnx.Module:
-    model = model_cls(cfg, rngs=nnx.Rngs(0))
+def _build_abstract(model_cls: Callable[..., nnx.Module], cfg: Any, fp8: bool) -> nnx.Module:
+    """The abstract model to fill (jaxvid.models.abstract), with fp8 linears when `fp8`."""
+    model = abstract_model(model_cls, cfg)
     return quantize_model_fp8(model) if fp8 else model
 
 
@@ -411,9 +442,9 @@ class OnDemandModel:
                  files: str | os.PathLike | None = None, class_name: str = ""):
         self.model_cls, self.cfg, self.source, self.what, self.fp8 = model_cls, cfg, source, what, fp8
         self.class_name = class_name or getattr(model_cls, "__name__", "model")
-        abstract = nnx.eval_shape(lambda: _build(model_cls, cfg, fp8))
-        self.graphdef = nnx.split(abstract)[0]
+        abstract = _build_abstract(model_cls, cfg, fp8)
         self._param_graphdef, self.specs, self._flat, self._rest = abstract_params(abstract)
+        self.graphdef = self._param_graphdef  # a split's graphdef is the same whatever it filters
         self.rules = check_rules(rules, source, self.specs, ignore=ignore, what=what)
         self._files = Path(files) if files is not None else None
         self._fingerprint = _fingerprint(self._files) if self._files is not None else None
