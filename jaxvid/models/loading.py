@@ -133,6 +133,7 @@ DEVICE_MIN_BYTES = 1 << 22  # tensors from 4 MB up change layout on the device; 
 # device buffer would run a program per distinct shape (each a compile, or a compile-cache read,
 # ~10-20 ms), which for the many small stacked biases and norms costs more than their bytes.
 HOST_STACK_MAX_BYTES = 1 << 26
+HOST_BATCH_BYTES = 1 << 26  # host-side tensors go to the device in one device_put per this many bytes
 
 
 def _device_steps(name: str) -> list[tuple[str, Any]] | None:
@@ -225,7 +226,8 @@ def load_arrays(
 
     Sources with `read_mapped` (safetensors) are copied from their memory map; others (jaxvid
     checkpoints) are read one tensor at a time on this thread. A tqdm bar counts stored bytes.
-    Stacked targets up to HOST_STACK_MAX_BYTES are assembled on the host and copied once.
+    Tensors under DEVICE_MIN_BYTES and stacked targets up to HOST_STACK_MAX_BYTES are converted on
+    the host and copied in batches (one device_put each); larger ones go through copy threads.
     Exact: transposes and reshapes move bytes; casts round as numpy's astype does.
     Device memory beyond the loaded arrays: at most `max_in_flight` tensors and about
     `max_bytes_in_flight` bytes (stored + loaded size) at a time.
@@ -239,7 +241,8 @@ def load_arrays(
         raise ValueError(f"max_in_flight={max_in_flight}, max_bytes_in_flight={max_bytes_in_flight}; expected >= 1")
     read = getattr(source, "read_mapped", None) or source.read
     t_start = time.perf_counter()
-    total = sum(_stored_nbytes(source, r.source) for r in rules)
+    stored = {r.source: _stored_nbytes(source, r.source) for r in rules}
+    total = sum(stored.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=not progress,
                leave=False)
     target = device if device is not None else jax.devices()[0]
@@ -261,7 +264,7 @@ def load_arrays(
             else:
                 out = fn(jax.device_put(host, device_memory, may_alias=False))
         jax.block_until_ready(out)  # the mapped view is released only once copied
-        bar.update(_stored_nbytes(source, r.source))
+        bar.update(stored[r.source])
         return out
 
     arrays: dict[str, jax.Array] = {}
@@ -269,21 +272,48 @@ def load_arrays(
     in_flight: deque[tuple[Rule, Future, int]] = deque()
     bytes_in_flight = 0
 
-    # small stacked targets: each slice converted on the host into one buffer, copied once
-    on_host = [r for r in rules if r.target_index is not None and _nbytes(specs[r.target_path]) <= HOST_STACK_MAX_BYTES]
-    if on_host:
-        rules = [r for r in rules if r.target_index is None or _nbytes(specs[r.target_path]) > HOST_STACK_MAX_BYTES]
-        buffers: dict[str, np.ndarray] = {}
-        for r in on_host:
-            spec = specs[r.target_path]
+    def on_host(r: Rule) -> bool:
+        if r.target_index is None:
+            return stored[r.source] < DEVICE_MIN_BYTES
+        return _nbytes(specs[r.target_path]) <= HOST_STACK_MAX_BYTES
+
+    # Small tensors and small stacked targets: converted here on the host (the layout change a small
+    # tensor would get in `to_device` anyway) and copied in batches, one device_put per batch: no
+    # thread hand-off, no program, no per-tensor dispatch. Stacked ones fill one host buffer each.
+    batch: list[tuple[str, np.ndarray]] = []
+    batch_bytes = 0
+    buffers: dict[str, np.ndarray] = {}
+
+    def put_batch() -> None:
+        nonlocal batch_bytes
+        if batch:
+            # may_alias=False: a CPU "device" array must never alias the file mapping or our buffers
+            values = jax.device_put([v for _, v in batch], device_memory, may_alias=False)
+            arrays.update(zip((p for p, _ in batch), jax.block_until_ready(values)))
+            batch.clear()
+            batch_bytes = 0
+
+    for r in rules:
+        if not on_host(r):
+            continue
+        dtype = np.dtype(specs[r.target_path].dtype)
+        value = _on_host(r, read(r.source), dtype)
+        if r.target_index is None:
+            batch.append((r.target_path, value if value.flags.c_contiguous else value.copy(order="C")))
+            batch_bytes += value.nbytes
+        else:
             if r.target_path not in buffers:
-                buffers[r.target_path] = np.zeros(tuple(spec.shape), np.dtype(spec.dtype))
-            buffers[r.target_path][r.target_index] = _on_host(r, read(r.source), np.dtype(spec.dtype))
-            bar.update(_stored_nbytes(source, r.source))
-        for path, buffer in buffers.items():
-            # may_alias=False: a CPU "device" array must not alias a buffer of ours
-            arrays[path] = jax.device_put(buffer, device_memory, may_alias=False)
-        del buffers
+                buffers[r.target_path] = np.zeros(tuple(specs[r.target_path].shape), dtype)
+            buffers[r.target_path][r.target_index] = value
+        bar.update(stored[r.source])
+        if batch_bytes >= HOST_BATCH_BYTES:
+            put_batch()
+    for path in list(buffers):  # every slice is in (check_rules): each buffer is whole
+        batch.append((path, buffers.pop(path)))
+        batch_bytes += batch[-1][1].nbytes
+        if batch_bytes >= HOST_BATCH_BYTES:
+            put_batch()
+    put_batch()
 
     def place_oldest() -> None:
         nonlocal bytes_in_flight
@@ -300,18 +330,20 @@ def load_arrays(
         # written before the next one is placed, so no slices wait beside the buffer unbounded
         stacked[path] = jax.block_until_ready(_set_slice(stacked[path], value, np.int32(index)))
 
-    with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
-        for r in rules:
-            spec = specs[r.target_path]
-            n = int(np.prod(tuple(spec.shape)[1:] if r.target_index is not None else tuple(spec.shape),
-                            dtype=np.int64))
-            cost = _stored_nbytes(source, r.source) + n * np.dtype(spec.dtype).itemsize
-            while in_flight and (len(in_flight) >= max_in_flight or bytes_in_flight + cost > max_bytes_in_flight):
+    large = [r for r in rules if not on_host(r)]
+    if large:  # the threads start only when there is something to overlap
+        with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
+            for r in large:
+                spec = specs[r.target_path]
+                n = int(np.prod(tuple(spec.shape)[1:] if r.target_index is not None else tuple(spec.shape),
+                                dtype=np.int64))
+                cost = stored[r.source] + n * np.dtype(spec.dtype).itemsize
+                while in_flight and (len(in_flight) >= max_in_flight or bytes_in_flight + cost > max_bytes_in_flight):
+                    place_oldest()
+                in_flight.append((r, pool.submit(to_device, r, read(r.source)), cost))
+                bytes_in_flight += cost
+            while in_flight:
                 place_oldest()
-            in_flight.append((r, pool.submit(to_device, r, read(r.source)), cost))
-            bytes_in_flight += cost
-        while in_flight:
-            place_oldest()
     arrays.update(stacked)
     jax.block_until_ready(list(arrays.values()))
     bar.close()
