@@ -122,3 +122,14 @@ def test_abstract_model_falls_back_to_eval_shape(caplog):
     with pytest.raises(ValueError, match="cfg=-1: expected a positive size"):  # the constructor's own error
         abstract.abstract_model(_Rejects, -1)
     assert not abstract._SHAPES_ONLY.get()  # the scope ends with the build, also on errors
+
+
+@pytest.mark.parametrize("component", ["transformer", "vae"])
+def test_checked_model_graphdef_is_the_loaded_ones(fixtures_dir, component):
+    """check_model's abstract model (no weights read) has the graph definition of the loaded module,
+    so stages jitted on it before the read compile once."""
+    from jaxvid.models.loading import check_model
+
+    checked = check_model(fixtures_dir / "cogvideox" / "pipeline_t2v_2b_ddim" / component)
+    graphdef = nnx.split(checked.load(progress=False))[0]
+    assert checked.graphdef == graphdef and hash(checked.graphdef) == hash(graphdef)
