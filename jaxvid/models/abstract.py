@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["abstract_model", "build_abstract", "initializer", "ones", "shapes_only", "stack", "zeros"]
+__all__ = ["NotAbstractError", "abstract_model", "build_abstract", "initializer", "ones", "shapes_only", "stack", "zeros"]
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,10 @@ def build_abstract(model_cls: Callable[..., M], cfg: Any) -> M:
     Raises whatever the constructor raises, or NotAbstractError if it made a concrete array."""
     with shapes_only():
         model = model_cls(cfg, rngs=_NoKeys())
-    concrete = [".".join(str(p) for p in path) for path, v in nnx.to_flat_state(nnx.state(model))
-                if not isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    leaves = [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_leaves_with_path(model)]
+    if len(leaves) == 1 and leaves[0][1] is model:  # not a pytree in this flax: walk its graph (slower)
+        leaves = [(".".join(map(str, p)), v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))]
+    concrete = [name for name, value in leaves if not isinstance(value, jax.ShapeDtypeStruct)]
     if concrete:
         raise NotAbstractError(f"{getattr(model_cls, '__name__', model_cls)}: {len(concrete)} Variables were "
                                f"computed, not declared (first: {concrete[:3]}); create them with "
