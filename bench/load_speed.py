@@ -2,6 +2,8 @@
 
     python bench/load_speed.py --folder /tmp/jaxvid-e2e/cogvideox-2b     # a folder bench/e2e.py wrote
     python bench/load_speed.py --folder DIR --threads 4,8,16
+    python bench/load_speed.py --folder DIR --jaxvid-only --compile-cache /tmp/cc   # twice: the 2nd
+                                                     # process loads with every program in the cache
 
 Rows (each a pass over the same safetensors files, page cache warm after the first):
 `read` (every byte of the files read into one reused buffer: the storage / page-cache floor, as
@@ -9,7 +11,8 @@ Rows (each a pass over the same safetensors files, page cache warm after the fir
 N threads, no layout change: the floor of any loader that copies tensor by tensor), `torch cuda`
 (safetensors' own `load_file(device="cuda")`, what diffusers' loading costs per component, when torch
 sees a GPU) and `jaxvid` (`load_model`, the loader the pipelines use: layout change, casts, stacked
-layers). Columns: seconds per component, GB and GB/s for the whole folder.
+layers) and `jaxvid check_model` (the part of it that reads no weight: config, abstract model,
+key/shape checks). Columns: seconds per component, GB and GB/s for the whole folder.
 """
 from __future__ import annotations
 
@@ -91,24 +94,41 @@ def jaxvid_load(folder: Path, component: str, dtype: str) -> float:
     return seconds
 
 
+def jaxvid_check(folder: Path, component: str, dtype: str) -> float:
+    from jaxvid.models.loading import check_model
+
+    t0 = time.perf_counter()
+    check_model(folder / component, dtype=dtype)
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", required=True, help="a diffusers CogVideoX folder (bench/e2e.py writes one)")
     ap.add_argument("--threads", default="8", help="comma-separated thread counts for the device_put rows")
     ap.add_argument("--dtype", default="bf16", help="dtype jaxvid loads as")
     ap.add_argument("--repeat", type=int, default=2, help="passes of the jaxvid row (the first compiles)")
+    ap.add_argument("--jaxvid-only", action="store_true", help="only the jaxvid rows (check_model, load_model)")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="JAX's persistent compilation cache in DIR (jaxvid.compile_cache), as the CLI uses it")
     args = ap.parse_args(argv)
+    if args.compile_cache:
+        from jaxvid.compile_cache import enable_compile_cache
+
+        enable_compile_cache(args.compile_cache)
     folder = Path(args.folder)
     comps = [c for c in COMPONENTS if _files(folder, c)]
     if not comps:
         ap.error(f"--folder {folder}: no */*.safetensors of {COMPONENTS}")
     gb = sum(f.stat().st_size for c in comps for f in _files(folder, c)) / 1e9
     rows: list[tuple[str, list[float | None]]] = []
-    rows.append(("read (cold or warm)", [read_files(folder, c) for c in comps]))
-    rows.append(("read (warm)", [read_files(folder, c) for c in comps]))
-    for n in (int(t) for t in args.threads.split(",")):
-        rows.append((f"device_put x{n}", [device_put_all(folder, c, n) for c in comps]))
-    rows.append(("torch cuda", [torch_load(folder, c) for c in comps]))
+    if not args.jaxvid_only:
+        rows.append(("read (cold or warm)", [read_files(folder, c) for c in comps]))
+        rows.append(("read (warm)", [read_files(folder, c) for c in comps]))
+        for n in (int(t) for t in args.threads.split(",")):
+            rows.append((f"device_put x{n}", [device_put_all(folder, c, n) for c in comps]))
+        rows.append(("torch cuda", [torch_load(folder, c) for c in comps]))
+    rows.append(("jaxvid check_model (no reads)", [jaxvid_check(folder, c, args.dtype) for c in comps]))
     for i in range(args.repeat):
         rows.append((f"jaxvid load_model #{i + 1}", [jaxvid_load(folder, c, args.dtype) for c in comps]))
     print(f"{folder}: {gb:.2f} GB in {', '.join(comps)}")

@@ -110,8 +110,10 @@ def test_loaded_arrays_are_bitwise_the_stored_values(stored):
 
     monkey = pytest.MonkeyPatch()
     try:
-        for min_bytes in (0, loading.DEVICE_MIN_BYTES):  # every tensor on the device path, then the default split
+        # every tensor (stacked slices too) on the device path, then the default split
+        for min_bytes, stack_bytes in ((0, -1), (loading.DEVICE_MIN_BYTES, loading.HOST_STACK_MAX_BYTES)):
             monkey.setattr(loading, "DEVICE_MIN_BYTES", min_bytes)
+            monkey.setattr(loading, "HOST_STACK_MAX_BYTES", stack_bytes)
             got = load_arrays([r for r, _ in cases], reader, specs, progress=False)
             _check(cases, got, path, tensors)
     finally:
@@ -168,7 +170,7 @@ def test_whole_tiny_pipeline_loads_as_the_host_path(tmp_path):
         assert config_for  # imported for the registry check above
 
 
-def test_tensors_in_flight_are_capped(tmp_path):
+def test_tensors_in_flight_are_capped(tmp_path, monkeypatch):
     """Device memory while loading stays near the model's size: without the cap every per-layer
     slice of a stacked parameter could land on the device before the stacked buffer is written (up
     to 2x the model; how the 24 GiB run of CogVideoX-5b ran out of memory). Measured from outside
@@ -208,6 +210,9 @@ def test_tensors_in_flight_are_capped(tmp_path):
         del out
         return peak[0]
 
+    import jaxvid.models.loading as loading
+
+    monkeypatch.setattr(loading, "HOST_STACK_MAX_BYTES", 0)  # the stacked target is filled on the device
     cap = 2 * 1024 * 1024
     capped = peak_while_loading(max_bytes_in_flight=cap)
     # at least the stacked buffer (the sampler sees the loader's arrays), at most it plus the cap

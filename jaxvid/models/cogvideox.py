@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxvid.attention import AttentionPlan, VideoLayout, attend
+from jaxvid.models import abstract
 from jaxvid.models.fp8 import Fp8Linear, fused_fp8_dot
 from jaxvid.models.layers import (
     ACTIVATIONS,
@@ -28,6 +29,7 @@ from jaxvid.models.layers import (
     TimestepEmbedding,
     apply_rotary,
     layer_norm,
+    linear,
     modulate,
     rope_3d,
     sincos_3d,
@@ -282,7 +284,7 @@ class CogVideoXLayerNormZero(nnx.Module):
     def __init__(self, cfg: CogVideoXConfig, *, rngs: nnx.Rngs):
         d = cfg.inner_dim
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.linear = nnx.Linear(cfg.time_embed_dim, 6 * d, **kw)
+        self.linear = linear(cfg.time_embed_dim, 6 * d, **kw)
         self.norm = layer_norm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, **kw)
 
     def __call__(self, x: jax.Array, enc: jax.Array, temb: jax.Array):
@@ -299,13 +301,13 @@ class CogVideoXAttention(nnx.Module):
         d, dh = cfg.inner_dim, cfg.attention_head_dim
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.heads, self.head_dim = cfg.num_attention_heads, dh
-        self.to_q = nnx.Linear(d, d, use_bias=cfg.attention_bias, **kw)
-        self.to_k = nnx.Linear(d, d, use_bias=cfg.attention_bias, **kw)
-        self.to_v = nnx.Linear(d, d, use_bias=cfg.attention_bias, **kw)
+        self.to_q = linear(d, d, use_bias=cfg.attention_bias, **kw)
+        self.to_k = linear(d, d, use_bias=cfg.attention_bias, **kw)
+        self.to_v = linear(d, d, use_bias=cfg.attention_bias, **kw)
         self.norm_q = layer_norm(dh, eps=_QK_NORM_EPS, **kw)
         self.norm_k = layer_norm(dh, eps=_QK_NORM_EPS, **kw)
         # diffusers: to_out = [Linear, Dropout]; only the Linear carries weights (to_out.0)
-        self.to_out = nnx.Linear(d, d, use_bias=True, **kw)
+        self.to_out = linear(d, d, use_bias=True, **kw)
 
     def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The three projections as one [D, 3D] matmul (one GEMM reads x once); weights stay separate
@@ -398,10 +400,10 @@ class CogVideoXPatchEmbed(nnx.Module):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.cfg = cfg
         use_bias = cfg.patch_bias if cfg.patch_size_t is None else True  # diffusers' 1.5 Linear ignores patch_bias
-        self.proj = nnx.Linear(cfg.in_channels * cfg.patch_volume, cfg.inner_dim, use_bias=use_bias, **kw)
-        self.text_proj = nnx.Linear(cfg.text_embed_dim, cfg.inner_dim, **kw)
+        self.proj = linear(cfg.in_channels * cfg.patch_volume, cfg.inner_dim, use_bias=use_bias, **kw)
+        self.text_proj = linear(cfg.text_embed_dim, cfg.inner_dim, **kw)
         if cfg.use_learned_positional_embeddings:
-            self.pos_embedding = nnx.Param(jnp.zeros((1, cfg.learned_pos_tokens, cfg.inner_dim), cfg.param_dtype))
+            self.pos_embedding = nnx.Param(abstract.zeros((1, cfg.learned_pos_tokens, cfg.inner_dim), cfg.param_dtype))
 
     def patchify(self, video: jax.Array) -> jax.Array:
         """[B, F, C, H, W] -> [B, F' * h * w, C * pt * p * p] in (t, h, w) token order."""
@@ -472,15 +474,10 @@ class CogVideoXTransformer3D(nnx.Module):
                 cfg.ofs_embed_dim, cfg.ofs_embed_dim, act=cfg.timestep_activation_fn, **kw
             )
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(r: nnx.Rngs) -> CogVideoXBlock:
-            return CogVideoXBlock(cfg, rngs=r)
-
-        self.transformer_blocks = make_blocks(rngs)
+        self.transformer_blocks = abstract.stack(lambda r: CogVideoXBlock(cfg, rngs=r), cfg.num_layers, rngs)
         self.norm_final = layer_norm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, **kw)
         self.norm_out = AdaLayerNorm(cfg.time_embed_dim, d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, **kw)
-        self.proj_out = nnx.Linear(d, cfg.patch_volume * cfg.out_channels, **kw)
+        self.proj_out = linear(d, cfg.patch_volume * cfg.out_channels, **kw)
 
     # ---- checks -------------------------------------------------------------------------
     def _check_inputs(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array) -> None:

@@ -129,10 +129,15 @@ class Fp8Linear(nnx.Module):
 
     @classmethod
     def from_linear(cls, linear: nnx.Module) -> Fp8Linear:
-        """Quantize a module with `kernel` [.., in, out], `bias` and `dtype` (nnx.Linear, _Linear)."""
-        kernel8, scale = quantize_weight(linear.kernel[...])
-        bias = None if linear.bias is None else linear.bias[...]
-        dtype = linear.dtype if linear.dtype is not None else linear.kernel[...].dtype
+        """Quantize a module with `kernel` [.., in, out], `bias` and `dtype` (nnx.Linear, _Linear).
+        An abstract linear (ShapeDtypeStructs, jaxvid.models.abstract) gives an abstract Fp8Linear."""
+        kernel = linear.kernel.get_value()
+        bias = None if linear.bias is None else linear.bias.get_value()
+        if isinstance(kernel, jax.ShapeDtypeStruct):
+            kernel8, scale = jax.eval_shape(quantize_weight, kernel)  # the shapes and dtypes it would give
+        else:
+            kernel8, scale = quantize_weight(kernel)
+        dtype = linear.dtype if linear.dtype is not None else kernel.dtype
         return cls(kernel8, scale, bias, dtype=dtype)
 
     def __call__(self, x: jax.Array, lora: Any = None, *, fp32: bool = False) -> jax.Array:

@@ -5,6 +5,7 @@ config, so models build them at trace time and they enter the graph as constants
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,13 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxvid.models import abstract
+
 __all__ = [
     "ACTIVATIONS",
     "AdaLayerNorm",
     "FeedForward",
     "TimestepEmbedding",
     "apply_rotary",
+    "embed",
     "layer_norm",
+    "linear",
     "rope_1d",
     "rope_3d",
     "sincos_1d",
@@ -95,8 +100,8 @@ class TimestepEmbedding(nnx.Module):
         param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
     ):
         self.act = activation(act)
-        self.linear_1 = nnx.Linear(in_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = nnx.Linear(out_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = linear(in_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = linear(out_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(self.act(self.linear_1(x)))
@@ -107,13 +112,43 @@ class TimestepEmbedding(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def _flax_default(cls: type, name: str) -> Callable[..., jax.Array]:
+    """The initializer `cls.__init__` uses for `name` when given none (the same values as before)."""
+    return abstract.initializer(inspect.signature(cls.__init__).parameters[name].default)
+
+
+# flax's own default initializers, also declaring shapes only inside abstract.shapes_only()
+_LINEAR_KERNEL_INIT = _flax_default(nnx.Linear, "kernel_init")
+_LINEAR_BIAS_INIT = _flax_default(nnx.Linear, "bias_init")
+_EMBED_INIT = _flax_default(nnx.Embed, "embedding_init")
+_NORM_SCALE_INIT = _flax_default(nnx.LayerNorm, "scale_init")
+_NORM_BIAS_INIT = _flax_default(nnx.LayerNorm, "bias_init")
+
+
+def linear(
+    in_features: int, out_features: int, *, use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """`nnx.Linear` (kernel [in, out], bias [out]) with flax's initializers, buildable abstractly."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=_LINEAR_KERNEL_INIT, bias_init=_LINEAR_BIAS_INIT, rngs=rngs)
+
+
+def embed(num_embeddings: int, features: int, *, dtype: Any = None, param_dtype: Any = jnp.float32,
+          rngs: nnx.Rngs) -> nnx.Embed:
+    """`nnx.Embed` (table [num_embeddings, features]) with flax's initializer, buildable abstractly."""
+    return nnx.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype, embedding_init=_EMBED_INIT,
+                     rngs=rngs)
+
+
 def layer_norm(
     dim: int, *, eps: float, affine: bool = True, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
 ) -> nnx.LayerNorm:
     """torch.nn.LayerNorm(dim, eps, elementwise_affine=affine) as NNX (params `scale`, `bias`)."""
     return nnx.LayerNorm(
-        dim, epsilon=eps, use_scale=affine, use_bias=affine, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        dim, epsilon=eps, use_scale=affine, use_bias=affine, dtype=dtype, param_dtype=param_dtype,
+        scale_init=_NORM_SCALE_INIT, bias_init=_NORM_BIAS_INIT, rngs=rngs,
     )
 
 
@@ -132,7 +167,7 @@ class AdaLayerNorm(nnx.Module):
         self, cond_dim: int, dim: int, *, eps: float, affine: bool = True, dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
     ):
-        self.linear = nnx.Linear(cond_dim, 2 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear = linear(cond_dim, 2 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = layer_norm(dim, eps=eps, affine=affine, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
@@ -151,8 +186,8 @@ class FeedForward(nnx.Module):
         dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
     ):
         self.act = activation(act)
-        self.linear_in = nnx.Linear(dim, inner_dim, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_out = nnx.Linear(inner_dim, dim, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_in = linear(dim, inner_dim, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_out = linear(inner_dim, dim, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_out(self.act(self.linear_in(x)))

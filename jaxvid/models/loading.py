@@ -1,7 +1,8 @@
 """Load any registered model from a converted jaxvid checkpoint or its original HF folder.
 
-Weights go into an abstract model (`nnx.eval_shape` -> `nnx.split` -> fill -> `nnx.merge`), so no
-random init of billions of parameters happens and no second copy is kept.
+Weights go into an abstract model (jaxvid.models.abstract: the parameter tree as shapes, built
+without tracing -> `nnx.split` -> fill -> `nnx.merge`), so no random init of billions of parameters
+happens and no second copy is kept.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from convert.int8_weights import SCALE_SUFFIX as INT8_SCALE_SUFFIX
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
 from convert.transforms import Transform
+from jaxvid.models.abstract import abstract_model
 from jaxvid.models.dtypes import resolve_dtype
 from jaxvid.models.fp8 import SCALE_SUFFIX, is_fp8_state, quantize_model_fp8, resolve_weights
 from jaxvid.models.registry import MODELS, ModelEntry, resolve
@@ -107,8 +109,7 @@ def abstract_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, jax.Shap
 
 def model_specs(model_cls: Callable[..., nnx.Module], cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat '.'-joined Param path -> ShapeDtypeStruct of `model_cls(cfg)`, built abstractly (no weights)."""
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
-    return abstract_params(abstract)[1]
+    return abstract_params(abstract_model(model_cls, cfg))[1]
 
 
 # ------------------------------------------------------------------ loading at storage speed
@@ -128,6 +129,11 @@ LOAD_THREADS = 16  # an H200 host: device_put from 8 threads 4.1 GB/s, from 16 8
 MAX_IN_FLIGHT = 32  # tensors submitted to the copy threads and not yet placed
 MAX_BYTES_IN_FLIGHT = 1 << 30  # their stored + loaded bytes (one larger tensor still goes alone)
 DEVICE_MIN_BYTES = 1 << 22  # tensors from 4 MB up change layout on the device; smaller ones on the host
+# Stacked targets up to this size are assembled on the host and copied once: slice by slice into a
+# device buffer would run a program per distinct shape (each a compile, or a compile-cache read,
+# ~10-20 ms), which for the many small stacked biases and norms costs more than their bytes.
+HOST_STACK_MAX_BYTES = 1 << 26
+HOST_BATCH_BYTES = 1 << 26  # host-side tensors go to the device in one device_put per this many bytes
 
 
 def _device_steps(name: str) -> list[tuple[str, Any]] | None:
@@ -186,6 +192,18 @@ def _set_slice(buffer: jax.Array, value: jax.Array, index: jax.Array) -> jax.Arr
     return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), index, 0)
 
 
+def _nbytes(spec: Any) -> int:
+    return int(np.prod(tuple(spec.shape), dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+
+
+def _on_host(r: Rule, value: Any, dtype: Any) -> np.ndarray:
+    """The rule's tensor `value` in its target layout and `dtype`, on the host (numpy's casts; a
+    view of the mapped file when nothing changes)."""
+    if r.transform.name != "identity":
+        value = r.transform(np.asarray(value))
+    return np.asarray(value).astype(dtype, copy=False)
+
+
 def _stored_nbytes(source: Any, key: str) -> int:
     if hasattr(source, "nbytes"):
         return int(source.nbytes(key))
@@ -208,6 +226,8 @@ def load_arrays(
 
     Sources with `read_mapped` (safetensors) are copied from their memory map; others (jaxvid
     checkpoints) are read one tensor at a time on this thread. A tqdm bar counts stored bytes.
+    Tensors under DEVICE_MIN_BYTES and stacked targets up to HOST_STACK_MAX_BYTES are converted on
+    the host and copied in batches (one device_put each); larger ones go through copy threads.
     Exact: transposes and reshapes move bytes; casts round as numpy's astype does.
     Device memory beyond the loaded arrays: at most `max_in_flight` tensors and about
     `max_bytes_in_flight` bytes (stored + loaded size) at a time.
@@ -221,7 +241,8 @@ def load_arrays(
         raise ValueError(f"max_in_flight={max_in_flight}, max_bytes_in_flight={max_bytes_in_flight}; expected >= 1")
     read = getattr(source, "read_mapped", None) or source.read
     t_start = time.perf_counter()
-    total = sum(_stored_nbytes(source, r.source) for r in rules)
+    stored = {r.source: _stored_nbytes(source, r.source) for r in rules}
+    total = sum(stored.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=not progress,
                leave=False)
     target = device if device is not None else jax.devices()[0]
@@ -243,13 +264,56 @@ def load_arrays(
             else:
                 out = fn(jax.device_put(host, device_memory, may_alias=False))
         jax.block_until_ready(out)  # the mapped view is released only once copied
-        bar.update(_stored_nbytes(source, r.source))
+        bar.update(stored[r.source])
         return out
 
     arrays: dict[str, jax.Array] = {}
     stacked: dict[str, jax.Array] = {}
     in_flight: deque[tuple[Rule, Future, int]] = deque()
     bytes_in_flight = 0
+
+    def on_host(r: Rule) -> bool:
+        if r.target_index is None:
+            return stored[r.source] < DEVICE_MIN_BYTES
+        return _nbytes(specs[r.target_path]) <= HOST_STACK_MAX_BYTES
+
+    # Small tensors and small stacked targets: converted here on the host (the layout change a small
+    # tensor would get in `to_device` anyway) and copied in batches, one device_put per batch: no
+    # thread hand-off, no program, no per-tensor dispatch. Stacked ones fill one host buffer each.
+    batch: list[tuple[str, np.ndarray]] = []
+    batch_bytes = 0
+    buffers: dict[str, np.ndarray] = {}
+
+    def put_batch() -> None:
+        nonlocal batch_bytes
+        if batch:
+            # may_alias=False: a CPU "device" array must never alias the file mapping or our buffers
+            values = jax.device_put([v for _, v in batch], device_memory, may_alias=False)
+            arrays.update(zip((p for p, _ in batch), jax.block_until_ready(values)))
+            batch.clear()
+            batch_bytes = 0
+
+    for r in rules:
+        if not on_host(r):
+            continue
+        dtype = np.dtype(specs[r.target_path].dtype)
+        value = _on_host(r, read(r.source), dtype)
+        if r.target_index is None:
+            batch.append((r.target_path, value if value.flags.c_contiguous else value.copy(order="C")))
+            batch_bytes += value.nbytes
+        else:
+            if r.target_path not in buffers:
+                buffers[r.target_path] = np.zeros(tuple(specs[r.target_path].shape), dtype)
+            buffers[r.target_path][r.target_index] = value
+        bar.update(stored[r.source])
+        if batch_bytes >= HOST_BATCH_BYTES:
+            put_batch()
+    for path in list(buffers):  # every slice is in (check_rules): each buffer is whole
+        batch.append((path, buffers.pop(path)))
+        batch_bytes += batch[-1][1].nbytes
+        if batch_bytes >= HOST_BATCH_BYTES:
+            put_batch()
+    put_batch()
 
     def place_oldest() -> None:
         nonlocal bytes_in_flight
@@ -266,18 +330,20 @@ def load_arrays(
         # written before the next one is placed, so no slices wait beside the buffer unbounded
         stacked[path] = jax.block_until_ready(_set_slice(stacked[path], value, np.int32(index)))
 
-    with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
-        for r in rules:
-            spec = specs[r.target_path]
-            n = int(np.prod(tuple(spec.shape)[1:] if r.target_index is not None else tuple(spec.shape),
-                            dtype=np.int64))
-            cost = _stored_nbytes(source, r.source) + n * np.dtype(spec.dtype).itemsize
-            while in_flight and (len(in_flight) >= max_in_flight or bytes_in_flight + cost > max_bytes_in_flight):
+    large = [r for r in rules if not on_host(r)]
+    if large:  # the threads start only when there is something to overlap
+        with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
+            for r in large:
+                spec = specs[r.target_path]
+                n = int(np.prod(tuple(spec.shape)[1:] if r.target_index is not None else tuple(spec.shape),
+                                dtype=np.int64))
+                cost = stored[r.source] + n * np.dtype(spec.dtype).itemsize
+                while in_flight and (len(in_flight) >= max_in_flight or bytes_in_flight + cost > max_bytes_in_flight):
+                    place_oldest()
+                in_flight.append((r, pool.submit(to_device, r, read(r.source)), cost))
+                bytes_in_flight += cost
+            while in_flight:
                 place_oldest()
-            in_flight.append((r, pool.submit(to_device, r, read(r.source)), cost))
-            bytes_in_flight += cost
-        while in_flight:
-            place_oldest()
     arrays.update(stacked)
     jax.block_until_ready(list(arrays.values()))
     bar.close()
@@ -327,11 +393,7 @@ def load_arrays_to_host(
 
     def converted(r: Rule) -> np.ndarray:
         """The rule's tensor in its target layout and dtype (a view of the mapped file when nothing changes)."""
-        dtype = np.dtype(specs[r.target_path].dtype)
-        value = read(r.source)
-        if r.transform.name != "identity":
-            value = r.transform(np.asarray(value))
-        return value.astype(dtype, copy=False)
+        return _on_host(r, read(r.source), np.dtype(specs[r.target_path].dtype))
 
     via_device: list[str] = []  # set once a backend refused numpy -> pinned memory (then said once)
 
@@ -383,8 +445,9 @@ def _memories(device: Any) -> list[Any]:
         return []
 
 
-def _build(model_cls: Callable[..., nnx.Module], cfg: Any, fp8: bool) -> nnx.Module:
-    model = model_cls(cfg, rngs=nnx.Rngs(0))
+def _build_abstract(model_cls: Callable[..., nnx.Module], cfg: Any, fp8: bool) -> nnx.Module:
+    """The abstract model to fill (jaxvid.models.abstract), with fp8 linears when `fp8`."""
+    model = abstract_model(model_cls, cfg)
     return quantize_model_fp8(model) if fp8 else model
 
 
@@ -411,9 +474,9 @@ class OnDemandModel:
                  files: str | os.PathLike | None = None, class_name: str = ""):
         self.model_cls, self.cfg, self.source, self.what, self.fp8 = model_cls, cfg, source, what, fp8
         self.class_name = class_name or getattr(model_cls, "__name__", "model")
-        abstract = nnx.eval_shape(lambda: _build(model_cls, cfg, fp8))
-        self.graphdef = nnx.split(abstract)[0]
+        abstract = _build_abstract(model_cls, cfg, fp8)
         self._param_graphdef, self.specs, self._flat, self._rest = abstract_params(abstract)
+        self.graphdef = self._param_graphdef  # a split's graphdef is the same whatever it filters
         self.rules = check_rules(rules, source, self.specs, ignore=ignore, what=what)
         self._files = Path(files) if files is not None else None
         self._fingerprint = _fingerprint(self._files) if self._files is not None else None

@@ -37,6 +37,7 @@ from flax import nnx
 from jaxvid.attention import BSA, PRECISIONS, AttentionPlan, Dense, VideoLayout, attend
 from jaxvid.attention.dense import dense_attention
 from jaxvid.attention.presets import BSARow, bsa_table_from_config
+from jaxvid.models import abstract
 from jaxvid.models.offload import stream_in
 from jaxvid.parallel import shard_tokens
 
@@ -257,14 +258,16 @@ def _sub_lora(lora: Mapping[str, LoRAFactors] | None, prefix: str) -> dict[str, 
     return {k[len(p):]: v for k, v in lora.items() if k.startswith(p)}
 
 
+_LECUN_NORMAL = abstract.initializer(nnx.initializers.lecun_normal())
+
+
 class _Linear(nnx.Module):
     """x @ kernel + bias (kernel [in, out], PyTorch weight transposed), with an optional LoRA update."""
 
     def __init__(self, d_in: int, d_out: int, cfg: LongCatConfig, *, bias: bool = True, rngs: nnx.Rngs):
         self.dtype = cfg.dtype
-        init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), cfg.param_dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype)) if bias else None
+        self.kernel = nnx.Param(_LECUN_NORMAL(rngs.params(), (d_in, d_out), cfg.param_dtype))
+        self.bias = nnx.Param(abstract.zeros((d_out,), cfg.param_dtype)) if bias else None
 
     def __call__(self, x: jax.Array, lora: LoRAFactors | None = None, *, fp32: bool = False) -> jax.Array:
         dt = _F32 if fp32 else self.dtype
@@ -294,8 +297,8 @@ class _LayerNormFP32(nnx.Module):
     """Affine LayerNorm computed in fp32, cast back to the input dtype (upstream LayerNorm_FP32)."""
 
     def __init__(self, dim: int, cfg: LongCatConfig):
-        self.weight = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype))
+        self.weight = nnx.Param(abstract.ones((dim,), cfg.param_dtype))
+        self.bias = nnx.Param(abstract.zeros((dim,), cfg.param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return _layer_norm_fp32(x, self.weight[...], self.bias[...]).astype(x.dtype)
@@ -305,7 +308,7 @@ class _RMSNormFP32(nnx.Module):
     """RMSNorm over the last axis in fp32, cast back, then scaled (upstream RMSNorm_FP32)."""
 
     def __init__(self, dim: int, cfg: LongCatConfig):
-        self.weight = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
+        self.weight = nnx.Param(abstract.ones((dim,), cfg.param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(_F32)
@@ -381,8 +384,8 @@ class _PatchConv(nnx.Module):
     def __init__(self, cfg: LongCatConfig, *, rngs: nnx.Rngs):
         self.patch, self.dtype = cfg.patch_size, cfg.dtype
         shape = (*cfg.patch_size, cfg.in_channels, cfg.hidden_size)
-        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape, cfg.param_dtype))
-        self.bias = nnx.Param(jnp.zeros((cfg.hidden_size,), cfg.param_dtype))
+        self.kernel = nnx.Param(_LECUN_NORMAL(rngs.params(), shape, cfg.param_dtype))
+        self.bias = nnx.Param(abstract.zeros((cfg.hidden_size,), cfg.param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, C, T, H, W] -> tokens [B, T'*H'*W', D] in (T', H', W') raster order."""
@@ -622,12 +625,7 @@ class LongCatVideoTransformer3D(nnx.Module):
         self.t_embedder = TimestepEmbedder(cfg, rngs=rngs)
         self.y_embedder = CaptionEmbedder(cfg, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(rngs: nnx.Rngs) -> LongCatSingleStreamBlock:
-            return LongCatSingleStreamBlock(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = abstract.stack(lambda r: LongCatSingleStreamBlock(cfg, rngs=r), cfg.depth, rngs)
         self.final_layer = FinalLayer(cfg, rngs=rngs)
         if cfg.enable_bsa:
             log.info("LongCat: block sparse attention enabled %s", cfg.bsa_params)

@@ -34,6 +34,7 @@ from flax import nnx
 from convert.keymap import Rule
 from convert.safetensors_io import SafetensorsReader
 from convert.transforms import linear_T
+from jaxvid.models.abstract import abstract_model
 from jaxvid.models.longcat import LongCatConfig, LongCatVideoTransformer3D, LoRAFactors
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,7 @@ def _linear_targets(cfg: LongCatConfig) -> dict[str, Rule]:
 
 
 def _param_shapes(cfg: LongCatConfig) -> dict[str, tuple[int, ...]]:
-    abstract = nnx.eval_shape(lambda: LongCatVideoTransformer3D(cfg, rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    flat = nnx.to_flat_state(nnx.state(abstract_model(LongCatVideoTransformer3D, cfg), nnx.Param))
     return {".".join(str(p) for p in path): tuple(v.get_value().shape) for path, v in flat}
 
 

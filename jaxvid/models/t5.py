@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxvid.models import abstract
+from jaxvid.models.layers import embed, linear
+
 log = logging.getLogger(__name__)
 
 # config.json keys that say nothing about the encoder's computation (decoder, generation,
@@ -174,7 +177,7 @@ class T5LayerNorm(nnx.Module):
         del rngs
         self.eps = cfg.layer_norm_epsilon
         self.dtype = cfg.dtype
-        self.weight = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
+        self.weight = nnx.Param(abstract.ones((dim,), cfg.param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -183,7 +186,7 @@ class T5LayerNorm(nnx.Module):
 
 
 def _linear(n_in: int, n_out: int, cfg: T5Config, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    return linear(n_in, n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 class T5SelfAttention(nnx.Module):
@@ -201,7 +204,7 @@ class T5SelfAttention(nnx.Module):
         self.v = _linear(cfg.d_model, cfg.inner_dim, cfg, rngs)
         self.o = _linear(cfg.inner_dim, cfg.d_model, cfg, rngs)
         if cfg.relative_bias_per_layer:
-            self.relative_attention_bias = nnx.Embed(
+            self.relative_attention_bias = embed(
                 cfg.relative_attention_num_buckets, cfg.num_heads, dtype=jnp.float32, param_dtype=cfg.param_dtype, rngs=rngs
             )
 
@@ -263,19 +266,14 @@ class T5Encoder(nnx.Module):
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.shared = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.shared = embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         if not cfg.relative_bias_per_layer:
             # T5 keeps this table in layer 0 and shares its output with every layer.
-            self.relative_attention_bias = nnx.Embed(
+            self.relative_attention_bias = embed(
                 cfg.relative_attention_num_buckets, cfg.num_heads, dtype=jnp.float32, param_dtype=cfg.param_dtype, rngs=rngs
             )
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers)
-        def make_blocks(rngs: nnx.Rngs) -> T5Block:
-            return T5Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = abstract.stack(lambda r: T5Block(cfg, rngs=r), cfg.num_layers, rngs)
         self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:

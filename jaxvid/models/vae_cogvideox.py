@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxvid.models import abstract
+
 Array = jax.Array
 Cache = dict[str, Any]
 
@@ -219,8 +221,11 @@ class LatentDistribution(NamedTuple):
 # ----------------------------------------------------------------------------------------- layers
 
 
+_LECUN_NORMAL = abstract.initializer(nnx.initializers.lecun_normal())
+
+
 def _conv_init(shape: tuple[int, ...], cfg: CogVideoXVAEConfig, rngs: nnx.Rngs) -> nnx.Param:
-    return nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape, cfg.param_dtype))
+    return nnx.Param(_LECUN_NORMAL(rngs.params(), shape, cfg.param_dtype))
 
 
 class GroupNorm(nnx.Module):
@@ -232,8 +237,8 @@ class GroupNorm(nnx.Module):
     def __init__(self, cfg: CogVideoXVAEConfig, channels: int, *, eps: float, rngs: nnx.Rngs):
         self.groups = cfg.norm_num_groups
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((channels,), cfg.param_dtype))
-        self.bias = nnx.Param(jnp.zeros((channels,), cfg.param_dtype))
+        self.weight = nnx.Param(abstract.ones((channels,), cfg.param_dtype))
+        self.bias = nnx.Param(abstract.zeros((channels,), cfg.param_dtype))
 
     def __call__(self, x: Array) -> Array:
         *lead, c = x.shape
@@ -260,7 +265,7 @@ class CausalConv3d(nnx.Module):
         self.kernel_size = kernel_size
         self.dtype = cfg.dtype
         self.kernel = _conv_init((kernel_size,) * 3 + (in_channels, out_channels), cfg, rngs)
-        self.bias = nnx.Param(jnp.zeros((out_channels,), cfg.param_dtype))
+        self.bias = nnx.Param(abstract.zeros((out_channels,), cfg.param_dtype))
 
     def __call__(self, x: Array, cache: Cache | None = None) -> tuple[Array, Cache]:
         k = self.kernel_size
@@ -286,7 +291,7 @@ class PointwiseConv3d(nnx.Module):
     def __init__(self, cfg: CogVideoXVAEConfig, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
         self.dtype = cfg.dtype
         self.kernel = _conv_init((1, 1, 1, in_channels, out_channels), cfg, rngs)
-        self.bias = nnx.Param(jnp.zeros((out_channels,), cfg.param_dtype))
+        self.bias = nnx.Param(abstract.zeros((out_channels,), cfg.param_dtype))
 
     def __call__(self, x: Array) -> Array:
         w = self.kernel[...].astype(self.dtype)[0, 0, 0]
@@ -323,7 +328,7 @@ class Downsample3D(nnx.Module):
         self.compress_time = compress_time
         self.dtype = cfg.dtype
         self.kernel = _conv_init((3, 3, channels, channels), cfg, rngs)
-        self.bias = nnx.Param(jnp.zeros((channels,), cfg.param_dtype))
+        self.bias = nnx.Param(abstract.zeros((channels,), cfg.param_dtype))
 
     def __call__(self, x: Array) -> Array:
         if self.compress_time:
@@ -347,7 +352,7 @@ class Upsample3D(nnx.Module):
         self.compress_time = compress_time
         self.dtype = cfg.dtype
         self.kernel = _conv_init((3, 3, channels, channels), cfg, rngs)
-        self.bias = nnx.Param(jnp.zeros((channels,), cfg.param_dtype))
+        self.bias = nnx.Param(abstract.zeros((channels,), cfg.param_dtype))
 
     def __call__(self, x: Array) -> Array:
         f = x.shape[1]

@@ -24,6 +24,7 @@ What differs from the PyTorch reference, on purpose:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxvid.attention import attend
+from jaxvid.models import abstract
 
 Array = jax.Array
 Cache = Any  # nested tuples of [B, t, H, W, C] arrays (or None), mirroring the module tree
@@ -219,7 +221,8 @@ class WanVAEConfig:
 
 def _init(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype: Any) -> nnx.Param:
     bound = 1.0 / math.sqrt(fan_in)
-    return nnx.Param(jax.random.uniform(rngs.params(), shape, dtype, -bound, bound))
+    uniform = abstract.initializer(functools.partial(jax.random.uniform, minval=-bound, maxval=bound))
+    return nnx.Param(uniform(rngs.params(), shape, dtype))
 
 
 class CausalConv3d(nnx.Module):
@@ -300,7 +303,7 @@ class RMSNorm(nnx.Module):
         del rngs
         self.scale = dim**0.5
         self.dtype = cfg.dtype
-        self.gamma = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
+        self.gamma = nnx.Param(abstract.ones((dim,), cfg.param_dtype))
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxvid.models.abstract import abstract_model
+
 if TYPE_CHECKING:
     from jaxvid.models.longcat import LongCatConfig, LongCatVideoTransformer3D
 
@@ -31,7 +33,7 @@ def random_model(model_cls: Any, cfg: Any, *, seed: int = 0, std: float = 0.02) 
     Each parameter is drawn by one small jitted call straight into device memory, so building a
     13B model needs no host RAM beyond bookkeeping.
     """
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(model_cls, cfg)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     flat = nnx.to_flat_state(params)
     key = jax.random.key(seed)
@@ -52,7 +54,7 @@ def random_longcat_params(cfg: LongCatConfig, seed: int = 0, *, std: float = 0.0
     """
     from jaxvid.models.longcat import LongCatVideoTransformer3D
 
-    abstract = nnx.eval_shape(lambda: LongCatVideoTransformer3D(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(LongCatVideoTransformer3D, cfg)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     keys = jax.random.split(jax.random.key(seed, impl="rbg"), len(flat))
