@@ -18,7 +18,10 @@ buffers with random data and cross-checking every candidate's result (level 4, X
 Measured on an H200 (CogVideoX-2b, 49 x 480 x 720, jax 0.11.2): the tiled VAE decode's four tile
 programs took 190-197 s to compile at level 4 and 41 s at level 1, the whole first run 215 s -> 55 s,
 with the same step (0.527 / 0.518 s) and decode (2.55 / 2.33 s) times; level 0 (no autotuning)
-compiled in 27 s but stepped 6x slower. `JAXVID_GPU_AUTOTUNE_LEVEL=N` picks another level, and an
+compiled in 27 s but stepped 6x slower. The VAE's programs (`stage="vae"`) compile at level 0: their
+convolutions go to cuDNN, whose heuristics choose without timing, and at level 1 their autotuning was
+still 46 of a cold CogVideoX-5b run's 55 s of compiling. `JAXVID_GPU_AUTOTUNE_LEVEL=N` picks another
+level for every program, `JAXVID_GPU_AUTOTUNE_LEVEL_VAE=N` for the VAE's alone, and an
 `--xla_gpu_autotune_level` in XLA_FLAGS is left alone.
 
 `CompileCounter` listens to JAX's monitoring events, so callers and tests can tell how many
@@ -109,13 +112,17 @@ DEFAULT_GPU_AUTOTUNE_LEVEL = 1
 
 
 STAGES = ("default", "vae")  # programs that may autotune at their own level
+# The VAE's convolutions go to cuDNN, whose heuristics pick well without timing (XLA's level 0),
+# while its autotuning was most of a cold CogVideoX run's compile (46 of 55 s at 49 x 480 x 720).
+DEFAULT_GPU_AUTOTUNE_LEVELS = {"vae": 0}
 
 
 def compiler_options(backend: str | None = None, stage: str = "default") -> dict[str, int]:
     """XLA options for the pipelines' own programs: on GPU, autotuning at level 1 (see the module
     docstring) unless $JAXVID_GPU_AUTOTUNE_LEVEL says otherwise or XLA_FLAGS sets the level itself;
     nothing on other backends. `stage="vae"` (the VAE programs, whose cold compile is mostly
-    convolution autotuning) reads $JAXVID_GPU_AUTOTUNE_LEVEL_VAE first. Raises ValueError for a
+    convolution autotuning) default to level 0 and read $JAXVID_GPU_AUTOTUNE_LEVEL_VAE first, then
+    $JAXVID_GPU_AUTOTUNE_LEVEL. Raises ValueError for a
     level outside 0..4 or an unknown stage."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}; expected one of {STAGES}")
@@ -123,10 +130,14 @@ def compiler_options(backend: str | None = None, stage: str = "default") -> dict
         return {}
     if "xla_gpu_autotune_level" in os.environ.get("XLA_FLAGS", ""):
         return {}
-    var = AUTOTUNE_ENV_VAR
-    if stage != "default" and f"{AUTOTUNE_ENV_VAR}_{stage.upper()}" in os.environ:
-        var = f"{AUTOTUNE_ENV_VAR}_{stage.upper()}"
-    raw = os.environ.get(var, str(DEFAULT_GPU_AUTOTUNE_LEVEL)).strip()
+    var, default = AUTOTUNE_ENV_VAR, DEFAULT_GPU_AUTOTUNE_LEVEL
+    if stage != "default":
+        default = DEFAULT_GPU_AUTOTUNE_LEVELS.get(stage, default)
+        if f"{AUTOTUNE_ENV_VAR}_{stage.upper()}" in os.environ:
+            var = f"{AUTOTUNE_ENV_VAR}_{stage.upper()}"
+        elif AUTOTUNE_ENV_VAR in os.environ:  # the general level, when set, covers every stage
+            default = None
+    raw = os.environ.get(var, str(default)).strip() if default is not None else os.environ[var].strip()
     if raw not in {"0", "1", "2", "3", "4"}:
         raise ValueError(f"${var}={raw!r}; expected an XLA autotune level 0..4 (4 = XLA's default)")
     return {"xla_gpu_autotune_level": int(raw)}
