@@ -233,7 +233,7 @@ def test_latent_pool_rows_are_the_encoded_training_videos():
     pool = latent_pool(cfg, vae)
     assert len(pool) == 6 and pool.latents.shape == (6, 3, 4, world.SIZE // 4, world.SIZE // 4)
     assert pool.masks.shape == (6, 3, world.SIZE // 4, world.SIZE // 4)
-    for c in range(2):
+    for c in (1,):  # the second chunk: its rows are offset by pool_chunk and its key folds in 1
         pixels, captions, masks = sample_indexed_batch(jax.random.fold_in(jax.random.key(cfg.seed * 4 + 5), c), 3,
                                                        two_shape_prob=0.5)
         want = np.asarray(vae.encode(pixels).mean).transpose(0, 2, 1, 3, 4) * 0.5
