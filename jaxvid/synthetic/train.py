@@ -546,6 +546,10 @@ def _card(cfg: TrainConfig, stats: dict[str, Any], sizes: dict[str, int], params
         picks = c if len(c) <= 12 else [c[int(round(i * (len(c) - 1) / 11))] for i in range(12)]
         return ", ".join(f"{s}: {v:.4f}" for s, v in picks)
 
+    vae_text = (f"reused from {vae['from']} (its training record did not come with it)." if "from" in vae else
+                f"""{vae['steps']} steps of batch {cfg.vae_batch}, lr {cfg.vae_lr:g}, L1 + MSE + {cfg.kl_weight:g} KL, {vae['seconds']:.0f} s;
+  pixels under a shape (dilated by 1 px) weigh {1 + cfg.shape_weight:g} x the background's.
+  Loss (step: mean loss since the previous entry): {curve(vae['curve'])}.""")
     pool = stats.get("pool")
     pool_text = ("a new batch for every VAE step; for the DiT, a pool of "
                  f"{pool['videos']} videos drawn and VAE-encoded once ({pool['seconds']:.0f} s), batches drawn from it."
@@ -576,9 +580,7 @@ These {len(world.HELD_OUT)} one-shape combinations never appear in training, alo
 
 ## Training ({stats.get('device', 'unknown device')})
 - seed {cfg.seed}; optax Adam, global-norm clipping 1, {cfg.warmup} warm-up steps, cosine decay to 5 %.
-- VAE: {vae['steps']} steps of batch {cfg.vae_batch}, lr {cfg.vae_lr:g}, L1 + MSE + {cfg.kl_weight:g} KL, {vae['seconds']:.0f} s;
-  pixels under a shape (dilated by 1 px) weigh {1 + cfg.shape_weight:g} x the background's.
-  Loss (step: mean loss since the previous entry): {curve(vae['curve'])}.
+- VAE: {vae_text}
   scaling_factor = 1 / std of the posterior means = {stats['scaling_factor']:.4f}.
   Its reconstructions of the held-out combinations (2 positions each), read by the detector, fraction
   right: {', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in stats['vae_check'].items())}.
