@@ -211,3 +211,35 @@ def test_latent_mask_follows_the_causal_vae_frame_grouping():
                 for y, x in zip(*np.nonzero(masks[b, f])):
                     want[b, j, y // 4, x // 4] = True
     np.testing.assert_array_equal(got, want)
+
+
+def test_latent_pool_rows_are_the_encoded_training_videos():
+    """The DiT's latent pool holds, row-aligned, the VAE encoding (scaled means), latent mask and caption row
+    of the videos device_data draws for its seed: chunk c is sample_indexed_batch(fold_in(key, c))."""
+    pytest.importorskip("optax")
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+    from jaxvid.synthetic.device_data import EMPTY_CAPTION, sample_indexed_batch
+    from jaxvid.synthetic.train import TrainConfig, latent_mask, latent_pool
+
+    vcfg = CogVideoXVAEConfig(latent_channels=4, block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                              sample_height=world.SIZE, sample_width=world.SIZE, scaling_factor=0.5)
+    vae = AutoencoderKLCogVideoX(vcfg, rngs=nnx.Rngs(0))
+    cfg = TrainConfig(seed=3, pool=5, pool_chunk=3, two_shape_prob=0.5)
+    pool = latent_pool(cfg, vae)
+    assert len(pool) == 6 and pool.latents.shape == (6, 3, 4, world.SIZE // 4, world.SIZE // 4)
+    assert pool.masks.shape == (6, 3, world.SIZE // 4, world.SIZE // 4)
+    for c in (1,):  # the second chunk: its rows are offset by pool_chunk and its key folds in 1
+        pixels, captions, masks = sample_indexed_batch(jax.random.fold_in(jax.random.key(cfg.seed * 4 + 5), c), 3,
+                                                       two_shape_prob=0.5)
+        want = np.asarray(vae.encode(pixels).mean).transpose(0, 2, 1, 3, 4) * 0.5
+        rows = slice(3 * c, 3 * c + 3)
+        np.testing.assert_allclose(np.asarray(pool.latents[rows]), want, rtol=1e-4, atol=1e-5)  # jit vs eager
+        np.testing.assert_array_equal(np.asarray(pool.masks[rows]), np.asarray(latent_mask(masks, 4, 4)))
+        np.testing.assert_array_equal(np.asarray(pool.captions[rows]), np.asarray(captions))
+    assert (np.asarray(pool.captions) != EMPTY_CAPTION).all()
+    assert dataclasses.is_dataclass(pool)

@@ -22,13 +22,15 @@ import numpy as np
 
 from jaxvid.synthetic import world
 
-__all__ = ["CaptionTable", "render", "scene_arrays", "sample_batch", "caption_index"]
+__all__ = ["CaptionTable", "render", "scene_arrays", "sample_batch", "sample_indexed_batch", "caption_index",
+           "EMPTY_CAPTION"]
 
 _COLOURS = list(world.COLOURS)
 _BACKGROUNDS = list(world.BACKGROUNDS)
 _NC, _NS, _NM, _NB = len(world.COLOURS), len(world.SHAPES), len(world.MOTIONS), len(world.BACKGROUNDS)
 _NP = _NC * _NS * _NM  # phrases "a <colour> <shape> <motion>"
 _NUM_CAPTIONS = _NP * _NB + _NP * _NP * _NB + 1  # one shape, two shapes, the empty caption (last)
+EMPTY_CAPTION = _NUM_CAPTIONS - 1  # CaptionTable row of "" (what caption dropout substitutes)
 _COLOUR_RGB = np.asarray([world.COLOURS[c] for c in _COLOURS], np.float32)
 _BG_RGB = np.asarray([world.BACKGROUNDS[b] for b in _BACKGROUNDS], np.float32)
 _DIRS = np.asarray([world._DIRECTIONS[m] for m in world.MOTIONS], np.float32)
@@ -146,12 +148,23 @@ def _start(key: jax.Array, step: jax.Array, *, frames: int, size: int, shape_siz
 def sample_batch(key: jax.Array, batch: int, caption_ids: jax.Array, *, dropout: float = 0.0,
                  two_shape_prob: float = 0.2, frames: int = world.FRAMES, size: int = world.SIZE,
                  shape_size: float = world.SHAPE_SIZE) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One training batch (pixels [B, 3, F, H, W], ids [B, L], masks [B, F, H, W]); see the module doc.
+    """One training batch (pixels [B, 3, F, H, W], ids [B, L], masks [B, F, H, W]); see the module doc
+    and `sample_indexed_batch` (the same batch with caption rows instead of token ids)."""
+    pixels, index, mask = sample_indexed_batch(key, batch, dropout=dropout, two_shape_prob=two_shape_prob,
+                                               frames=frames, size=size, shape_size=shape_size)
+    return pixels, caption_ids[index], mask
+
+
+def sample_indexed_batch(key: jax.Array, batch: int, *, dropout: float = 0.0, two_shape_prob: float = 0.2,
+                         frames: int = world.FRAMES, size: int = world.SIZE, shape_size: float = world.SHAPE_SIZE
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One training batch (pixels [B, 3, F, H, W], caption rows int32 [B] of CaptionTable.ids,
+    masks [B, F, H, W]).
 
     The first shape is uniform over the one-shape training combinations; with probability
     `two_shape_prob` a second one of the same background is drawn, kept only if its colour differs
     and the two never come within a pixel of touching (world's rule), so slightly fewer than that
-    fraction of the videos hold two shapes. caption_ids: CaptionTable.ids on the device.
+    fraction of the videos hold two shapes; with probability `dropout` the caption row is EMPTY_CAPTION.
     """
     ks = jax.random.split(key, 8)
     train, by_bg = jnp.asarray(_TRAIN), jnp.asarray(_TRAIN_BY_BG)
@@ -177,4 +190,4 @@ def sample_batch(key: jax.Array, batch: int, caption_ids: jax.Array, *, dropout:
     mask = jnp.any(video != bg[:, None, None, None, :], axis=-1)
     mask = jax.lax.reduce_window(mask, False, jax.lax.bitwise_or, (1, 1, 3, 3), (1, 1, 1, 1), "SAME")
     pixels = video / jnp.float32(127.5) - jnp.float32(1.0)
-    return pixels.transpose(0, 4, 1, 2, 3), caption_ids[index], mask
+    return pixels.transpose(0, 4, 1, 2, 3), index.astype(jnp.int32), mask

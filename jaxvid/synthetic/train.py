@@ -10,9 +10,11 @@ Two stages, both with optax (Adam, gradient clipping, warm-up then cosine decay)
 2. DiT (jaxvid.models.cogvideox) and, unless --frozen-text-encoder, the T5 encoder
    (jaxvid.models.t5), on the frozen VAE's scaled posterior means: v-prediction under the noise
    schedule of the folder's CogVideoXDDIMScheduler config (scaled-linear betas, zero terminal
-   SNR), timesteps uniform in [0, 1000), captions replaced by "" with probability
-   --caption-dropout so classifier-free guidance works. The weights written are an exponential
-   moving average of the trained ones.
+   SNR), timesteps uniform in [0, 1000) (or skewed by --timestep-power), captions replaced by ""
+   with probability --caption-dropout so classifier-free guidance works. The weights written are an
+   exponential moving average of the trained ones. With --pool N the training videos are drawn and
+   encoded once (N of them, before the stage) and each step draws its batch from that pool, so a
+   step costs only the DiT and T5 instead of rendering and encoding a new batch.
 
 The output folder has diffusers' layout (model_index.json, transformer/, vae/, text_encoder/,
 tokenizer/, scheduler/; safetensors in diffusers' / transformers' key layout, written by running
@@ -51,7 +53,7 @@ from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConf
 from jaxvid.schedulers.cogvideox_ddim import CogVideoXSchedulerConfig, alphas_cumprod
 from jaxvid.synthetic import world
 from jaxvid.synthetic.default_model import DEFAULT_GENERATION, GENERATION_FILE
-from jaxvid.synthetic.device_data import CaptionTable, sample_batch
+from jaxvid.synthetic.device_data import EMPTY_CAPTION, CaptionTable, sample_batch, sample_indexed_batch
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +95,33 @@ class TrainConfig:
     chunk: int = 50  # optimizer steps per jitted call (lax.scan); step counts are whole chunks
     total_budget: float | None = None  # seconds for the whole run: the DiT budget shrinks to fit it
     reserve: float = 130.0  # seconds kept (of total_budget) for the DiT's compile, evaluation, the GIF, writing
+    pool: int = 0  # videos drawn and VAE-encoded once before the DiT stage (0: draw and encode every step)
+    pool_chunk: int = 1024  # videos per jitted call while the pool is built
+    timestep_power: float = 1.0  # DiT timesteps t = 1000 * u ** (1 / power): > 1 favours the noisy end
+    dit_layers: int = 4
+    dit_heads: int = 4  # of 32 channels each
 
     def __post_init__(self) -> None:
-        for name in ("vae_batch", "dit_batch", "warmup", "chunk"):
+        for name in ("vae_batch", "dit_batch", "warmup", "chunk", "pool_chunk", "dit_layers", "dit_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a positive int")
         for name in ("vae_steps", "dit_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected an int >= 0")
+        if self.pool < 0:
+            raise ValueError(f"TrainConfig.pool={self.pool!r}; expected an int >= 0")
+        if not self.timestep_power > 0.0:
+            raise ValueError(f"TrainConfig.timestep_power={self.timestep_power!r}; expected a value > 0")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"TrainConfig.caption_dropout={self.caption_dropout!r}; expected a value in [0, 1)")
 
 
-def model_configs(scaling_factor: float = 1.0) -> tuple[CogVideoXConfig, CogVideoXVAEConfig, T5Config]:
+def model_configs(scaling_factor: float = 1.0, *, dit_layers: int = 4, dit_heads: int = 4
+                  ) -> tuple[CogVideoXConfig, CogVideoXVAEConfig, T5Config]:
     """(transformer, VAE, text encoder) configs of the default model: 48 x 48 x 9 videos -> 8 x 3 x 12 x 12
     latents; the DiT's patches are single latent pixels (432 video tokens), so an 18 px shape spans
-    ~4.5 x 4.5 tokens instead of ~2 x 2 with CogVideoX's usual patch size 2."""
+    ~4.5 x 4.5 tokens instead of ~2 x 2 with CogVideoX's usual patch size 2. The DiT has `dit_layers`
+    blocks of `dit_heads` heads of 32 channels."""
     vae = CogVideoXVAEConfig(
         latent_channels=8, block_out_channels=(24, 48, 48), layers_per_block=1, norm_num_groups=8,
         sample_height=world.SIZE, sample_width=world.SIZE, scaling_factor=float(scaling_factor),
@@ -116,8 +129,8 @@ def model_configs(scaling_factor: float = 1.0) -> tuple[CogVideoXConfig, CogVide
     t5 = T5Config(vocab_size=200, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                   relative_attention_num_buckets=32, relative_attention_max_distance=64)
     transformer = CogVideoXConfig(
-        num_attention_heads=4, attention_head_dim=32, in_channels=vae.latent_channels, patch_size=1,
-        out_channels=vae.latent_channels, time_embed_dim=64, text_embed_dim=t5.d_model, num_layers=4,
+        num_attention_heads=dit_heads, attention_head_dim=32, in_channels=vae.latent_channels, patch_size=1,
+        out_channels=vae.latent_channels, time_embed_dim=64, text_embed_dim=t5.d_model, num_layers=dit_layers,
         sample_width=world.SIZE // vae.spatial_compression, sample_height=world.SIZE // vae.spatial_compression,
         sample_frames=world.FRAMES, max_text_seq_length=MAX_TEXT_TOKENS, use_rotary_positional_embeddings=True,
     )
@@ -299,8 +312,51 @@ def vae_check(vae: AutoencoderKLCogVideoX, seeds: Sequence[int] = (0, 1)) -> dic
     return {**{k: v / len(combos) for k, v in hits.items()}, "n": len(combos)}
 
 
+@dataclasses.dataclass(frozen=True)
+class LatentPool:
+    """Training videos encoded once by the frozen VAE, row-aligned: latents float32 [N, F', C, h, w]
+    (scaled posterior means, the DiT's layout), masks bool [N, F', h, w] (latents a shape touches),
+    captions int32 [N] (CaptionTable rows, never the empty one: dropout is applied when a batch is drawn)."""
+
+    latents: jax.Array
+    masks: jax.Array
+    captions: jax.Array
+
+    def __len__(self) -> int:
+        return int(self.captions.shape[0])
+
+
+jax.tree_util.register_dataclass(LatentPool, data_fields=["latents", "masks", "captions"], meta_fields=[])
+
+
+def latent_pool(cfg: TrainConfig, vae: AutoencoderKLCogVideoX) -> LatentPool:
+    """cfg.pool videos (rounded up to whole cfg.pool_chunk chunks) drawn by device_data as the
+    per-step stream draws them (seeded, held-out combinations excluded) and encoded by `vae` (its
+    cfg.scaling_factor applied). A DiT step then costs only the DiT and T5: drawing and encoding 128
+    videos every step took most of a step's time."""
+    vae_def, vae_state = nnx.split(vae)
+    scale, temporal, spatial = vae.cfg.scaling_factor, vae.cfg.temporal_compression_ratio, vae.cfg.spatial_compression
+
+    @jax.jit
+    def chunk(vae_state, c):
+        pixels, captions, masks = sample_indexed_batch(jax.random.fold_in(jax.random.key(cfg.seed * 4 + 5), c),
+                                                       cfg.pool_chunk, two_shape_prob=cfg.two_shape_prob)
+        mean = nnx.merge(vae_def, vae_state).encode(pixels).mean  # [B, C, F', h, w]
+        return LatentPool(mean.transpose(0, 2, 1, 3, 4) * scale, latent_mask(masks, temporal, spatial), captions)
+
+    t0 = time.perf_counter()
+    parts = [chunk(vae_state, jnp.int32(c)) for c in range(math.ceil(cfg.pool / cfg.pool_chunk))]
+    pool = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    jax.block_until_ready(pool)
+    log.info("latent pool: %d videos encoded in %.1f s (%.0f MB)", len(pool), time.perf_counter() - t0,
+             sum(x.nbytes for x in jax.tree.leaves(pool)) / 1e6)
+    return pool
+
+
 def train_dit(cfg: TrainConfig, transformer: CogVideoXTransformer3D, t5: T5Encoder, vae: AutoencoderKLCogVideoX,
-              caption_ids: jax.Array) -> tuple[CogVideoXTransformer3D, T5Encoder, dict]:
+              caption_ids: jax.Array, pool: LatentPool | None = None
+              ) -> tuple[CogVideoXTransformer3D, T5Encoder, dict]:
+    """Train the DiT (and T5) on batches drawn and encoded every step or, given `pool`, drawn from it."""
     scale = vae.cfg.scaling_factor
     vae_def, vae_state = nnx.split(vae)
     dit_def, dit_params, dit_rest = nnx.split(transformer, nnx.Param, ...)
@@ -316,7 +372,11 @@ def train_dit(cfg: TrainConfig, transformer: CogVideoXTransformer3D, t5: T5Encod
         text = encode(trainable["t5"], ids) if cfg.train_text_encoder else frozen_text
         dit = nnx.merge(dit_def, trainable["dit"], dit_rest)
         k_t, k_n = jax.random.split(key)
-        t = jax.random.randint(k_t, (latents.shape[0],), 0, n_train)
+        if cfg.timestep_power == 1.0:
+            t = jax.random.randint(k_t, (latents.shape[0],), 0, n_train)
+        else:  # density ~ t ** (power - 1): more steps where the layout (place, shape, path) is decided
+            u = jax.random.uniform(k_t, (latents.shape[0],), jnp.float32)
+            t = jnp.minimum(jnp.floor(n_train * u ** (1.0 / cfg.timestep_power)).astype(jnp.int32), n_train - 1)
         noise = jax.random.normal(k_n, latents.shape, jnp.float32)
         a = table[t][:, None, None, None, None]
         noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
@@ -324,16 +384,26 @@ def train_dit(cfg: TrainConfig, transformer: CogVideoXTransformer3D, t5: T5Encod
         pred = dit(noisy, text, t)
         return jnp.mean(weight * (pred - target) ** 2)
 
+    def draw(consts, i):
+        """Step i's (latents [B, F', C, h, w], token ids [B, L], latent masks [B, F', h, w])."""
+        caption_ids, vae_state, pool = consts
+        if pool is None:
+            pixels, ids, masks = batch_at(caption_ids, i)
+            m = latent_mask(masks, vae.cfg.temporal_compression_ratio, vae.cfg.spatial_compression)
+            mean = nnx.merge(vae_def, vae_state).encode(pixels).mean  # [B, C, F', h, w]
+            return jax.lax.stop_gradient(mean.transpose(0, 2, 1, 3, 4) * scale), ids, m
+        k_row, k_drop = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed * 4 + 6), i))
+        rows = jax.random.randint(k_row, (cfg.dit_batch,), 0, pool.captions.shape[0])
+        captions = jnp.where(jax.random.uniform(k_drop, (cfg.dit_batch,)) < cfg.caption_dropout, EMPTY_CAPTION,
+                             pool.captions[rows])
+        return pool.latents[rows], caption_ids[captions], pool.masks[rows]
+
     def step(state, consts, i, total):
         trainable, ema, opt, frozen_t5 = state
-        caption_ids, vae_state = consts
-        pixels, ids, masks = batch_at(caption_ids, i)
+        latents, ids, m = draw(consts, i)
         # latents the shapes touch weigh more: the background is most of the loss but the easy part
-        m = latent_mask(masks, vae.cfg.temporal_compression_ratio, vae.cfg.spatial_compression)
         weight = 1.0 + cfg.shape_weight * m[:, :, None].astype(jnp.float32)  # [B, F', 1, h, w]
         weight = weight / jnp.mean(weight)
-        mean = nnx.merge(vae_def, vae_state).encode(pixels).mean  # [B, C, F', h, w]
-        latents = jax.lax.stop_gradient(mean.transpose(0, 2, 1, 3, 4) * scale)
         # a frozen T5 runs outside the gradient trace (its layer scan must see arrays of its own trace level)
         frozen_text = None if cfg.train_text_encoder else encode(frozen_t5, ids)
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen_text, latents, ids, weight,
@@ -349,7 +419,8 @@ def train_dit(cfg: TrainConfig, transformer: CogVideoXTransformer3D, t5: T5Encod
     frozen = None if cfg.train_text_encoder else t5_params
     # the EMA starts as its own copy (the state's buffers are donated)
     state = (trainable, jax.tree.map(jnp.copy, trainable), _TX.init(trainable), frozen)
-    state, curve, steps, seconds = _run_stage("dit", _scan_steps(step, cfg.chunk, (caption_ids, vae_state)), state,
+    consts = (caption_ids, None if pool is not None else vae_state, pool)
+    state, curve, steps, seconds = _run_stage("dit", _scan_steps(step, cfg.chunk, consts), state,
                                               cfg.dit_steps,
                                               cfg.dit_time_budget, cfg.chunk)
     ema = state[1]
@@ -475,6 +546,14 @@ def _card(cfg: TrainConfig, stats: dict[str, Any], sizes: dict[str, int], params
         picks = c if len(c) <= 12 else [c[int(round(i * (len(c) - 1) / 11))] for i in range(12)]
         return ", ".join(f"{s}: {v:.4f}" for s, v in picks)
 
+    vae_text = (f"reused from {vae['from']} (its training record did not come with it)." if "from" in vae else
+                f"""{vae['steps']} steps of batch {cfg.vae_batch}, lr {cfg.vae_lr:g}, L1 + MSE + {cfg.kl_weight:g} KL, {vae['seconds']:.0f} s;
+  pixels under a shape (dilated by 1 px) weigh {1 + cfg.shape_weight:g} x the background's.
+  Loss (step: mean loss since the previous entry): {curve(vae['curve'])}.""")
+    pool = stats.get("pool")
+    pool_text = ("a new batch for every VAE step; for the DiT, a pool of "
+                 f"{pool['videos']} videos drawn and VAE-encoded once ({pool['seconds']:.0f} s), batches drawn from it."
+                 if pool else "a new batch for every training step.")
     held = "\n".join(f"- a {c} {s} {'standing still' if m == 'still' else 'moving ' + m} on a {b} background"
                      for c, s, m, b in world.HELD_OUT)
     ev_lines = "\n".join(f"- guidance {g}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
@@ -491,8 +570,8 @@ standing still, on a black, white or gray background, as {world.FRAMES} frames o
     a red circle moving right and a blue triangle standing still on a white background
 
 ## Data
-The world of `jaxvid/synthetic/world.py`, sampled and drawn on the device for each training step
-(`jaxvid/synthetic/device_data.py`, seeded): shapes of {world.SHAPE_SIZE} px moving {world.SPEED:g} px per frame, a
+The world of `jaxvid/synthetic/world.py`, sampled and drawn on the device (`jaxvid/synthetic/device_data.py`,
+seeded): {pool_text} Shapes of {world.SHAPE_SIZE} px moving {world.SPEED:g} px per frame, a
 caption from the template above; up to {cfg.two_shape_prob:.0%} of the videos hold two shapes.
 These {len(world.HELD_OUT)} one-shape combinations never appear in training, alone or inside a two-shape scene
 (each of their words, and each pair of them, does):
@@ -501,22 +580,20 @@ These {len(world.HELD_OUT)} one-shape combinations never appear in training, alo
 
 ## Training ({stats.get('device', 'unknown device')})
 - seed {cfg.seed}; optax Adam, global-norm clipping 1, {cfg.warmup} warm-up steps, cosine decay to 5 %.
-- VAE: {vae['steps']} steps of batch {cfg.vae_batch}, lr {cfg.vae_lr:g}, L1 + MSE + {cfg.kl_weight:g} KL, {vae['seconds']:.0f} s;
-  pixels under a shape (dilated by 1 px) weigh {1 + cfg.shape_weight:g} x the background's.
-  Loss (step: mean loss since the previous entry): {curve(vae['curve'])}.
+- VAE: {vae_text}
   scaling_factor = 1 / std of the posterior means = {stats['scaling_factor']:.4f}.
   Its reconstructions of the held-out combinations (2 positions each), read by the detector, fraction
   right: {', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in stats['vae_check'].items())}.
-- DiT{' + T5' if cfg.train_text_encoder else ' (T5 frozen at its random init)'}: {dit['steps']} steps of batch {cfg.dit_batch}, lr {cfg.dit_lr:g},
-  v-prediction MSE (latents a shape touches weigh {1 + cfg.shape_weight:g} x), caption dropout {cfg.caption_dropout:g},
-  EMA {cfg.ema_decay:g}, {dit['seconds']:.0f} s.
+- DiT{' + T5' if cfg.train_text_encoder else ' (T5 frozen at its random init)'} ({cfg.dit_layers} blocks, {cfg.dit_heads} heads of 32): {dit['steps']} steps of batch {cfg.dit_batch}, lr {cfg.dit_lr:g},
+  v-prediction MSE (latents a shape touches weigh {1 + cfg.shape_weight:g} x), timesteps 1000 u^(1/{cfg.timestep_power:g}) for
+  uniform u, caption dropout {cfg.caption_dropout:g}, EMA {cfg.ema_decay:g}, {dit['seconds']:.0f} s.
   Loss: {curve(dit['curve'])}.
 
 ## Evaluation
 The held-out captions, each with {len(stats.get('eval_seeds', ()))} noise seeds, generated with
-`CogVideoXPipeline.from_pretrained` (fp32, {GENERATION_DEFAULTS['num_inference_steps']} DDIM steps) and read back by
+`CogVideoXPipeline.from_pretrained` (fp32, DDIM; {GENERATION_DEFAULTS['num_inference_steps']} steps unless the line says) and read back by
 `jaxvid/synthetic/detect.py` (colour masks, centroid track, bounding-box fill ratio); fraction right
-by guidance scale:
+by guidance scale (and DDIM steps):
 
 {ev_lines or '(not evaluated)'}
 
@@ -531,7 +608,9 @@ Shipped generation settings (`jaxvid_generation.json`; the best guidance above):
 
     python -m jaxvid.synthetic.train --out DIR --seed {cfg.seed} --vae-steps {vae['steps']} --steps {dit['steps']} \\
         --vae-batch {cfg.vae_batch} --dit-batch {cfg.dit_batch} --chunk {cfg.chunk} \\
-        --vae-lr {cfg.vae_lr:g} --dit-lr {cfg.dit_lr:g} --warmup {cfg.warmup}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
+        --vae-lr {cfg.vae_lr:g} --dit-lr {cfg.dit_lr:g} --warmup {cfg.warmup} --pool {cfg.pool} \\
+        --timestep-power {cfg.timestep_power:g} --dit-layers {cfg.dit_layers} --dit-heads {cfg.dit_heads} \\
+        --ema-decay {cfg.ema_decay:g} --shape-weight {cfg.shape_weight:g}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
 
 ({stats.get('device', 'unknown device')}: about {vae['seconds'] + dit['seconds']:.0f} s of training; set
 XLA_FLAGS=--xla_gpu_deterministic_ops=true for bitwise-identical weights).
@@ -546,9 +625,11 @@ def _count(model: nnx.Module) -> int:
 
 
 def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLike | None = None,
-          eval_seeds: Sequence[int] = (0,), eval_guidance: Sequence[float] = (GENERATION_DEFAULTS["guidance_scale"],)
-          ) -> dict[str, Any]:
-    """Train both stages (or load the VAE from `vae_from`, a pipeline's vae/ folder) and write `out`."""
+          eval_seeds: Sequence[int] = (0,), eval_guidance: Sequence[float] = (GENERATION_DEFAULTS["guidance_scale"],),
+          eval_steps: Sequence[int] = (GENERATION_DEFAULTS["num_inference_steps"],)) -> dict[str, Any]:
+    """Train both stages (or load the VAE from `vae_from`, a pipeline's vae/ folder) and write `out`.
+    The held-out evaluation runs every (DDIM steps, guidance scale) pair of eval_steps x eval_guidance;
+    the best pair (the first of equals) becomes the folder's generation settings."""
     from jaxvid.models.loading import load_model
 
     t_start = time.perf_counter()
@@ -559,7 +640,7 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tokenizer = _tokenizer(tmp / "tokenizer")
-        tcfg, vcfg, t5cfg = model_configs()
+        tcfg, vcfg, t5cfg = model_configs(dit_layers=cfg.dit_layers, dit_heads=cfg.dit_heads)
         keys = np.random.SeedSequence(cfg.seed).generate_state(3)
         stats: dict[str, Any] = {"device": jax.devices()[0].device_kind}
 
@@ -569,8 +650,9 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
             vae, stats["vae"] = train_vae(cfg, vae, caption_ids)
         else:
             vae = load_model(vae_from, dtype="fp32", expect=("AutoencoderKLCogVideoX",))  # stored as float16
-            card = json.loads((Path(vae_from).parent / "train_stats.json").read_text())
-            stats["vae"] = card["vae"]
+            card = Path(vae_from).parent / "train_stats.json"  # the VAE's own training record, if it came along
+            stats["vae"] = (json.loads(card.read_text())["vae"] if card.is_file()
+                            else {"steps": 0, "seconds": 0.0, "curve": [], "from": str(vae_from)})
         stats["vae_check"] = vae_check(vae)
         log.info("VAE reconstructions of the held-out combinations, fraction right: %s", stats["vae_check"])
         std = latent_std(cfg, vae, caption_ids)
@@ -578,6 +660,11 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
         vae.cfg = dataclasses.replace(vae.cfg, scaling_factor=float(1.0 / std))
         stats["scaling_factor"] = 1.0 / std
 
+        pool = None
+        if cfg.dit_steps and cfg.pool:
+            t_pool = time.perf_counter()
+            pool = latent_pool(cfg, vae)
+            stats["pool"] = {"videos": len(pool), "seconds": time.perf_counter() - t_pool}
         transformer = CogVideoXTransformer3D(tcfg, rngs=nnx.Rngs(int(keys[1])))
         t5 = T5Encoder(t5cfg, rngs=nnx.Rngs(int(keys[2])))
         if cfg.total_budget is not None:
@@ -586,7 +673,8 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
             log.info("dit: %.0f s of training left in the %.0f s total budget", budget, cfg.total_budget)
             cfg = dataclasses.replace(cfg, dit_time_budget=budget)
         if cfg.dit_steps:
-            transformer, t5, stats["dit"] = train_dit(cfg, transformer, t5, vae, caption_ids)
+            transformer, t5, stats["dit"] = train_dit(cfg, transformer, t5, vae, caption_ids, pool)
+            del pool
         else:
             stats["dit"] = {"steps": 0, "seconds": 0.0, "curve": []}
 
@@ -596,24 +684,30 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
         stats["eval_seeds"] = list(eval_seeds)
         if cfg.dit_steps and eval_seeds:
             t_eval = time.perf_counter()
+            results: dict[tuple[int, float], dict[str, Any]] = {}
             try:
-                results = evaluate(tmp, held_out_prompts(), seeds=eval_seeds, guidance_scales=eval_guidance)
+                for n in eval_steps:
+                    for scale, result in evaluate(tmp, held_out_prompts(), seeds=eval_seeds, guidance_scales=eval_guidance,
+                                                  num_inference_steps=n).items():
+                        results[(n, scale)] = result
             except Exception:  # the trained weights are worth keeping even so; the card says it was not measured
                 log.exception("held-out evaluation failed; writing the model unevaluated")
                 results = {}
-            for scale, result in results.items():
+            for (n, scale), result in results.items():
                 for m in result["misses"]:
-                    log.info("miss at guidance %g: %s", scale, m)
-            for scale, result in results.items():
-                log.info("HELD-OUT ACCURACY guidance %g: all %.3f (colour %.3f shape %.3f motion %.3f, n=%d)", scale,
-                         result["all"], result["colour"], result["shape"], result["motion"], result["n"])
-                stats.setdefault("eval_by_guidance", {})[str(scale)] = {k: v for k, v in result.items() if k != "misses"}
-            if results:  # ship the best scale (the first of equals, in the order given)
-                best = max(results, key=lambda g: results[g]["all"])
+                    log.info("miss at %d steps, guidance %g: %s", n, scale, m)
+            for (n, scale), result in results.items():
+                log.info("HELD-OUT ACCURACY %d steps, guidance %g: all %.3f (colour %.3f shape %.3f motion %.3f, n=%d)",
+                         n, scale, result["all"], result["colour"], result["shape"], result["motion"], result["n"])
+                key = str(scale) if len(eval_steps) == 1 else f"{scale} at {n} steps"
+                stats.setdefault("eval_by_guidance", {})[key] = {k: v for k, v in result.items() if k != "misses"}
+            if results:  # ship the best pair (the first of equals, in the order given)
+                best_n, best = max(results, key=lambda k: results[k]["all"])
                 generation["guidance_scale"] = best
-                stats["eval"] = {"guidance_scale": best, **results[best]}
-                log.info("HELD-OUT ACCURACY shipped guidance %g: %.3f (%d prompts x %d seeds)", best,
-                         results[best]["all"], len(world.HELD_OUT), len(eval_seeds))
+                generation["num_inference_steps"] = best_n
+                stats["eval"] = {"guidance_scale": best, "num_inference_steps": best_n, **results[(best_n, best)]}
+                log.info("HELD-OUT ACCURACY shipped %d steps, guidance %g: %.3f (%d prompts x %d seeds)", best_n, best,
+                         results[(best_n, best)]["all"], len(world.HELD_OUT), len(eval_seeds))
             stats["eval_seconds"] = time.perf_counter() - t_eval
         stats["generation"] = generation
         (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
@@ -646,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gif", default=None, help="also write a GIF of the default prompt to this path")
     p.add_argument("--eval-guidance", default=str(GENERATION_DEFAULTS["guidance_scale"]),
                    help="comma-separated guidance scales to evaluate at; the best is shipped (generation file, card)")
+    p.add_argument("--eval-steps", default=str(GENERATION_DEFAULTS["num_inference_steps"]),
+                   help="comma-separated DDIM step counts to evaluate at (with each --eval-guidance); the best pair "
+                   "is shipped. More steps end the trailing schedule at a cleaner timestep (sharper shapes)")
     p.add_argument("--chunk", type=int, default=d.chunk, help="optimizer steps per jitted call (lax.scan)")
     p.add_argument("--vae-lr", type=float, default=d.vae_lr)
     p.add_argument("--dit-lr", type=float, default=d.dit_lr)
@@ -654,6 +751,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "--reserve seconds are left for its compile, the evaluation and the GIF")
     p.add_argument("--reserve", type=float, default=d.reserve)
     p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps (keep >= 2 chunks with a time budget)")
+    p.add_argument("--pool", type=int, default=d.pool,
+                   help="DiT stage: encode this many videos once and draw batches from them (0: draw and encode "
+                   "a new batch every step)")
+    p.add_argument("--pool-chunk", type=int, default=d.pool_chunk, help="videos per call while the pool is built")
+    p.add_argument("--timestep-power", type=float, default=d.timestep_power,
+                   help="DiT timesteps 1000 * u ** (1 / power), u uniform: > 1 trains the noisy end more")
+    p.add_argument("--dit-layers", type=int, default=d.dit_layers)
+    p.add_argument("--dit-heads", type=int, default=d.dit_heads, help="DiT heads (32 channels each)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--shape-weight", type=float, default=d.shape_weight)
     return p
 
 
@@ -664,9 +771,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       vae_batch=args.vae_batch, train_text_encoder=not args.frozen_text_encoder,
                       dit_time_budget=args.time_budget, vae_time_budget=args.vae_time_budget, chunk=args.chunk,
                       vae_lr=args.vae_lr, dit_lr=args.dit_lr, warmup=args.warmup, total_budget=args.total_budget,
-                      reserve=args.reserve)
+                      reserve=args.reserve, pool=args.pool, pool_chunk=args.pool_chunk,
+                      timestep_power=args.timestep_power, dit_layers=args.dit_layers, dit_heads=args.dit_heads,
+                      ema_decay=args.ema_decay, shape_weight=args.shape_weight)
     guidance = tuple(float(g) for g in args.eval_guidance.split(","))
-    train(args.out, cfg, vae_from=args.vae_from, eval_seeds=tuple(range(args.eval_seeds)), eval_guidance=guidance)
+    steps = tuple(int(n) for n in args.eval_steps.split(","))
+    train(args.out, cfg, vae_from=args.vae_from, eval_seeds=tuple(range(args.eval_seeds)), eval_guidance=guidance,
+          eval_steps=steps)
     if args.gif:
         log.info("wrote %s", write_sample_gif(args.out, args.gif))
     return 0
