@@ -18,10 +18,11 @@ buffers with random data and cross-checking every candidate's result (level 4, X
 Measured on an H200 (CogVideoX-2b, 49 x 480 x 720, jax 0.11.2): the tiled VAE decode's four tile
 programs took 190-197 s to compile at level 4 and 41 s at level 1, the whole first run 215 s -> 55 s,
 with the same step (0.527 / 0.518 s) and decode (2.55 / 2.33 s) times; level 0 (no autotuning)
-compiled in 27 s but stepped 6x slower. The VAE's programs (`stage="vae"`) compile at level 0: their
-convolutions go to cuDNN, whose heuristics choose without timing, and at level 1 their autotuning was
-still 46 of a cold CogVideoX-5b run's 55 s of compiling. `JAXVID_GPU_AUTOTUNE_LEVEL=N` picks another
-level for every program, `JAXVID_GPU_AUTOTUNE_LEVEL_VAE=N` for the VAE's alone, and an
+compiled in 27 s but stepped 6x slower. The VAE's programs (`stage="vae"`) can take their own level:
+at level 1 their autotuning is still 46 of a cold CogVideoX-5b run's 55 s of compiling, but level 0
+cut that to ~10 s and made the tiled decode itself unusable (not done after 125 s, vs 2.7 s; H200,
+session 6), so they stay at the general level. `JAXVID_GPU_AUTOTUNE_LEVEL=N` picks another level for
+every program, `JAXVID_GPU_AUTOTUNE_LEVEL_VAE=N` for the VAE's alone, and an
 `--xla_gpu_autotune_level` in XLA_FLAGS is left alone.
 
 `CompileCounter` listens to JAX's monitoring events, so callers and tests can tell how many
@@ -112,16 +113,16 @@ DEFAULT_GPU_AUTOTUNE_LEVEL = 1
 
 
 STAGES = ("default", "vae")  # programs that may autotune at their own level
-# The VAE's convolutions go to cuDNN, whose heuristics pick well without timing (XLA's level 0),
-# while its autotuning was most of a cold CogVideoX run's compile (46 of 55 s at 49 x 480 x 720).
-DEFAULT_GPU_AUTOTUNE_LEVELS = {"vae": 0}
+# Per-stage defaults (none today). The VAE's autotuning is most of a cold CogVideoX run's compile
+# (46 of 55 s at 49 x 480 x 720, H200), but level 0 made its decode unusable (> 125 s instead of 2.7 s).
+DEFAULT_GPU_AUTOTUNE_LEVELS: dict[str, int] = {}
 
 
 def compiler_options(backend: str | None = None, stage: str = "default") -> dict[str, int]:
     """XLA options for the pipelines' own programs: on GPU, autotuning at level 1 (see the module
     docstring) unless $JAXVID_GPU_AUTOTUNE_LEVEL says otherwise or XLA_FLAGS sets the level itself;
     nothing on other backends. `stage="vae"` (the VAE programs, whose cold compile is mostly
-    convolution autotuning) default to level 0 and read $JAXVID_GPU_AUTOTUNE_LEVEL_VAE first, then
+    convolution autotuning) read $JAXVID_GPU_AUTOTUNE_LEVEL_VAE first, then
     $JAXVID_GPU_AUTOTUNE_LEVEL. Raises ValueError for a
     level outside 0..4 or an unknown stage."""
     if stage not in STAGES:
