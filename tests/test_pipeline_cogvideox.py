@@ -192,6 +192,10 @@ def test_same_shapes_do_not_recompile(built):
     assert jax_pipe._denoise.num_compiled == compiled
     assert jax_pipe.last_timings["compile"] == 0.0
     assert frames.shape == (9, 32, 32, 3) and frames.dtype == np.uint8
+    # another step count shares the loop program (per-step tables padded to loop.STEP_BUCKET steps)
+    jax_pipe("first prompt", **request, num_inference_steps=STEPS + 1, seed=0, progress=False, output_type="latent",
+             **extra)
+    assert jax_pipe._denoise.num_compiled == compiled
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxvid.pipelines.loop import CompiledFunction, StepProgress, StepRange, denoise_loop, run_steps
+from jaxvid.pipelines.loop import (
+    CompiledFunction,
+    StepProgress,
+    StepRange,
+    denoise_loop,
+    pad_step_tables,
+    run_steps,
+)
+from jaxvid.schedulers import cogvideox_ddim, flow_match
 
 N = 5
 
@@ -88,3 +97,32 @@ def test_donated_scalar_carry_ticks_per_step():
         want = want * np.float32(0.5) + np.float32(1.0)
     got = run_steps(lambda steps, c: fn(c, steps), jnp.float32(3.0), N, progress)
     assert len(progress.step_times) == N and float(got) == want
+
+
+def test_step_tables_padded_to_one_shape_per_bucket():
+    """Per-step tables ([N] and [N + 1] rows) get the same shapes for every N in a bucket; rows < their
+    length are untouched; the padding repeats the last row; other leaves are left alone."""
+    cfg = cogvideox_ddim.CogVideoXDDIMConfig()
+    shapes = set()
+    for n in (20, 30, 50):
+        state = cogvideox_ddim.set_timesteps(cfg, n)
+        scales = np.linspace(1.0, 6.0, n, dtype=np.float32)
+        padded, padded_scales = pad_step_tables((state, scales), n)
+        shapes.add(tuple(np.shape(x) for x in jax.tree.leaves((padded, padded_scales))))
+        for before, after in zip(jax.tree.leaves((state, scales)), jax.tree.leaves((padded, padded_scales))):
+            before, after = np.asarray(before), np.asarray(after)
+            if before.ndim and before.shape[0] == n:
+                assert after.shape[0] == 64
+                np.testing.assert_array_equal(after[:n], before)
+                np.testing.assert_array_equal(after[n:], np.broadcast_to(before[-1], after[n:].shape))
+            else:
+                np.testing.assert_array_equal(after, before)  # alphas_cumprod [1000], scalars
+    assert len(shapes) == 1
+    flow = flow_match.FlowMatchState(timesteps=np.arange(5, 0, -1, dtype=np.float32),
+                                     sigmas=np.linspace(1.0, 0.0, 6, dtype=np.float32))
+    out = pad_step_tables(flow, 5, bucket=8)
+    assert out.timesteps.shape == (8,) and out.sigmas.shape == (9,)
+    np.testing.assert_array_equal(np.asarray(out.sigmas)[:6], flow.sigmas)
+    assert pad_step_tables(flow, 5, bucket=5).sigmas.shape == (6,)  # a full bucket: nothing added
+    with pytest.raises(ValueError, match="num_steps=0"):
+        pad_step_tables(flow, 0)

@@ -47,6 +47,7 @@ from jaxvid.pipelines.loop import (
     StepRange,
     denoise_loop,
     guided_prediction,
+    pad_step_tables,
     run_steps,
     with_plan_switch,
 )
@@ -807,7 +808,8 @@ class CogVideoXPipeline(CogVideoXLoraLoaderMixin):
             carry = (carry, cache) if self.scheduler == "ddim" else carry + (cache,)
         self.progress.enabled = progress
         tr = self._on_mesh(self.transformer, mesh)  # with a mesh: weights replicated over it (offload aside)
-        scales = jnp.asarray(scales, jnp.float32)
+        # one loop program for every step count in a bucket (the padding is never read)
+        schedule, scales = pad_step_tables((schedule, jnp.asarray(scales, jnp.float32)), num_steps)
         carry, embeds, image_latents, schedule, scales, dpm_keys = place_replicated(
             (carry, embeds, image_latents, schedule, scales, dpm_keys), mesh)
 

@@ -70,6 +70,7 @@ from jaxvid.pipelines.loop import (
     StepRange,
     denoise_loop,
     guided_prediction,
+    pad_step_tables,
     run_steps,
     with_plan_switch,
 )
@@ -763,6 +764,7 @@ class LongCatPipeline:
         lora, scale, nc = self._lora_factors(), jnp.float32(guidance_scale), spec.num_cond_latents
         # a copy even when latents are float32 already: the loop donates (consumes) x, never the caller's array
         x = jnp.array(latents, dtype=jnp.float32, copy=True)
+        schedule = pad_step_tables(schedule, num_steps)  # one loop program for every step count in a bucket
         lora, x, embeds, mask, schedule, scale = place_replicated((lora, x, embeds, mask, schedule, scale), self.mesh)
         with dit.resident() as state, mesh_context(self.mesh):
             compile_seconds = 0.0

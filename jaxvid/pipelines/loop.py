@@ -43,7 +43,7 @@ from jaxvid.pipelines.executable_cache import store_in_use as executable_store_i
 from jaxvid.schedulers.guidance import split_cfg_batch
 
 __all__ = ["Component", "CompiledFunction", "StepProgress", "StepRange", "denoise_loop", "guided_prediction",
-           "run_steps", "with_plan_switch"]
+           "pad_step_tables", "run_steps", "with_plan_switch"]
 
 Carry = TypeVar("Carry")
 log = logging.getLogger(__name__)
@@ -367,6 +367,30 @@ def with_plan_switch(plan: AttentionPlan | None, step: jax.Array,
     if plan is None or plan.is_dense or plan.dense_timesteps == 0:
         return run(plan)
     return lax.cond(plan.use_dense_at(step), lambda: run(plan.all_dense()), lambda: run(plan))
+
+
+STEP_BUCKET = 64  # per-step tables are padded to a multiple of this many steps (one loop program each)
+
+
+def pad_step_tables(tree: Any, num_steps: int, bucket: int = STEP_BUCKET) -> Any:
+    """Per-step tables of a schedule (leaves with num_steps or num_steps + 1 rows: timesteps [N],
+    sigmas [N + 1], guidance scales [N], ...) padded along axis 0 to the next multiple of `bucket`
+    steps by repeating their last row; other leaves (scalars, alphas_cumprod [1000]) unchanged.
+
+    The loop only reads rows i and i + 1 for steps i < num_steps, so the padding is never read; it
+    makes the arrays' shapes, and so the loop's executable, the same for every step count in a
+    bucket (20, 30 and 50 steps share one compiled and cached program).
+    """
+    if num_steps < 1 or bucket < 1:
+        raise ValueError(f"num_steps={num_steps}, bucket={bucket}; expected positive ints")
+    extra = -(-num_steps // bucket) * bucket - num_steps
+
+    def pad(x: Any) -> Any:
+        if not extra or getattr(x, "ndim", 0) == 0 or x.shape[0] not in (num_steps, num_steps + 1):
+            return x
+        return jnp.pad(jnp.asarray(x), [(0, extra)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+
+    return jax.tree.map(pad, tree)
 
 
 class StepRange(NamedTuple):
