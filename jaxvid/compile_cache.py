@@ -112,10 +112,10 @@ AUTOTUNE_ENV_VAR = "JAXVID_GPU_AUTOTUNE_LEVEL"
 DEFAULT_GPU_AUTOTUNE_LEVEL = 1
 
 
-STAGES = ("default", "vae")  # programs that may autotune at their own level
-# Per-stage defaults (none today). The VAE's autotuning is most of a cold CogVideoX run's compile
-# (46 of 55 s at 49 x 480 x 720, H200), but level 0 made its decode unusable (> 125 s instead of 2.7 s).
-DEFAULT_GPU_AUTOTUNE_LEVELS: dict[str, int] = {}
+# Programs that may autotune at their own level ($JAXVID_GPU_AUTOTUNE_LEVEL_<STAGE>). The VAE's
+# autotuning is most of a cold CogVideoX run's compile (46 of 55 s at 49 x 480 x 720, H200), but
+# level 0 made its decode unusable (> 125 s instead of 2.7 s), so no stage has a default of its own.
+STAGES = ("default", "vae")
 
 
 def compiler_options(backend: str | None = None, stage: str = "default") -> dict[str, int]:
@@ -131,14 +131,10 @@ def compiler_options(backend: str | None = None, stage: str = "default") -> dict
         return {}
     if "xla_gpu_autotune_level" in os.environ.get("XLA_FLAGS", ""):
         return {}
-    var, default = AUTOTUNE_ENV_VAR, DEFAULT_GPU_AUTOTUNE_LEVEL
-    if stage != "default":
-        default = DEFAULT_GPU_AUTOTUNE_LEVELS.get(stage, default)
-        if f"{AUTOTUNE_ENV_VAR}_{stage.upper()}" in os.environ:
-            var = f"{AUTOTUNE_ENV_VAR}_{stage.upper()}"
-        elif AUTOTUNE_ENV_VAR in os.environ:  # the general level, when set, covers every stage
-            default = None
-    raw = os.environ.get(var, str(default)).strip() if default is not None else os.environ[var].strip()
+    var = f"{AUTOTUNE_ENV_VAR}_{stage.upper()}"
+    if stage == "default" or var not in os.environ:
+        var = AUTOTUNE_ENV_VAR
+    raw = os.environ.get(var, str(DEFAULT_GPU_AUTOTUNE_LEVEL)).strip()
     if raw not in {"0", "1", "2", "3", "4"}:
         raise ValueError(f"${var}={raw!r}; expected an XLA autotune level 0..4 (4 = XLA's default)")
     return {"xla_gpu_autotune_level": int(raw)}
