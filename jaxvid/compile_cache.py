@@ -23,7 +23,8 @@ at level 1 their autotuning is still 46 of a cold CogVideoX-5b run's 55 s of com
 cut that to ~10 s and made the tiled decode itself unusable (not done after 125 s, vs 2.7 s; H200,
 session 6), so they stay at the general level. `JAXVID_GPU_AUTOTUNE_LEVEL=N` picks another level for
 every program, `JAXVID_GPU_AUTOTUNE_LEVEL_VAE=N` for the VAE's alone, and an
-`--xla_gpu_autotune_level` in XLA_FLAGS is left alone.
+`--xla_gpu_autotune_level` in XLA_FLAGS is left alone. Other XLA options for jaxvid's programs
+alone: `JAXVID_XLA_OPTIONS=name=value,...` (all) and `JAXVID_XLA_OPTIONS_VAE=...` (the VAE's).
 
 `CompileCounter` listens to JAX's monitoring events, so callers and tests can tell how many
 executables were really compiled and how many came from the cache. jaxvid's own programs also go
@@ -118,26 +119,64 @@ DEFAULT_GPU_AUTOTUNE_LEVEL = 1
 STAGES = ("default", "vae")
 
 
-def compiler_options(backend: str | None = None, stage: str = "default") -> dict[str, int]:
+OPTIONS_ENV_VAR = "JAXVID_XLA_OPTIONS"
+OptionValue = bool | int | float | str
+
+
+def _parse_option_value(raw: str) -> OptionValue:
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def extra_options(stage: str = "default") -> dict[str, OptionValue]:
+    """XLA debug options from $JAXVID_XLA_OPTIONS and, for `stage`, $JAXVID_XLA_OPTIONS_<STAGE>
+    (the stage's win): "name=value,name=value" with true/false, numbers or strings as values, e.g.
+    `JAXVID_XLA_OPTIONS_VAE=xla_gpu_enable_triton_gemm=false`. Unlike XLA_FLAGS they change only
+    jaxvid's own programs (and their cache keys). Raises ValueError for an entry without "=" or a
+    name that is not an xla_* option."""
+    found: dict[str, OptionValue] = {}
+    names = [OPTIONS_ENV_VAR] + ([f"{OPTIONS_ENV_VAR}_{stage.upper()}"] if stage != "default" else [])
+    for var in names:
+        for item in os.environ.get(var, "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, eq, value = item.partition("=")
+            name = name.strip().lstrip("-")
+            if not eq or not name.startswith("xla_") or not value.strip():
+                raise ValueError(f"${var}: {item!r}; expected comma-separated xla_<option>=<value> entries")
+            found[name] = _parse_option_value(value.strip())
+    return found
+
+
+def compiler_options(backend: str | None = None, stage: str = "default") -> dict[str, OptionValue]:
     """XLA options for the pipelines' own programs: on GPU, autotuning at level 1 (see the module
     docstring) unless $JAXVID_GPU_AUTOTUNE_LEVEL says otherwise or XLA_FLAGS sets the level itself;
     nothing on other backends. `stage="vae"` (the VAE programs, whose cold compile is mostly
     convolution autotuning) read $JAXVID_GPU_AUTOTUNE_LEVEL_VAE first, then
-    $JAXVID_GPU_AUTOTUNE_LEVEL. Raises ValueError for a
-    level outside 0..4 or an unknown stage."""
+    $JAXVID_GPU_AUTOTUNE_LEVEL. Options from `extra_options(stage)` are added on every backend.
+    Raises ValueError for a level outside 0..4 or an unknown stage."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}; expected one of {STAGES}")
+    extra = extra_options(stage)
     if (backend or jax.default_backend()) not in ("gpu", "cuda", "rocm"):
-        return {}
+        return extra
     if "xla_gpu_autotune_level" in os.environ.get("XLA_FLAGS", ""):
-        return {}
+        return extra
     var = f"{AUTOTUNE_ENV_VAR}_{stage.upper()}"
     if stage == "default" or var not in os.environ:
         var = AUTOTUNE_ENV_VAR
     raw = os.environ.get(var, str(DEFAULT_GPU_AUTOTUNE_LEVEL)).strip()
     if raw not in {"0", "1", "2", "3", "4"}:
         raise ValueError(f"${var}={raw!r}; expected an XLA autotune level 0..4 (4 = XLA's default)")
-    return {"xla_gpu_autotune_level": int(raw)}
+    return {"xla_gpu_autotune_level": int(raw), **extra}
 
 
 def cache_dir_in_use() -> str | None:

@@ -103,6 +103,8 @@ def test_gpu_compiler_options(monkeypatch):
 
     monkeypatch.delenv(compile_cache.AUTOTUNE_ENV_VAR, raising=False)
     monkeypatch.delenv(compile_cache.AUTOTUNE_ENV_VAR + "_VAE", raising=False)
+    monkeypatch.delenv(compile_cache.OPTIONS_ENV_VAR, raising=False)
+    monkeypatch.delenv(compile_cache.OPTIONS_ENV_VAR + "_VAE", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
     assert compile_cache.compiler_options("cpu") == {}
     assert compile_cache.compiler_options("cpu", stage="vae") == {}
@@ -130,6 +132,33 @@ def test_gpu_compiler_options(monkeypatch):
         compile_cache.compiler_options("gpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")  # the user's own choice stands
     assert compile_cache.compiler_options("gpu") == {}
+
+
+def test_extra_xla_options(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.delenv(compile_cache.AUTOTUNE_ENV_VAR, raising=False)
+    monkeypatch.delenv(compile_cache.AUTOTUNE_ENV_VAR + "_VAE", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv(compile_cache.OPTIONS_ENV_VAR, "xla_cpu_enable_fast_math=false, xla_backend_optimization_level=2")
+    monkeypatch.setenv(compile_cache.OPTIONS_ENV_VAR + "_VAE", "--xla_backend_optimization_level=1,xla_dump_hlo_as_text=true")
+    assert compile_cache.compiler_options("cpu") == {"xla_cpu_enable_fast_math": False,
+                                                     "xla_backend_optimization_level": 2}
+    # the stage's own variable wins over the general one
+    vae = compile_cache.compiler_options("cpu", stage="vae")
+    assert vae == {"xla_cpu_enable_fast_math": False, "xla_backend_optimization_level": 1,
+                   "xla_dump_hlo_as_text": True}
+    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 1, **vae}
+    # XLA accepts them as compile options (an unknown name is an INVALID_ARGUMENT error)
+    monkeypatch.setenv(compile_cache.OPTIONS_ENV_VAR + "_VAE", "")
+    cpu = compile_cache.compiler_options("cpu")
+    out = jax.jit(lambda x: x * 2).lower(jnp.arange(3.0)).compile(cpu)(jnp.arange(3.0))
+    assert out.tolist() == [0.0, 2.0, 4.0]
+    for bad in ("xla_cpu_enable_fast_math", "fast_math=true", "xla_backend_optimization_level="):
+        monkeypatch.setenv(compile_cache.OPTIONS_ENV_VAR, bad)
+        with pytest.raises(ValueError, match="JAXVID_XLA_OPTIONS"):
+            compile_cache.compiler_options("cpu")
 
 
 def _affine(x, scale):
