@@ -172,7 +172,8 @@ def test_parked_weights_load_straight_to_host(folder, monkeypatch, policy):
     spy = DeviceLoaderSpy(monkeypatch)
     off = Offload(policy)
     parked = {"text": {"text_encoder"}, "model": {"text_encoder", "transformer", "vae"},
-              "blocks": {"text_encoder", "vae"}}[policy]
+              "blocks": {"vae"}}[policy]
+    streamed = {"transformer": "transformer_blocks", "text_encoder": "blocks"}
     for name in ("text_encoder", "transformer", "vae"):
         spy.calls.clear()
         model = loading.load_model(folder / name, host=off.host_paths(name))
@@ -180,9 +181,10 @@ def test_parked_weights_load_straight_to_host(folder, monkeypatch, policy):
         state = nnx.state(model, nnx.Param)
         if name in parked:
             assert not to_device and memory_kinds(state) == {"pinned_host"}, name
-        elif policy == "blocks" and name == "transformer":
-            assert to_device and not any(p.startswith("transformer_blocks.") for p in to_device)
-            assert memory_kinds(state["transformer_blocks"]) == {"pinned_host"}
+        elif policy == "blocks":  # the stacked blocks on the host, the other weights on the device
+            blocks = streamed[name]
+            assert to_device and not any(p.startswith(blocks + ".") for p in to_device)
+            assert memory_kinds(state[blocks]) == {"pinned_host"}
             assert memory_kinds(state) == {"pinned_host", "device"}
         else:
             assert memory_kinds(state) == {"device"} and to_device, name
@@ -249,6 +251,34 @@ def test_text_encoder_is_read_on_demand_and_leaves_nothing(folder, resident_pipe
     assert caplog.text.count("text_encoder: read 0.00 GB from") == 2
     assert pipe._encode_text.num_compiled == 1  # each read's state fits the one executable (same graphdef)
     assert memory_kinds(resident_pipe.text_encoder.state) == {"device"}
+
+
+def test_blocks_streams_the_text_encoder_from_host(folder, resident_pipe, monkeypatch):
+    """offload="blocks": each encode reads the T5 blocks into pinned host memory (never through the
+    device loader) and its embeddings and final norm to the device; the layer scan streams the
+    blocks in, the embeddings equal offload="none"'s bit for bit, and nothing of the weights
+    survives the encode."""
+    spy = DeviceLoaderSpy(monkeypatch)
+    pipe = CogVideoXPipeline.from_pretrained(folder, offload="blocks")
+    host_kinds = []
+    real_update = pipe.text_encoder.on_demand.load
+
+    def load(**kw):  # the module the encode runs: where its weights are
+        module = real_update(**kw)
+        host_kinds.append(memory_kinds(nnx.state(module, nnx.Param)["blocks"]))
+        host_kinds.append(memory_kinds(nnx.state(module, nnx.Param)["shared"]))
+        return module
+
+    monkeypatch.setattr(pipe.text_encoder.on_demand, "load", load)
+    spy.calls.clear()
+    prompts = ["", "a prompt"]
+    before = _live_arrays()
+    embeds = pipe.encode_prompt(prompts)
+    assert host_kinds == [{"pinned_host"}, {"device"}]
+    assert spy.paths and not any(p.startswith("blocks.") for p in spy.paths)
+    new = [a for i, a in _live_arrays().items() if i not in before]
+    assert [id(a) for a in new] == [id(embeds)], [(a.shape, a.dtype, a.sharding.memory_kind) for a in new]
+    np.testing.assert_array_equal(np.asarray(embeds), np.asarray(resident_pipe.encode_prompt(prompts)))
 
 
 def test_bad_text_encoder_checkpoint_fails_at_from_pretrained(folder, tmp_path, monkeypatch):

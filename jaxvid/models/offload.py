@@ -13,10 +13,13 @@ Policies (`offload=` of a pipeline, `--offload` of the CLI):
   pinned host memory with it at load time had cost ~8 s.
 - "model": the text encoder as under "text"; the denoiser and the VAE wait in pinned host memory
   and are on the device only while they run, as diffusers' `enable_model_cpu_offload()`.
-- "blocks": as "model" for the text encoder and the VAE; the denoiser's stacked blocks stay in
-  pinned host memory for good and each layer's weights are copied in inside the jitted layer scan
-  (`stream_in`, called by the models' scan bodies), so the device holds a layer or two at a time
-  and XLA can overlap the next layer's copy with the current layer's compute.
+- "blocks": as "model" for the VAE; the denoiser's stacked blocks stay in pinned host memory for
+  good and each layer's weights are copied in inside the jitted layer scan (`stream_in`, called by
+  the models' scan bodies), so the device holds a layer or two at a time and XLA can overlap the
+  next layer's copy with the current layer's compute. The text encoder is read on demand as under
+  "text", but its stacked blocks are read into pinned host memory and stream the same way (only its
+  embeddings and final norm go to the device): T5-XXL whole is ~9.5 GB, more than the 8 GiB a
+  CogVideoX-5b run under "blocks" is meant to fit in (session 6 measured a 9.67 GiB peak with it).
 
 A text encoder passed to a pipeline as a loaded module (not through `from_pretrained`) has no
 checkpoint to read again. Under "text" / "model" / "blocks" it is parked in pinned host memory
@@ -50,15 +53,17 @@ log = logging.getLogger(__name__)
 OFFLOAD_POLICIES = ("none", "text", "model", "blocks")
 DEFAULT_POLICY = "text"
 HOST_KIND = "pinned_host"
-# Component names as the pipelines call them; a denoiser maps to its stacked-blocks attribute
-# (CogVideoX: transformer.transformer_blocks, LongCat: dit.blocks), which "blocks" streams.
+# Component names as the pipelines call them; a denoiser or text encoder maps to its stacked-blocks
+# attribute (CogVideoX: transformer.transformer_blocks, LongCat: dit.blocks, T5: blocks), which
+# "blocks" streams.
 TEXT_ENCODERS = frozenset({"text_encoder"})
 DENOISER_BLOCKS = {"transformer": "transformer_blocks", "dit": "blocks"}
+STREAMED_BLOCKS = {**DENOISER_BLOCKS, "text_encoder": "blocks"}
 _PARKED_WHOLE = {
     "none": frozenset(),
     "text": TEXT_ENCODERS,
     "model": TEXT_ENCODERS | {"vae"} | frozenset(DENOISER_BLOCKS),
-    "blocks": TEXT_ENCODERS | {"vae"},  # + the denoiser's blocks, see Offload.park
+    "blocks": frozenset({"vae"}),  # + the streamed blocks, see Offload.park
 }
 
 
@@ -123,7 +128,7 @@ class Offload:
 
     def streams(self, name: str) -> bool:
         """Whether the component's stacked blocks stay in host memory and stream in inside the scan."""
-        return self.policy == "blocks" and name in DENOISER_BLOCKS
+        return self.policy == "blocks" and name in STREAMED_BLOCKS
 
     def host_paths(self, name: str) -> Callable[[str], bool] | None:
         """For the loader (models.loading.load_model(host=...)): which of component `name`'s Params
@@ -132,7 +137,7 @@ class Offload:
         if self.parks(name):
             return lambda path: True
         if self.streams(name):
-            prefix = DENOISER_BLOCKS[name] + "."
+            prefix = STREAMED_BLOCKS[name] + "."
             return lambda path: path.startswith(prefix)
         return None
 
@@ -151,7 +156,7 @@ class Offload:
             return self._to_host(state)
         if not self.streams(name):
             return state
-        blocks = DENOISER_BLOCKS[name]
+        blocks = STREAMED_BLOCKS[name]
 
         def move(path: Any, leaf: Any) -> Any:
             first = path[0] if path else None

@@ -6,8 +6,9 @@ scale plus a learned relative position bias, and a gated-GELU feed-forward. They
 where the relative position bias lives: T5 learns one table in the first layer and reuses it in
 every layer; umT5 learns one table per layer.
 
-The layers are stacked (built with `nnx.vmap`, run with `nnx.scan`), so the 24 XXL layers compile
-once. Parameter names follow the transformers checkpoint; `convert/keymaps/t5.py` maps them.
+The layers are stacked (built with `abstract.stack`, run with `lax.scan`), so the 24 XXL layers compile
+once, and under offload="blocks" each layer's weights stream in from pinned host memory inside the scan
+(`offload.stream_in`). Parameter names follow the transformers checkpoint; `convert/keymaps/t5.py` maps them.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from flax import nnx
 
 from jaxvid.models import abstract
 from jaxvid.models.layers import embed, linear
+from jaxvid.models.offload import stream_in
 
 log = logging.getLogger(__name__)
 
@@ -294,10 +296,11 @@ class T5Encoder(nnx.Module):
         if not cfg.relative_bias_per_layer:
             shared_bias = jnp.transpose(self.relative_attention_bias(buckets), (2, 0, 1))
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None), out_axes=nnx.Carry)
-        def run_blocks(x: jax.Array, block: T5Block, bias, buckets, key_mask) -> jax.Array:
-            return block(x, bias, buckets, key_mask)
+        graphdef, state = nnx.split(self.blocks)
 
-        x = self.shared(input_ids)
-        x = run_blocks(x, self.blocks, shared_bias, buckets, key_mask)
+        def body(x: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
+            # offload="blocks": this layer's host-resident weights are copied in here
+            return nnx.merge(graphdef, stream_in(layer_state))(x, shared_bias, buckets, key_mask), None
+
+        x, _ = jax.lax.scan(body, self.shared(input_ids), state)
         return self.final_layer_norm(x)

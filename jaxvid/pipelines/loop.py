@@ -132,7 +132,10 @@ class Component:
 
     def _read_on_demand(self) -> nnx.Module:
         t0 = time.perf_counter()
-        module = self.on_demand.load(desc=f"reading {self.name or 'weights'}", progress=self.progress)
+        # offload="blocks": the stacked blocks are read into pinned host memory and stream in inside the scan
+        streams = self.offload is not None and self.offload.streams(self.name)
+        host = self.offload.host_paths(self.name) if streams else None
+        module = self.on_demand.load(host=host, desc=f"reading {self.name or 'weights'}", progress=self.progress)
         jax.block_until_ready(nnx.state(module))
         log.info("%s: read %.2f GB from %s to the device in %.2f s (on demand)",
                  self.name or "component", self.on_demand.nbytes / 1e9, self.on_demand.what,
