@@ -1,6 +1,6 @@
 """Cold compile of the tiled CogVideoX VAE decode under different XLA options (GPU).
 
-    python bench/vae_compile.py --variants "default;xla_gpu_enable_triton_gemm=false"
+    python bench/vae_compile.py --variants "default;xla_gpu_enable_triton_gemm=true,xla_gpu_exclude_nondeterministic_ops=false"
     python bench/vae_compile.py --smoke --variants "default;xla_backend_optimization_level=1"   # CPU check
 
 The pipeline's own path (`CogVideoXPipeline._decode_tiled`: one program per tile shape, compiled side
@@ -8,7 +8,10 @@ by side by `CompiledFunction.prepare_many`, then the stitching program) on CogVi
 bf16 weights) for 49 x 480 x 720. Each variant runs in a fresh process with the compile caches off
 and its options in $JAXVID_XLA_OPTIONS_VAE (so they reach the VAE's programs only, as a user would set
 them). Prints compile seconds, the decode's median time, peak GiB and how far each variant's frames
-are from the first variant's (a subsample of every 4th frame, 8th row and column).
+are from the first variant's (a subsample of every 4th frame, 8th row and column). "default" is
+jaxvid's own choice (compile_cache.GPU_STAGE_OPTIONS["vae"] since session 7; the session-7 table in
+bench/results/session7_h200/1_vae_compile.json was measured before, so its "default" row is the
+old one and its last row today's default).
 """
 from __future__ import annotations
 

@@ -23,8 +23,12 @@ at level 1 their autotuning is still 46 of a cold CogVideoX-5b run's 55 s of com
 cut that to ~10 s and made the tiled decode itself unusable (not done after 125 s, vs 2.7 s; H200,
 session 6), so they stay at the general level. `JAXVID_GPU_AUTOTUNE_LEVEL=N` picks another level for
 every program, `JAXVID_GPU_AUTOTUNE_LEVEL_VAE=N` for the VAE's alone, and an
-`--xla_gpu_autotune_level` in XLA_FLAGS is left alone. Other XLA options for jaxvid's programs
-alone: `JAXVID_XLA_OPTIONS=name=value,...` (all) and `JAXVID_XLA_OPTIONS_VAE=...` (the VAE's).
+`--xla_gpu_autotune_level` in XLA_FLAGS is left alone. The VAE's programs also compile without
+Triton GEMMs and time only deterministic convolution algorithms (`GPU_STAGE_OPTIONS`): their
+autotuning took 10 s instead of 36 s (H200, session 7), which is what a cold CogVideoX-5b run
+spends most of its compile on. Other XLA options for jaxvid's programs alone:
+`JAXVID_XLA_OPTIONS=name=value,...` (all) and `JAXVID_XLA_OPTIONS_VAE=...` (the VAE's, e.g.
+`xla_gpu_exclude_nondeterministic_ops=false` to time every algorithm again).
 
 `CompileCounter` listens to JAX's monitoring events, so callers and tests can tell how many
 executables were really compiled and how many came from the cache. jaxvid's own programs also go
@@ -115,8 +119,15 @@ DEFAULT_GPU_AUTOTUNE_LEVEL = 1
 
 # Programs that may autotune at their own level ($JAXVID_GPU_AUTOTUNE_LEVEL_<STAGE>). The VAE's
 # autotuning is most of a cold CogVideoX run's compile (46 of 55 s at 49 x 480 x 720, H200), but
-# level 0 made its decode unusable (> 125 s instead of 2.7 s), so no stage has a default of its own.
+# level 0 made its decode unusable (> 125 s instead of 2.7 s), so no stage has a level of its own.
 STAGES = ("default", "vae")
+# Options a stage's programs get on GPU by default (before $JAXVID_XLA_OPTIONS[_<STAGE>]). The VAE's
+# tiled decode: without Triton GEMMs and with only deterministic convolution algorithms to time, its
+# four tile programs autotuned in 10.1 s instead of 36.3 s (CogVideoX-5b VAE, 49 x 480 x 720, H200,
+# session 7, bench/vae_compile.py), decoding in 1.79 s instead of 1.66 s, frames within 0.001.
+GPU_STAGE_OPTIONS: dict[str, dict[str, bool]] = {
+    "vae": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_exclude_nondeterministic_ops": True},
+}
 
 
 OPTIONS_ENV_VAR = "JAXVID_XLA_OPTIONS"
@@ -161,22 +172,24 @@ def compiler_options(backend: str | None = None, stage: str = "default") -> dict
     docstring) unless $JAXVID_GPU_AUTOTUNE_LEVEL says otherwise or XLA_FLAGS sets the level itself;
     nothing on other backends. `stage="vae"` (the VAE programs, whose cold compile is mostly
     convolution autotuning) read $JAXVID_GPU_AUTOTUNE_LEVEL_VAE first, then
-    $JAXVID_GPU_AUTOTUNE_LEVEL. Options from `extra_options(stage)` are added on every backend.
+    $JAXVID_GPU_AUTOTUNE_LEVEL and add GPU_STAGE_OPTIONS["vae"] on GPU. Options from
+    `extra_options(stage)` are added on every backend and win over those defaults.
     Raises ValueError for a level outside 0..4 or an unknown stage."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}; expected one of {STAGES}")
     extra = extra_options(stage)
     if (backend or jax.default_backend()) not in ("gpu", "cuda", "rocm"):
         return extra
+    options: dict[str, OptionValue] = {**GPU_STAGE_OPTIONS.get(stage, {}), **extra}
     if "xla_gpu_autotune_level" in os.environ.get("XLA_FLAGS", ""):
-        return extra
+        return options
     var = f"{AUTOTUNE_ENV_VAR}_{stage.upper()}"
     if stage == "default" or var not in os.environ:
         var = AUTOTUNE_ENV_VAR
     raw = os.environ.get(var, str(DEFAULT_GPU_AUTOTUNE_LEVEL)).strip()
     if raw not in {"0", "1", "2", "3", "4"}:
         raise ValueError(f"${var}={raw!r}; expected an XLA autotune level 0..4 (4 = XLA's default)")
-    return {"xla_gpu_autotune_level": int(raw), **extra}
+    return {"xla_gpu_autotune_level": int(raw), **options}
 
 
 def cache_dir_in_use() -> str | None:

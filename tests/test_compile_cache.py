@@ -110,16 +110,17 @@ def test_gpu_compiler_options(monkeypatch):
     assert compile_cache.compiler_options("cpu", stage="vae") == {}
     gpu = compile_cache.compiler_options("gpu")
     assert gpu == {"xla_gpu_autotune_level": 1}
-    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 1}
+    vae_defaults = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_exclude_nondeterministic_ops": True}
+    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 1, **vae_defaults}
     # XLA knows the option by this name (an unknown one is an INVALID_ARGUMENT error at compile)
     out = jax.jit(lambda x: x * 2).lower(jnp.arange(3.0)).compile(gpu)(jnp.arange(3.0))
     assert out.tolist() == [0.0, 2.0, 4.0]
     monkeypatch.setenv(compile_cache.AUTOTUNE_ENV_VAR, "4")
     assert compile_cache.compiler_options("gpu") == {"xla_gpu_autotune_level": 4}
     # a general level set by the user covers the VAE's programs too, unless their own variable is set
-    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 4}
+    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 4, **vae_defaults}
     monkeypatch.setenv(compile_cache.AUTOTUNE_ENV_VAR + "_VAE", "0")
-    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 0}
+    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 0, **vae_defaults}
     assert compile_cache.compiler_options("gpu") == {"xla_gpu_autotune_level": 4}
     with pytest.raises(ValueError, match="stage='dit'"):
         compile_cache.compiler_options("gpu", stage="dit")
@@ -132,6 +133,7 @@ def test_gpu_compiler_options(monkeypatch):
         compile_cache.compiler_options("gpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")  # the user's own choice stands
     assert compile_cache.compiler_options("gpu") == {}
+    assert compile_cache.compiler_options("gpu", stage="vae") == vae_defaults
 
 
 def test_extra_xla_options(monkeypatch):
@@ -149,7 +151,12 @@ def test_extra_xla_options(monkeypatch):
     vae = compile_cache.compiler_options("cpu", stage="vae")
     assert vae == {"xla_cpu_enable_fast_math": False, "xla_backend_optimization_level": 1,
                    "xla_dump_hlo_as_text": True}
-    assert compile_cache.compiler_options("gpu", stage="vae") == {"xla_gpu_autotune_level": 1, **vae}
+    # on GPU the VAE's defaults come first and the variables win over them
+    monkeypatch.setenv(compile_cache.OPTIONS_ENV_VAR, "xla_gpu_exclude_nondeterministic_ops=false")
+    assert compile_cache.compiler_options("gpu", stage="vae") == {
+        "xla_gpu_autotune_level": 1, "xla_gpu_enable_triton_gemm": False,
+        "xla_gpu_exclude_nondeterministic_ops": False, "xla_backend_optimization_level": 1,
+        "xla_dump_hlo_as_text": True}
     # XLA accepts them as compile options (an unknown name is an INVALID_ARGUMENT error)
     monkeypatch.setenv(compile_cache.OPTIONS_ENV_VAR + "_VAE", "")
     cpu = compile_cache.compiler_options("cpu")

@@ -137,9 +137,9 @@ class Component:
         host = self.offload.host_paths(self.name) if streams else None
         module = self.on_demand.load(host=host, desc=f"reading {self.name or 'weights'}", progress=self.progress)
         jax.block_until_ready(nnx.state(module))
-        log.info("%s: read %.2f GB from %s to the device in %.2f s (on demand)",
+        log.info("%s: read %.2f GB from %s to the device%s in %.2f s (on demand)",
                  self.name or "component", self.on_demand.nbytes / 1e9, self.on_demand.what,
-                 time.perf_counter() - t0)
+                 " (stacked blocks to pinned host memory)" if streams else "", time.perf_counter() - t0)
         return module
 
     @contextlib.contextmanager
