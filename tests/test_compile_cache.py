@@ -235,6 +235,40 @@ def test_executable_store_hit_miss_and_damage(tmp_path, monkeypatch):
     np.testing.assert_array_equal(out, reference(jnp.arange(8.0), 1.5))
 
 
+def test_executable_store_loads_mosaic_gpu_runtime_and_retries(tmp_path, monkeypatch):
+    """A stored program whose load fails on Mosaic GPU's host symbols (a warm process that never
+    imported Mosaic GPU) is loaded again after the runtime is imported, and gives the stored bits;
+    without that runtime, or for another error, the entry is compiled instead."""
+    import jax.experimental.serialize_executable as serialize_executable
+
+    monkeypatch.setattr(compile_cache, "cache_dir_in_use", lambda: str(tmp_path))
+    monkeypatch.setenv(executable_cache.ENV_VAR, "on")
+    x = jnp.linspace(-2.0, 2.0, 16, dtype=jnp.float32)
+    want = jax.jit(_affine, static_argnums=1)(x, 2.0)
+    CompiledFunction(_affine, static_argnums=(1,))(x, 2.0)  # stores it
+    real = serialize_executable.deserialize_and_load
+    for error, runtime, hits in [("Failed to lookup host symbol: { anonymous_mosaic_gpu }", True, 1),
+                                 ("Failed to lookup host symbol: { anonymous_mosaic_gpu }", False, 0),
+                                 ("some other failure", True, 0)]:
+        calls = []
+
+        def fail_once(*args, error=error, calls=calls, **kw):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError(error)
+            return real(*args, **kw)
+
+        imports = []
+        monkeypatch.setattr(serialize_executable, "deserialize_and_load", fail_once)
+        monkeypatch.setattr(executable_cache, "_load_mosaic_gpu_runtime",
+                            lambda runtime=runtime, imports=imports: imports.append(1) or runtime)
+        with CompileCounter() as counter:
+            out = CompiledFunction(_affine, static_argnums=(1,))(x, 2.0)
+        assert counter.executable_hits == hits, error
+        assert len(imports) == ("mosaic" in error)
+        np.testing.assert_array_equal(out, want)
+
+
 def test_static_descriptions_are_by_value():
     """Equal configs describe alike, different ones differently; closures and plain objects cannot be described."""
     from jaxvid.models.cogvideox import CogVideoXConfig

@@ -33,6 +33,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import importlib
 import importlib.util
 import inspect
 import logging
@@ -294,6 +295,15 @@ def _serializable(compiled: Any) -> str | None:
     return None
 
 
+def _load_mosaic_gpu_runtime() -> bool:
+    """Import Mosaic GPU (which loads its runtime library); False where this jaxlib has none."""
+    try:
+        importlib.import_module("jax.experimental.mosaic.gpu")
+    except Exception:  # noqa: BLE001 - an installation without it cannot load such programs anyway
+        return False
+    return True
+
+
 class ExecutableStore:
     """Serialized executables in one folder, one file per key (see the module docstring)."""
 
@@ -316,7 +326,16 @@ class ExecutableStore:
             return None
         t0 = time.perf_counter()
         try:
-            compiled = self._decode(blob, dynamic_args)
+            try:
+                compiled = self._decode(blob, dynamic_args)
+            except Exception as e:
+                # A program holding a Mosaic GPU kernel (our Pallas attention kernels) resolves host
+                # symbols of Mosaic GPU's runtime library when it loads; the traced path imports it
+                # while lowering the kernel, a warm process that never traces has not (H200,
+                # session 7: "Failed to lookup host symbol ... anonymous_mosaic_gpu").
+                if "mosaic_gpu" not in str(e) or not _load_mosaic_gpu_runtime():
+                    raise
+                compiled = self._decode(blob, dynamic_args)
         except Exception as e:  # a damaged or foreign entry must never stop a run: compile instead
             log.info("executable cache: %s is unusable (%s: %s); compiling %s", file.name, type(e).__name__,
                      str(e)[:200], name)
