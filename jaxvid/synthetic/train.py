@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxvid.models.cogvideox import CogVideoXConfig, CogVideoXTransformer3D
+from jaxvid.models.cogvideox import CogVideoXConfig, CogVideoXTransformer3D, sincos_table
 from jaxvid.models.t5 import T5Config, T5Encoder
 from jaxvid.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
 from jaxvid.schedulers.cogvideox_ddim import CogVideoXSchedulerConfig, alphas_cumprod
@@ -57,7 +57,7 @@ from jaxvid.synthetic.device_data import EMPTY_CAPTION, CaptionTable, sample_bat
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "model_configs", "train", "main", "SCHEDULER_CONFIG", "GENERATION_DEFAULTS"]
+__all__ = ["TrainConfig", "model_configs", "init_position_table", "train", "main", "SCHEDULER_CONFIG", "GENERATION_DEFAULTS"]
 
 MAX_TEXT_TOKENS = 226  # what CogVideoXPipeline tokenizes to by default; training sees the same padding
 # diffusers' CogVideoX-5b DDIM scheduler config (the tiny pipeline ships the same one)
@@ -100,6 +100,8 @@ class TrainConfig:
     timestep_power: float = 1.0  # DiT timesteps t = 1000 * u ** (1 / power): > 1 favours the noisy end
     dit_layers: int = 4
     dit_heads: int = 4  # of 32 channels each
+    # an absolute (learned, sincos-initialised) position table besides the 3D RoPE; see model_configs
+    absolute_positions: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vae_batch", "dit_batch", "warmup", "chunk", "pool_chunk", "dit_layers", "dit_heads"):
@@ -116,12 +118,22 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.caption_dropout={self.caption_dropout!r}; expected a value in [0, 1)")
 
 
-def model_configs(scaling_factor: float = 1.0, *, dit_layers: int = 4, dit_heads: int = 4
-                  ) -> tuple[CogVideoXConfig, CogVideoXVAEConfig, T5Config]:
+def model_configs(scaling_factor: float = 1.0, *, dit_layers: int = 4, dit_heads: int = 4,
+                  absolute_positions: bool = True) -> tuple[CogVideoXConfig, CogVideoXVAEConfig, T5Config]:
     """(transformer, VAE, text encoder) configs of the default model: 48 x 48 x 9 videos -> 8 x 3 x 12 x 12
     latents; the DiT's patches are single latent pixels (432 video tokens), so an 18 px shape spans
     ~4.5 x 4.5 tokens instead of ~2 x 2 with CogVideoX's usual patch size 2. The DiT has `dit_layers`
-    blocks of `dit_heads` heads of 32 channels."""
+    blocks of `dit_heads` heads of 32 channels.
+
+    absolute_positions: besides the 3D RoPE, a learned table of absolute positions added to the
+    tokens (diffusers' `use_learned_positional_embeddings`, as CogVideoX-5b-I2V has; initialised by
+    `init_position_table`). RoPE alone only tells attention *relative* offsets and text tokens carry no
+    position, so the DiT is translation-equivariant up to edge effects: from pure noise it can only
+    predict a position-independent video, while E[x0 | caption] depends on the motion word (a shape
+    "moving right" starts in the left part of the frame and ends in the right part). The session-6
+    model (RoPE only) predicted the same centred blob at t = 999 for every motion word (its per-frame
+    centre of mass never moved) and ignored motion words at every noise level; its videos moved at
+    random."""
     vae = CogVideoXVAEConfig(
         latent_channels=8, block_out_channels=(24, 48, 48), layers_per_block=1, norm_num_groups=8,
         sample_height=world.SIZE, sample_width=world.SIZE, scaling_factor=float(scaling_factor),
@@ -133,8 +145,21 @@ def model_configs(scaling_factor: float = 1.0, *, dit_layers: int = 4, dit_heads
         out_channels=vae.latent_channels, time_embed_dim=64, text_embed_dim=t5.d_model, num_layers=dit_layers,
         sample_width=world.SIZE // vae.spatial_compression, sample_height=world.SIZE // vae.spatial_compression,
         sample_frames=world.FRAMES, max_text_seq_length=MAX_TEXT_TOKENS, use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=absolute_positions,
     )
     return transformer, vae, t5
+
+
+def init_position_table(transformer: CogVideoXTransformer3D) -> None:
+    """Set a transformer's learned position table [1, L + N, D] to what diffusers' CogVideoXPatchEmbed
+    starts it with: zeros over the L text slots, the 3D sincos table of the sample grid (latent frames x
+    h x w, the config's interpolation scales) over the N video slots. Training then adapts it."""
+    cfg = transformer.cfg
+    if not cfg.use_learned_positional_embeddings:
+        raise ValueError("transformer.cfg.use_learned_positional_embeddings=False; expected a model with a learned table")
+    table = np.zeros((1, cfg.learned_pos_tokens, cfg.inner_dim), np.float32)
+    table[0, cfg.max_text_seq_length:] = sincos_table(cfg, cfg.sample_latent_frames, cfg.sample_height, cfg.sample_width)
+    transformer.patch_embed.pos_embedding[...] = jnp.asarray(table, cfg.param_dtype)
 
 
 # ============================================================================================ data
@@ -584,7 +609,8 @@ These {len(world.HELD_OUT)} one-shape combinations never appear in training, alo
   scaling_factor = 1 / std of the posterior means = {stats['scaling_factor']:.4f}.
   Its reconstructions of the held-out combinations (2 positions each), read by the detector, fraction
   right: {', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in stats['vae_check'].items())}.
-- DiT{' + T5' if cfg.train_text_encoder else ' (T5 frozen at its random init)'} ({cfg.dit_layers} blocks, {cfg.dit_heads} heads of 32): {dit['steps']} steps of batch {cfg.dit_batch}, lr {cfg.dit_lr:g},
+- DiT{' + T5' if cfg.train_text_encoder else ' (T5 frozen at its random init)'} ({cfg.dit_layers} blocks, {cfg.dit_heads} heads of 32, 3D RoPE{
+  ' + a learned absolute position table (sincos init)' if cfg.absolute_positions else ' alone'}): {dit['steps']} steps of batch {cfg.dit_batch}, lr {cfg.dit_lr:g},
   v-prediction MSE (latents a shape touches weigh {1 + cfg.shape_weight:g} x), timesteps 1000 u^(1/{cfg.timestep_power:g}) for
   uniform u, caption dropout {cfg.caption_dropout:g}, EMA {cfg.ema_decay:g}, {dit['seconds']:.0f} s.
   Loss: {curve(dit['curve'])}.
@@ -610,7 +636,8 @@ Shipped generation settings (`jaxvid_generation.json`; the best guidance above):
         --vae-batch {cfg.vae_batch} --dit-batch {cfg.dit_batch} --chunk {cfg.chunk} \\
         --vae-lr {cfg.vae_lr:g} --dit-lr {cfg.dit_lr:g} --warmup {cfg.warmup} --pool {cfg.pool} \\
         --timestep-power {cfg.timestep_power:g} --dit-layers {cfg.dit_layers} --dit-heads {cfg.dit_heads} \\
-        --ema-decay {cfg.ema_decay:g} --shape-weight {cfg.shape_weight:g}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}
+        --ema-decay {cfg.ema_decay:g} --shape-weight {cfg.shape_weight:g}{'' if cfg.train_text_encoder else ' --frozen-text-encoder'}{
+        '' if cfg.absolute_positions else ' --rope-only'}
 
 ({stats.get('device', 'unknown device')}: about {vae['seconds'] + dit['seconds']:.0f} s of training; set
 XLA_FLAGS=--xla_gpu_deterministic_ops=true for bitwise-identical weights).
@@ -640,7 +667,8 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tokenizer = _tokenizer(tmp / "tokenizer")
-        tcfg, vcfg, t5cfg = model_configs(dit_layers=cfg.dit_layers, dit_heads=cfg.dit_heads)
+        tcfg, vcfg, t5cfg = model_configs(dit_layers=cfg.dit_layers, dit_heads=cfg.dit_heads,
+                                          absolute_positions=cfg.absolute_positions)
         keys = np.random.SeedSequence(cfg.seed).generate_state(3)
         stats: dict[str, Any] = {"device": jax.devices()[0].device_kind}
 
@@ -666,6 +694,8 @@ def train(out: str | os.PathLike, cfg: TrainConfig, *, vae_from: str | os.PathLi
             pool = latent_pool(cfg, vae)
             stats["pool"] = {"videos": len(pool), "seconds": time.perf_counter() - t_pool}
         transformer = CogVideoXTransformer3D(tcfg, rngs=nnx.Rngs(int(keys[1])))
+        if cfg.absolute_positions:
+            init_position_table(transformer)
         t5 = T5Encoder(t5cfg, rngs=nnx.Rngs(int(keys[2])))
         if cfg.total_budget is not None:
             left = cfg.total_budget - (time.perf_counter() - t_start) - cfg.reserve
@@ -761,6 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-heads", type=int, default=d.dit_heads, help="DiT heads (32 channels each)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--shape-weight", type=float, default=d.shape_weight)
+    p.add_argument("--rope-only", action="store_true",
+                   help="no absolute position table, 3D RoPE alone (the session-6 design; see model_configs)")
     return p
 
 
@@ -773,7 +805,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       vae_lr=args.vae_lr, dit_lr=args.dit_lr, warmup=args.warmup, total_budget=args.total_budget,
                       reserve=args.reserve, pool=args.pool, pool_chunk=args.pool_chunk,
                       timestep_power=args.timestep_power, dit_layers=args.dit_layers, dit_heads=args.dit_heads,
-                      ema_decay=args.ema_decay, shape_weight=args.shape_weight)
+                      ema_decay=args.ema_decay, shape_weight=args.shape_weight,
+                      absolute_positions=not args.rope_only)
     guidance = tuple(float(g) for g in args.eval_guidance.split(","))
     steps = tuple(int(n) for n in args.eval_steps.split(","))
     train(args.out, cfg, vae_from=args.vae_from, eval_seeds=tuple(range(args.eval_seeds)), eval_guidance=guidance,
