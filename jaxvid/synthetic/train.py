@@ -222,15 +222,18 @@ def _run_stage(name: str, run, state: Any, steps: int, budget: float | None, chu
     """Call `run` (see _scan_steps) until `steps` (rounded up to whole chunks) are done; returns
     (state, [(step, mean loss)], steps done, seconds).
 
-    With a time budget the step count becomes min(steps, budget / measured time per step), the
-    budget counting from the end of the first (compiling) call; it is fixed from the second call's
-    time, before the third call (so with warm-up >= 2 chunks the schedule is unaffected).
+    With a time budget the step count becomes min(steps, what fits in the budget), the budget
+    counting from the end of the first (compiling) call. It is fixed after the third call from the
+    faster of the second and third calls (the second can compile again: on an H200, session 7, it
+    took 20.3 s for 100 steps that then ran in 8.5 s, and a step count fixed from it used half the
+    budget), before the fourth call (so with warm-up >= 3 chunks the schedule is unaffected).
     """
     total = math.ceil(steps / chunk) * chunk
     curve: list[tuple[int, float]] = []
     pending: list[tuple[int, jax.Array]] = []
     t0 = time.perf_counter()
-    t_prev = t0
+    t_prev = t_first = t0
+    call_seconds: list[float] = []
     every = max(1, total // chunk // 30)
     calls = start = 0
     while start < total:
@@ -238,16 +241,21 @@ def _run_stage(name: str, run, state: Any, steps: int, budget: float | None, chu
         start += chunk
         calls += 1
         pending.append((start, jnp.mean(losses)))
-        if calls <= 2:
+        if calls <= 3:
             jax.block_until_ready(losses)
             now = time.perf_counter()
             if calls == 1:
                 log.info("%s: first call (compiling + %d steps) took %.1f s", name, chunk, now - t0)
-            elif budget is not None:
-                per_step = (now - t_prev) / chunk
-                total = max(3 * chunk, min(total, int(budget / (now - t_prev)) * chunk))
+                t_first = now
+            else:
+                call_seconds.append(now - t_prev)
+            if calls == 3 and budget is not None:
+                per_call = min(call_seconds)
+                left = budget - (now - t_first)
+                total = max(3 * chunk, min(total, start + max(0, int(left / per_call)) * chunk))
                 every = max(1, total // chunk // 30)
-                log.info("%s: %.2f ms/step -> %d steps in the %.0f s budget", name, per_step * 1e3, total, budget)
+                log.info("%s: %.2f ms/step -> %d steps in the %.0f s budget", name, per_call / chunk * 1e3,
+                         total, budget)
             t_prev = now
         if calls % every == 0 or start >= total:
             mean = float(np.mean([float(v) for _, v in pending]))
@@ -780,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole run (from the start of training): the DiT's budget shrinks so that "
                    "--reserve seconds are left for its compile, the evaluation and the GIF")
     p.add_argument("--reserve", type=float, default=d.reserve)
-    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps (keep >= 2 chunks with a time budget)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps (keep >= 3 chunks with a time budget)")
     p.add_argument("--pool", type=int, default=d.pool,
                    help="DiT stage: encode this many videos once and draw batches from them (0: draw and encode "
                    "a new batch every step)")
