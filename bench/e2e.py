@@ -3,6 +3,8 @@
     python bench/e2e.py --model 5b --steps 5                    # diffusers, jaxvid cold and warm cache
     python bench/e2e.py --model 2b --steps 5 --frames 13 --height 240 --width 360 --configs jaxvid-cold,jaxvid-warm
     python bench/e2e.py --smoke                                 # the tiny pipeline on a CPU (jaxvid and diffusers)
+    python bench/e2e.py --model longcat --steps 2 --configs jaxvid-cold,jaxvid-warm,jaxvid-warm:blocks@20
+    python bench/e2e.py --model longcat --smoke                 # the tiny LongCat pipeline on a CPU
 
 Configurations: `diffusers` (eager, bf16, vae.enable_tiling()), `diffusers-compile` (the
 transformer through torch.compile), `jaxvid-cold` (an empty persistent compilation cache),
@@ -17,6 +19,15 @@ The folder is CogVideoX-2b or -5b at real size (T5-XXL, VAE, transformer) with r
 N(0, 0.02) bf16 weights (norm scales 1; drawn from a fixed random pool, so writing 20 GB takes
 seconds), the tiny 100-piece T5 tokenizer (spiece.model for jaxvid, tokenizer.json for
 transformers), DDIM; both libraries read the same files. Kept in --dir between runs.
+
+LongCat-Video (`--model longcat`, jaxvid only): a real-size folder in upstream's layout (dit/ 13.6B,
+text_encoder/ umT5-XXL, vae/ Wan 2.1, the tiny tokenizer, scheduler/; jaxvid.synthetic.longcat
+.write_random_longcat, ~39 GB of bf16 from the same random pool), t2v as `jaxvid generate` runs it
+(guidance 4, 93 x 480 x 832 by default); `/bsa` runs block sparse attention as the CLI's `--bsa`
+does (parameters by resolution: 480p 0.875, 4x4x8). Upstream's LongCat pipeline cannot run beside
+it: it is not on PyPI and the GPU machine has no network, so the table is followed by the
+reference step of upstream's own DiT code (bench/results/reference/peer_torch_step_h100.json, H100)
+where the shape is 480p 93 frames.
 
 Columns (seconds): load (from_pretrained until the weights are on the GPU), compile (jaxvid: every
 compile or persistent-cache load; torch.compile: first step minus the median step), steps (prompt
@@ -51,17 +62,25 @@ COLUMNS = ("load", "compile", "steps", "decode", "write", "total", "peak_gib")
 
 
 def write_folder(folder: Path, model: str, smoke: bool) -> Path:
-    """A diffusers CogVideoX pipeline folder at real size (the tiny one with `smoke`), random bf16 weights."""
+    """A diffusers CogVideoX pipeline folder (or an upstream-layout LongCat-Video folder for
+    model="longcat") at real size (the tiny one with `smoke`), random bf16 weights."""
     from jaxvid.models.cogvideox import CogVideoXConfig
     from jaxvid.models.t5 import T5Config
     from jaxvid.models.vae_cogvideox import CogVideoXVAEConfig
     from jaxvid.synthetic import cogvideox as synth
 
-    if (folder / "model_index.json").is_file():
-        return folder
+    if (folder / ("scheduler" if model == "longcat" else "model_index.json")).exists():
+        return folder  # complete: the folder appears only by the rename below
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if smoke:
+    if model == "longcat":
+        from jaxvid.synthetic import longcat
+
+        if smoke:
+            longcat.write_tiny_longcat(tmp, loras=False)
+        else:
+            longcat.write_random_longcat(tmp, values=synth.pooled_random_values(POOL_SIZE))
+    elif smoke:
         synth.write_tiny_pipeline(tmp)
         synth.write_tokenizer_json(tmp / "tokenizer")  # transformers 5 reads tokenizer.json as it is
     else:
@@ -116,6 +135,12 @@ def run_jaxvid(args: argparse.Namespace) -> dict:
         jax.devices()  # CUDA start, reported apart from reading weights
         device_init = time.perf_counter() - t0
         enable_compile_cache(args.cache_dir)
+        if args.model == "longcat":
+            res = _run_longcat(args, t0)
+            return {**res, "total": time.perf_counter() - t0, "peak_gib": _jax_peak_gib(),
+                    "programs_compiled": counter.compiled, "programs_from_cache": counter.cache_hits,
+                    "programs_without_tracing": counter.executable_hits, "device_init": device_init,
+                    "jax_event_seconds": {k: round(v, 3) for k, v in sorted(events.items(), key=lambda kv: -kv[1])[:25]}}
         dtype = "fp32" if args.smoke else "bf16"
         offload = args.worker.split("@")[0].partition(":")[2].partition("/")[0] or None
         pipe = CogVideoXPipeline.from_pretrained(args.folder, dtype=dtype, offload=offload)
@@ -146,6 +171,45 @@ def run_jaxvid(args: argparse.Namespace) -> dict:
             "programs_from_cache": counter.cache_hits, "programs_without_tracing": counter.executable_hits, "offload": pipe.offload.policy, "frames": list(frames.shape),
             "device_init": device_init, "timings": dict(t),
             "jax_event_seconds": {k: round(v, 3) for k, v in sorted(events.items(), key=lambda kv: -kv[1])[:25]}}
+
+
+def _run_longcat(args: argparse.Namespace, t0: float) -> dict:
+    """One LongCat-Video t2v video (jaxvid), from loading the folder to the written mp4; the caller
+    adds total, peak and the compile counts. `load` counts from the worker's start (CUDA start too),
+    as for CogVideoX."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvid.pipelines.longcat import LongCatPipeline
+
+    config = args.worker.split("@")[0]
+    offload = config.partition("/")[0].partition(":")[2] or None
+    pipe = LongCatPipeline.from_pretrained(args.folder, dtype=jnp.float32 if args.smoke else jnp.bfloat16,
+                                           offload=offload, progress=False)
+    jax.block_until_ready(pipe.components["dit"].state)
+    load = time.perf_counter() - t0
+    peak_load = _jax_peak_gib()
+    if config.partition("/")[2] == "bsa":
+        pipe.enable_bsa_by_resolution()  # the CLI's --bsa: parameters by resolution
+    t1 = time.perf_counter()
+    out = pipe.generate_t2v(PROMPT, num_frames=args.frames, height=args.height, width=args.width,
+                            num_inference_steps=args.steps, seed=0, output_type="latent")
+    jax.block_until_ready(out.latents)
+    call = time.perf_counter() - t1
+    t = dict(pipe.last_timings)
+    encode_compile = pipe._encode_text.last_compile_seconds
+    t2 = time.perf_counter()
+    frames = pipe._finish(out.latents, "uint8").frames[0]  # VAE decode + uint8, as generate_t2v does
+    decode_compile = pipe._vae_decode.last_compile_seconds
+    decode = time.perf_counter() - t2 - decode_compile
+    t3 = time.perf_counter()
+    write_mp4(frames, Path(args.out), fps=out.fps)
+    write = time.perf_counter() - t3
+    return {"load": load, "compile": t["compile"] + encode_compile + decode_compile,
+            "steps": call - t["compile"] - encode_compile, "decode": decode, "write": write,
+            "peak_after_load_gib": peak_load, "per_step": t["per_step"], "decode_compile": decode_compile,
+            "attention": pipe.last_attention, "offload": pipe.offload.policy, "frames": list(frames.shape),
+            "timings": t}
 
 
 def run_diffusers(args: argparse.Namespace, compiled: bool) -> dict:
@@ -225,13 +289,19 @@ def _worker(args: argparse.Namespace) -> None:
 _KNOWN = ("diffusers", "diffusers-compile", "jaxvid-cold", "jaxvid-warm")
 
 
-def _check_config(config: str) -> None:
+def _check_config(config: str, model: str = "5b") -> None:
     name, _, limit = config.partition("@")
     name, _, attention = name.partition("/")
     base, _, policy = name.partition(":")
     if base not in _KNOWN:
         raise SystemExit(f"--configs: {config!r}; expected one of {_KNOWN}, optionally with :POLICY, /radial and @GiB")
-    if attention and (attention != "radial" or base.startswith("diffusers")):
+    if model == "longcat":
+        if base.startswith("diffusers"):
+            raise SystemExit(f"--configs: {config!r}; --model longcat runs jaxvid only (upstream's LongCat pipeline "
+                             "is not installable here)")
+        if attention and attention != "bsa":
+            raise SystemExit(f"--configs: {config!r}; --model longcat takes /bsa (the CLI's --bsa), not /{attention}")
+    elif attention and (attention != "radial" or base.startswith("diffusers")):
         raise SystemExit(f"--configs: {config!r}; /radial (the CLI's --attention radial --preset auto) is for jaxvid only")
     if policy and (base.startswith("diffusers") or policy not in ("none", "text", "model", "blocks")):
         raise SystemExit(f"--configs: {config!r}; :POLICY is none/text/model/blocks, for jaxvid only")
@@ -261,7 +331,7 @@ def _run_config(config: str, args: argparse.Namespace, folder: Path, workdir: Pa
         env.setdefault("JAX_PLATFORMS", "cpu")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--folder", str(folder),
            "--cache-dir", str(cache), "--steps", str(args.steps), "--frames", str(args.frames),
-           "--height", str(args.height), "--width", str(args.width),
+           "--height", str(args.height), "--width", str(args.width), "--model", args.model,
            "--out", str(workdir / f"{_file_stem(config)}.mp4")]
     cmd += ["--smoke"] if args.smoke else []
     log_dir = Path(args.log_dir) if args.log_dir else workdir
@@ -296,15 +366,36 @@ def format_table(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def longcat_reference(rows: list[dict], frames: int, height: int, width: int) -> str:
+    """Our LongCat rows' step time beside upstream's own DiT step (CFG batch 2) where the shape is
+    the reference's (480p, 93 frames); a line saying there is none otherwise."""
+    path = REPO_ROOT / "bench" / "results" / "reference" / "peer_torch_step_h100.json"
+    case = "LongCat DiT step B2 480p 93f CFG"
+    refs = {r["case"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+    if (frames, height, width) != (93, 480, 832) or case not in refs:
+        return f"(no upstream reference step for {frames} x {height} x {width}; {path.name} has 480p 93 frames)"
+    ref = refs[case]
+    lines = ["", f"per step vs upstream's LongCat DiT ({case}, eager PyTorch, H100, {path.name}: "
+             f"{ref['ms'] / 1000:.3f} s/step, peak {ref['peak_gib']:.1f} GiB for the DiT alone)", "",
+             "| config | s / step | x upstream | peak GiB |", "|---|---|---|---|"]
+    for r in rows:
+        if "per_step" in r:
+            lines.append(f"| {r['config']} | {r['per_step']:.3f} | {r['per_step'] * 1000 / ref['ms']:.2f} | "
+                         f"{r['peak_gib']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("2b", "5b"), default="5b")
+    ap.add_argument("--model", choices=("2b", "5b", "longcat"), default="5b")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--frames", type=int, default=None, help="default 49 (9 with --smoke)")
+    ap.add_argument("--frames", type=int, default=None, help="default 49, LongCat 93 (9 with --smoke)")
     ap.add_argument("--height", type=int, default=None, help="default 480 (32 with --smoke)")
-    ap.add_argument("--width", type=int, default=None, help="default 720 (32 with --smoke)")
-    ap.add_argument("--configs", default="diffusers,jaxvid-cold,jaxvid-warm",
-                    help="comma-separated: diffusers, diffusers-compile, jaxvid-cold, jaxvid-warm[:POLICY][@GiB]")
+    ap.add_argument("--width", type=int, default=None, help="default 720, LongCat 832 (32 with --smoke)")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated: diffusers, diffusers-compile, jaxvid-cold, jaxvid-warm[:POLICY][/radial]"
+                    "[@GiB] (LongCat: jaxvid only, /bsa); default diffusers,jaxvid-cold,jaxvid-warm "
+                    "(LongCat: jaxvid-cold,jaxvid-warm,jaxvid-warm/bsa)")
     ap.add_argument("--dir", default=None, help="work folder, kept (default: a temp folder, removed at the end)")
     ap.add_argument("--json", default=None, help="write the title and rows here")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration (a cold 5b run needs >= 300)")
@@ -326,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps={args.steps}; expected a positive int")
-    defaults = (9, 32, 32) if args.smoke else (49, 480, 720)
+    longcat = args.model == "longcat"
+    defaults = (9, 32, 32) if args.smoke else (93, 480, 832) if longcat else (49, 480, 720)
     args.frames, args.height, args.width = (v if v is not None else d for v, d in
                                             zip((args.frames, args.height, args.width), defaults))
     if args.worker:
@@ -336,9 +428,11 @@ def main(argv: list[str] | None = None) -> int:
             logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
         _worker(args)
         return 0
+    if args.configs is None:
+        args.configs = "jaxvid-cold,jaxvid-warm,jaxvid-warm/bsa" if longcat else "diffusers,jaxvid-cold,jaxvid-warm"
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:
-        _check_config(c)
+        _check_config(c, args.model)
     import tempfile
 
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="jaxvid-e2e-"))
@@ -346,9 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     name = "tiny" if args.smoke else args.model
     title = (f"CogVideoX-{name}, {args.frames} x {args.height} x {args.width}, {args.steps} steps, CFG 6, DDIM, "
              f"random {'fp32' if args.smoke else 'bf16'} weights")
+    if longcat:
+        title = (f"LongCat-Video{' tiny' if args.smoke else ''} t2v, {args.frames} x {args.height} x {args.width}, "
+                 f"{args.steps} steps, CFG 4, flow matching, random {'fp32' if args.smoke else 'bf16'} weights")
     try:
         t0 = time.perf_counter()
-        folder = write_folder(workdir / f"cogvideox-{name}", args.model, args.smoke)
+        folder = write_folder(workdir / (f"longcat-{'tiny' if args.smoke else 'video'}" if longcat
+                                         else f"cogvideox-{name}"), args.model, args.smoke)
         print(f"folder {folder} ready in {time.perf_counter() - t0:.1f} s", flush=True)
         rows = []
         for config in configs:
@@ -364,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:  # after every row, so a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
         print(format_table(rows, title), flush=True)
+        if longcat and not args.smoke:
+            print(longcat_reference(rows, args.frames, args.height, args.width), flush=True)
     finally:
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -112,8 +112,8 @@ def _random_tensor(rng: np.random.Generator, key: str, shape: tuple[int, ...]) -
     return (0.02 * x).astype(np.float32)
 
 
-def _write_component(folder: Path, config: dict[str, Any], weights_name: str, seed: int) -> None:
-    """config.json + random weights named by the registered model's key table."""
+def _component_shapes(folder: Path, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Write config.json; return the torch name -> shape of every tensor the registered model's key table reads."""
     from jaxvid.models.loading import class_name_of, config_for, entry_for, model_specs
     from jaxvid.models.registry import resolve
 
@@ -122,12 +122,14 @@ def _write_component(folder: Path, config: dict[str, Any], weights_name: str, se
     entry = entry_for(class_name_of(config))
     cfg = config_for(entry, config, np.float32)
     specs = model_specs(resolve(entry.model), cfg)
+    return {rule.source: _source_shape(rule, tuple(specs[rule.target_path].shape)) for rule in resolve(entry.rules)(cfg)}
+
+
+def _write_component(folder: Path, config: dict[str, Any], weights_name: str, seed: int) -> None:
+    """config.json + random weights named by the registered model's key table."""
     rng = np.random.default_rng(seed)
-    tensors = {}
-    for rule in resolve(entry.rules)(cfg):
-        shape = _source_shape(rule, tuple(specs[rule.target_path].shape))
-        tensors[rule.source] = _random_tensor(rng, rule.source, shape)
-    write_safetensors(folder / weights_name, tensors)
+    shapes = _component_shapes(folder, config)
+    write_safetensors(folder / weights_name, {key: _random_tensor(rng, key, shape) for key, shape in shapes.items()})
 
 
 def write_tiny_dit(folder: str | os.PathLike, *, seed: int = 0) -> Path:
@@ -206,4 +208,69 @@ def write_tiny_longcat(folder: str | os.PathLike, *, seed: int = 0, loras: bool 
     if loras:
         write_random_lora(folder / "lora" / "cfg_step_lora.safetensors", dit_config, seed=seed + 3)
         write_random_lora(folder / "lora" / "refinement_lora.safetensors", dit_config, seed=seed + 4)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-size folders (benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+
+def longcat_video_configs() -> dict[str, dict[str, Any]]:
+    """config.json of each model folder of the released checkpoint at real size, from jaxvid's presets:
+    dit/ (LongCatConfig.longcat_video, 13.6B), text_encoder/ (T5Config.umt5_xxl), vae/ (WanVAEConfig.wan21)."""
+    from jaxvid.models.longcat import LongCatConfig
+    from jaxvid.models.t5 import T5Config
+    from jaxvid.models.vae_wan import WanVAEConfig
+    from jaxvid.synthetic.cogvideox import _t5_hf_config
+
+    dit = LongCatConfig.longcat_video()
+    bsa = dit.bsa_params
+    dit_config = {**tiny_dit_config(), "in_channels": dit.in_channels, "out_channels": dit.out_channels,
+                  "hidden_size": dit.hidden_size, "depth": dit.depth, "num_heads": dit.num_heads,
+                  "caption_channels": dit.caption_channels, "mlp_ratio": dit.mlp_ratio,
+                  "adaln_tembed_dim": dit.adaln_tembed_dim, "frequency_embedding_size": dit.frequency_embedding_size,
+                  "bsa_params": {"sparsity": bsa.sparsity, "cdf_threshold": bsa.cdf_threshold,
+                                 "chunk_3d_shape_q": list(bsa.chunk_3d_shape_q),
+                                 "chunk_3d_shape_k": list(bsa.chunk_3d_shape_k)}}
+    text_config = {**_t5_hf_config(T5Config.umt5_xxl()), "architectures": ["UMT5EncoderModel"], "model_type": "umt5"}
+    vae = WanVAEConfig.wan21()
+    vae_config = {**tiny_vae_config(), "base_dim": vae.base_dim, "z_dim": vae.z_dim, "dim_mult": list(vae.dim_mult),
+                  "num_res_blocks": vae.num_res_blocks, "temperal_downsample": list(vae.temporal_downsample),
+                  "latents_mean": list(vae.latents_mean), "latents_std": list(vae.latents_std)}
+    return {"dit": dit_config, "text_encoder": text_config, "vae": vae_config}
+
+
+def _write_component_streaming(folder: Path, config: dict[str, Any], weights_name: str,
+                               values: Any, dtype: np.dtype) -> None:
+    """config.json + weights from `values(key, shape)` named by the key table, one tensor at a time."""
+    from convert.safetensors_io import write_safetensors_streaming
+
+    shapes = _component_shapes(folder, config)
+    write_safetensors_streaming(folder / weights_name, {k: (s, dtype) for k, s in shapes.items()},
+                                lambda k: values(k, shapes[k]).astype(dtype, copy=False), metadata={"format": "pt"})
+
+
+def write_random_longcat(folder: str | os.PathLike, *, values: Any,
+                         configs: dict[str, dict[str, Any]] | None = None, dtype: Any = None) -> Path:
+    """A LongCat-Video folder of any size in upstream's layout (dit/, text_encoder/, vae/, the tiny
+    tokenizer/, scheduler/; no lora/) with weights from `values(key, shape)` in `dtype` (default
+    bf16), written one tensor at a time: with `jaxvid.synthetic.cogvideox.pooled_random_values`
+    the real-size folder (`configs` default: longcat_video_configs(), ~40 GB) takes seconds to
+    minutes. The text encoder's vocabulary stays real size; the tokenizer only uses its first ids."""
+    import ml_dtypes
+
+    folder = Path(folder)
+    dtype = np.dtype(dtype if dtype is not None else ml_dtypes.bfloat16)
+    configs = configs if configs is not None else longcat_video_configs()
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _write_tokenizer(folder / "tokenizer")
+    if configs["text_encoder"]["vocab_size"] < vocab:
+        raise ValueError(f"configs['text_encoder'] vocab_size={configs['text_encoder']['vocab_size']}; the tiny "
+                         f"tokenizer needs >= {vocab}")
+    for sub, weights_name in (("dit", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
+                              ("vae", "diffusion_pytorch_model.safetensors")):
+        _write_component_streaming(folder / sub, configs[sub], weights_name, values, dtype)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(tiny_scheduler_config(), indent=2))
     return folder
